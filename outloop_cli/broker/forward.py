@@ -1,0 +1,151 @@
+"""Build the upstream request (headers, injection, URL) and stream the answer back, redacted.
+
+The URL is always base_url + the validated raw path, so no request path can change the host.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from multidict import CIMultiDict
+
+from outloop_cli.broker.redact import basic_auth_variant, redact_text
+from outloop_cli.profiles import Credential
+from outloop_cli.secrets import Secret
+
+# RFC 7230 section 6.1 hop-by-hop headers, plus headers a child must never be able to set upstream.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "proxy-connection",
+})
+NEVER_FROM_CHILD = frozenset({
+    "host", "authorization", "cookie2", "forwarded", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto", "x-forwarded-port", "x-forwarded-prefix", "x-real-ip", "expect", "content-length",
+    "accept-encoding",
+}) | HOP_BY_HOP
+NEVER_TO_CHILD = HOP_BY_HOP | {"content-length", "content-encoding"}
+DECODABLE_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
+UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
+_QUERY_OK = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
+
+
+class BadQuery(ValueError):
+    """The query string holds bytes that would be ambiguous upstream (spaces, CR/LF, bad escapes)."""
+
+
+@dataclass(frozen=True)
+class Injector:
+    """What one credential adds to each upstream request, prepared once per run."""
+
+    header: tuple[str, str] | None
+    query: tuple[str, str] | None  # (name, url-encoded secret)
+
+    @classmethod
+    def for_credential(cls, credential: Credential, secret: Secret) -> Injector:
+        value = secret.reveal()
+        style = credential.inject.style
+        if style == "header":
+            return cls(header=(credential.inject.name, credential.inject.template.replace("{secret}", value)),
+                       query=None)
+        if style == "basic":
+            return cls(header=("Authorization", "Basic " + basic_auth_variant(credential.inject.name, value)),
+                       query=None)
+        return cls(header=None, query=(credential.inject.name, quote(value, safe="")))
+
+
+def upstream_headers(
+    raw_headers: Iterable[tuple[bytes, bytes]], injector: Injector, drop_values_containing: str | None
+) -> CIMultiDict[str]:
+    """The child's headers minus hop-by-hop and auth headers, plus the injected one.
+
+    `drop_values_containing` is the run's placeholder token: any header carrying it is the SDK's auth header.
+    """
+    headers: CIMultiDict[str] = CIMultiDict()
+    connection_listed: set[str] = set()
+    decoded = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers]
+    for name, value in decoded:
+        if name.lower() == "connection":
+            connection_listed.update(token.strip().lower() for token in value.split(","))
+    injected_name = injector.header[0].lower() if injector.header else None
+    for name, value in decoded:
+        lower = name.lower()
+        if lower in NEVER_FROM_CHILD or lower in connection_listed or lower == injected_name:
+            continue
+        if lower.startswith("outloop-"):
+            continue
+        if drop_values_containing and drop_values_containing in value:
+            continue
+        headers.add(name, value)
+    if injector.header:
+        headers[injector.header[0]] = injector.header[1]
+    headers["Accept-Encoding"] = UPSTREAM_ACCEPT_ENCODING
+    return headers
+
+
+def upstream_query(raw_query: str, injector: Injector, drop_values_containing: str | None) -> str:
+    """Keep the child's query byte for byte, except a parameter named like the injected one."""
+    if not _QUERY_OK.fullmatch(raw_query):
+        raise BadQuery("the query string holds characters that must be percent-encoded")
+    pairs = [pair for pair in raw_query.split("&") if pair] if raw_query else []
+    if injector.query:
+        name = injector.query[0]
+        pairs = [pair for pair in pairs if unquote(pair.split("=", 1)[0]) != name]
+    if drop_values_containing:
+        pairs = [pair for pair in pairs if drop_values_containing not in unquote(pair)]
+    if injector.query:
+        pairs.append(f"{quote(injector.query[0], safe='')}={injector.query[1]}")
+    return "&".join(pairs)
+
+
+def child_response_headers(
+    raw_headers: Iterable[tuple[bytes, bytes]], variants: tuple[bytes, ...], location: str | None
+) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for raw_name, raw_value in raw_headers:
+        name = raw_name.decode("latin-1")
+        lower = name.lower()
+        if lower in NEVER_TO_CHILD:
+            continue
+        if lower == "location" and location is not None:
+            headers.add(name, location)
+            continue
+        headers.add(name, redact_text(raw_value.decode("latin-1"), variants))
+    return headers
+
+
+async def counted(body: AsyncIterator[bytes], counter: list[int], limit: int) -> AsyncIterator[bytes]:
+    """Pass the child's request body through, counting bytes and stopping at `limit`."""
+    async for chunk in body:
+        counter[0] += len(chunk)
+        if counter[0] > limit:
+            raise BodyTooLarge(limit)
+        yield chunk
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than {limit} bytes")
+        self.limit = limit
+
+
+def rewrite_location(location: str, base_url: str, broker_prefix: str) -> str | None:
+    """Map an upstream redirect target onto the broker, or None when it leaves the credential's base URL.
+
+    Following it is left to the child, through the broker again, so policy judges the new path too.
+    """
+    from urllib.parse import urljoin, urlsplit
+
+    base = urlsplit(base_url)
+    if not location.startswith(("/", "http://", "https://", "//")) and ":" not in location.split("/", 1)[0]:
+        return location  # relative to the current path: already points back through the broker
+    target = urlsplit(urljoin(base_url + "/", location))
+    if (target.scheme, target.netloc.lower()) != (base.scheme, base.netloc.lower()):
+        return None
+    prefix = base.path.rstrip("/")
+    if prefix and not (target.path == prefix or target.path.startswith(prefix + "/")):
+        return None
+    rest = target.path[len(prefix):] or "/"
+    return broker_prefix + rest + (f"?{target.query}" if target.query else "")

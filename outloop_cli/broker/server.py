@@ -1,0 +1,437 @@
+"""The broker's HTTP routes: authenticate the caller, decide, audit, forward, and answer.
+
+One handler on aiohttp's low-level server: the router would decode the path before we could judge it raw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.broker.forward import (
+    DECODABLE_ENCODINGS,
+    BadQuery,
+    BodyTooLarge,
+    Injector,
+    child_response_headers,
+    counted,
+    rewrite_location,
+    upstream_headers,
+    upstream_query,
+)
+from outloop_cli.broker.limits import Limits
+from outloop_cli.broker.peer import is_in_run_tree, peer_pid
+from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, secret_variants
+from outloop_cli.errors import AuditError
+from outloop_cli.policy import PathRejected, decide, normalise_path
+from outloop_cli.profiles import Credential, Profile
+from outloop_cli.secrets import Secret
+
+HTTP_PREFIX = "/v1/http/"
+SECRET_PREFIX = "/v1/secret/"
+MAX_REQUEST_BODY = 256 * 1024 * 1024
+MAX_AUDITED_PATH = 1024
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 120.0
+STREAM_CHUNK = 64 * 1024
+
+
+@dataclass
+class CredentialStats:
+    allowed: int = 0
+    denied: int = 0
+    rate_limited: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+@dataclass
+class BrokerStats:
+    """What the summary reports; updated from the event loop only."""
+
+    per_credential: dict[str, CredentialStats] = field(default_factory=dict)
+    denials: dict[str, int] = field(default_factory=dict)  # "reason (rule)" -> count
+
+    def credential(self, name: str) -> CredentialStats:
+        return self.per_credential.setdefault(name, CredentialStats())
+
+
+class Broker:
+    """Serves one run. Holds the secrets; everything it writes anywhere is redacted first."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        profile: Profile,
+        secrets: Mapping[str, Secret],
+        audit: RunLog,
+        run_token: str | None = None,
+        credential_tokens: Mapping[str, str] | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.profile = profile
+        self.audit = audit
+        self.stats = BrokerStats()
+        self.child_pid: int | None = None
+        self.supervisor_pid = os.getpid()
+        self.run_token = run_token
+        self.credential_tokens = dict(credential_tokens or {})
+        self.limits = Limits(
+            profile.run.max_requests,
+            {name: (cred.rate, cred.max_requests) for name, cred in profile.credentials.items()},
+        )
+        self._secrets = dict(secrets)
+        self._injectors = {name: Injector.for_credential(cred, secrets[name])
+                           for name, cred in profile.credentials.items()}
+        self._variants = secret_variants(self._all_secret_forms())
+        self._peer_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self._session: aiohttp.ClientSession | None = None
+        self._runners: list[web.BaseRunner] = []
+
+    def _all_secret_forms(self) -> list[str]:
+        forms = []
+        for name, cred in self.profile.credentials.items():
+            value = self._secrets[name].reveal()
+            forms.append(value)
+            if cred.inject.style == "basic":
+                forms.append(basic_auth_variant(cred.inject.name, value))
+        return forms
+
+    # ----- lifecycle -------------------------------------------------------------------------------------
+
+    async def start_unix(self, socket_path: Path) -> None:
+        server = web.Server(self.handle, access_log=None)  # type: ignore[arg-type]
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        site = web.UnixSite(runner, str(socket_path))
+        await site.start()
+        os.chmod(socket_path, 0o600)
+        self._runners.append(runner)
+        self._session = self._new_session()
+
+    async def start_loopback(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Base-URL mode's listener; callers authenticate with the run token instead of SO_PEERCRED."""
+        server = web.Server(self.handle_loopback, access_log=None)  # type: ignore[arg-type]
+        runner = web.ServerRunner(server, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        sockets = runner.addresses
+        return int(sockets[0][1])
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=300, keepalive_timeout=30,
+                                         enable_cleanup_closed=True)
+        return aiohttp.ClientSession(
+            connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def close(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        for secret in self._secrets.values():
+            secret.wipe()
+        self._injectors.clear()
+        self._variants = ()
+
+    # ----- entry points ----------------------------------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if not self._peer_allowed(request):
+            return await self._deny(request, None, 401, "unauthenticated", "peer_not_in_run",
+                                    "only the run's command and its descendants may use this broker")
+        return await self._route(request)
+
+    async def handle_loopback(self, request: web.BaseRequest) -> web.StreamResponse:
+        if not self._token_presented(request):
+            return await self._deny(request, None, 401, "unauthenticated", "bad_token",
+                                    "present the run token (OUTLOOP_TOKEN) in a header")
+        return await self._route(request)
+
+    def _peer_allowed(self, request: web.BaseRequest) -> bool:
+        transport = request.transport
+        if transport is None or self.child_pid is None:
+            return False
+        try:
+            return self._peer_cache[transport]
+        except (KeyError, TypeError):
+            pass
+        sock = transport.get_extra_info("socket")  # asyncio's TransportSocket: it has getsockopt
+        pid = peer_pid(sock) if sock is not None else None
+        allowed = pid is not None and is_in_run_tree(pid, self.child_pid, self.supervisor_pid)
+        try:
+            self._peer_cache[transport] = allowed
+        except TypeError:
+            pass  # a transport without weakref support is simply checked on every request
+        return allowed
+
+    def _token_presented(self, request: web.BaseRequest) -> bool:
+        tokens = [t for t in (self.run_token, *self.credential_tokens.values()) if t]
+        if not tokens:
+            return False
+        for _, value in request.raw_headers:
+            text = value.decode("latin-1")
+            if any(token in text for token in tokens):
+                return True
+        query = request.raw_path.partition("?")[2]
+        return any(token in query for token in tokens)
+
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.raw_path.partition("?")[0]
+        if path.startswith(HTTP_PREFIX):
+            return await self._http(request)
+        if path.startswith(SECRET_PREFIX):
+            return await self._reveal(request, path[len(SECRET_PREFIX):])
+        if path == "/v1/run":
+            if request.method != "GET":
+                return await self._deny(request, None, 400, "bad_request", "bad_method", "use GET /v1/run")
+            return web.json_response(self.run_info())
+        return await self._deny(request, None, 400, "bad_request", "unknown_route",
+                                "routes: GET /v1/run, ANY /v1/http/<credential>/<path>, "
+                                "GET /v1/secret/<credential>")
+
+    # ----- /v1/run ---------------------------------------------------------------------------------------
+
+    def run_info(self) -> dict[str, Any]:
+        credentials = []
+        for name, cred in self.profile.credentials.items():
+            credentials.append({
+                "name": name,
+                "base_url": cred.base_url,
+                "allow": [rule.text for rule in cred.allow],
+                "deny": [rule.text for rule in cred.deny],
+                "rate": str(cred.rate) if cred.rate else None,
+                "remaining": self.limits.credential_budgets[name].remaining,
+                "reveal": cred.reveal,
+            })
+        return {
+            "run_id": self.run_id,
+            "workspace": self.profile.workspace,
+            "credentials": credentials,
+            "limits": {"max_requests": self.profile.run.max_requests,
+                       "remaining": self.limits.run_budget.remaining,
+                       "timeout": self.profile.run.timeout},
+        }
+
+    # ----- /v1/secret/<credential> -----------------------------------------------------------------------
+
+    async def _reveal(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
+        credential = self.profile.credentials.get(name)
+        if credential is None:
+            return await self._unknown_credential(request, name)
+        if request.method != "GET":
+            return await self._deny(request, credential, 400, "bad_request", "bad_method",
+                                    "use GET /v1/secret/<credential>")
+        if not credential.reveal:
+            return await self._deny(request, credential, 403, "denied", "reveal_not_allowed",
+                                    f"credential {name!r} has reveal = false")
+        await self._audit_request(request, credential, "/v1/secret", "allow", "revealed", None, 200)
+        self.stats.credential(name).allowed += 1
+        return web.Response(text=self._secrets[name].reveal(), content_type="text/plain",
+                            headers={"Cache-Control": "no-store"})
+
+    # ----- /v1/http/<credential>/<path> ------------------------------------------------------------------
+
+    async def _http(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        name, slash, rest = raw_path[len(HTTP_PREFIX):].partition("/")
+        credential = self.profile.credentials.get(name)
+        if credential is None:
+            return await self._unknown_credential(request, name)
+        upstream_path = slash + rest if slash else "/"
+        try:
+            path = normalise_path(upstream_path)
+        except PathRejected as exc:
+            return await self._deny(request, credential, 400, "bad_request", exc.reason, str(exc))
+        try:
+            query = upstream_query(raw_query, self._injectors[name], self._token_for(name))
+        except BadQuery as exc:
+            return await self._deny(request, credential, 400, "bad_request", "bad_query", str(exc))
+        decision = decide(request.method, path, credential.allow, credential.deny)
+        if not decision.allowed:
+            message = (f"{request.method} {_short(upstream_path)} is not allowed for {name!r}"
+                       + (f" (denied by rule {decision.rule!r})" if decision.rule else " (no allow rule matches)"))
+            return await self._deny(request, credential, 403, "denied", decision.reason, message,
+                                    rule=decision.rule)
+        verdict = self.limits.admit(name)
+        if not verdict.ok:
+            self.stats.credential(name).rate_limited += 1
+            scope = "this run" if verdict.scope == "run" else f"credential {name!r}"
+            message = (f"rate limit of {credential.rate} reached for {scope}" if verdict.reason == "rate_limited"
+                       else f"max_requests reached for {scope}")
+            headers = {"Retry-After": str(max(1, round(verdict.retry_after)))} if verdict.retry_after else {}
+            return await self._deny(request, credential, 429, verdict.reason, verdict.reason, message,
+                                    rule=decision.rule, headers=headers)
+        try:
+            seq = await self._audit_request(request, credential, upstream_path, "allow", decision.reason,
+                                            decision.rule, None)
+        except AuditError:
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing "
+                                   "to forward (fail closed)", name, decision.rule)
+        self.stats.credential(name).allowed += 1
+        return await self._forward(request, credential, upstream_path, query, seq)
+
+    def _token_for(self, name: str) -> str | None:
+        return self.credential_tokens.get(name) or self.run_token
+
+    async def _forward(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
+                       seq: int) -> web.StreamResponse:
+        """Stream the request up and the answer back; the outcome is audited whatever happens."""
+        outcome = _Outcome(started=time.perf_counter())
+        try:
+            return await self._exchange(request, credential, path, query, outcome)
+        except BodyTooLarge as exc:
+            return outcome.fail(413, "bad_request", str(exc), credential, request)
+        except TimeoutError:
+            return outcome.fail(504, "upstream_timeout", f"{credential.host} did not answer in time", credential,
+                                request)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return outcome.fail(499, "client_disconnected", "the client went away", credential, request)
+        except aiohttp.ClientError as exc:
+            return outcome.fail(502, "upstream_error", f"cannot reach {credential.host}: {type(exc).__name__}",
+                                credential, request)
+        finally:
+            stats = self.stats.credential(credential.name)
+            stats.bytes_in += outcome.received[0]
+            stats.bytes_out += outcome.sent
+            if outcome.denied_reason:
+                stats.denied += 1
+                self.stats.denials[outcome.denied_reason] = self.stats.denials.get(outcome.denied_reason, 0) + 1
+            self.audit.record_response(ResponseRecord(
+                request_seq=seq, status=outcome.status,
+                latency_ms=(time.perf_counter() - outcome.started) * 1000,
+                bytes_in=outcome.received[0], bytes_out=outcome.sent, error=outcome.error))
+
+    async def _exchange(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
+                        outcome: _Outcome) -> web.StreamResponse:
+        assert self._session is not None
+        name = credential.name
+        url = URL(credential.base_url + path + (f"?{query}" if query else ""), encoded=True)
+        headers = upstream_headers(request.raw_headers, self._injectors[name], self._token_for(name))
+        body = None
+        if request.body_exists:
+            body = counted(request.content.iter_chunked(STREAM_CHUNK), outcome.received, MAX_REQUEST_BODY)
+            if request.content_length is not None:
+                headers["Content-Length"] = str(request.content_length)
+        timeout = aiohttp.ClientTimeout(total=None, connect=DEFAULT_CONNECT_TIMEOUT,
+                                        sock_read=DEFAULT_READ_TIMEOUT)
+        async with self._session.request(request.method, url, headers=headers, data=body,
+                                         allow_redirects=False, timeout=timeout) as upstream:
+            outcome.status = upstream.status
+            encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
+            if encoding not in DECODABLE_ENCODINGS:
+                return outcome.fail(502, "upstream_error", "upstream used a content-encoding outloop cannot "
+                                    "inspect for secrets", credential, reason="unsupported_encoding")
+            location = None
+            if "Location" in upstream.headers and 300 <= upstream.status < 400:
+                location = rewrite_location(upstream.headers["Location"], credential.base_url, HTTP_PREFIX + name)
+                if location is None:
+                    return outcome.fail(403, "denied", "upstream redirected outside the credential's base_url; "
+                                        "outloop neither follows nor returns such redirects", credential,
+                                        reason="redirect_off_host")
+            response = web.StreamResponse(
+                status=upstream.status, reason=upstream.reason,
+                headers=child_response_headers(upstream.raw_headers, self._variants, location))
+            if encoding in ("", "identity") and upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            outcome.prepared = response
+            redactor = StreamRedactor(self._variants)
+            async for chunk in upstream.content.iter_any():
+                out = redactor.feed(chunk)
+                if out:
+                    await response.write(out)
+                    outcome.sent += len(out)
+            tail = redactor.flush()
+            if tail:
+                await response.write(tail)
+                outcome.sent += len(tail)
+            await response.write_eof()
+            return response
+
+    # ----- denials ---------------------------------------------------------------------------------------
+
+    async def _unknown_credential(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
+        # Same answer whether the name exists in another workspace or nowhere: no oracle for other clients.
+        return await self._deny(request, None, 404, "unknown_credential", "unknown_credential",
+                                f"no credential named {_short(name, 64)!r} in this workspace",
+                                asked_for=name)
+
+    async def _deny(self, request: web.BaseRequest, credential: Credential | None, status: int, code: str,
+                    reason: str, message: str, *, rule: str | None = None, asked_for: str | None = None,
+                    headers: Mapping[str, str] | None = None) -> web.Response:
+        name = credential.name if credential else asked_for
+        path = request.raw_path.partition("?")[0]
+        try:
+            await self._audit_request(request, credential, path, "deny", reason, rule, status,
+                                      credential_name=name)
+        except AuditError:
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written", name, rule)
+        if credential is not None:
+            self.stats.credential(credential.name).denied += 1
+        key = f"{reason} ({rule})" if rule else reason
+        self.stats.denials[key] = self.stats.denials.get(key, 0) + 1
+        return _error_response(status, code, message, name, rule, headers)
+
+    async def _audit_request(self, request: web.BaseRequest, credential: Credential | None, path: str,
+                             decision: str, reason: str, rule: str | None, status: int | None,
+                             credential_name: str | None = None) -> int:
+        record = RequestRecord(
+            credential=(credential.name if credential else _short(credential_name or "", 64) or None),
+            method=_short(request.method, 32), host=credential.host if credential else None,
+            path=_short(path, MAX_AUDITED_PATH), decision=decision, reason=reason, rule=rule, status=status)
+        return await self.audit.record_request_async(record)
+
+
+@dataclass
+class _Outcome:
+    """What happened to one forwarded request, filled in as it goes and audited at the end."""
+
+    started: float
+    status: int = 0
+    sent: int = 0
+    error: str | None = None
+    denied_reason: str | None = None
+    prepared: web.StreamResponse | None = None
+    received: list[int] = field(default_factory=lambda: [0])
+
+    def fail(self, status: int, code: str, message: str, credential: Credential,
+             request: web.BaseRequest | None = None, reason: str | None = None) -> web.StreamResponse:
+        """The error response, or, when the child already has headers, a cut connection."""
+        self.error = reason or code
+        self.denied_reason = reason
+        if self.prepared is not None:
+            # Too late for a clean error: cutting the connection tells the child the body is incomplete.
+            if request is not None and request.transport is not None:
+                request.transport.close()
+            return self.prepared
+        self.status = status
+        return _error_response(status, code, message, credential.name, None)
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _error_response(status: int, code: str, message: str, credential: str | None, rule: str | None,
+                    headers: Mapping[str, str] | None = None) -> web.Response:
+    body = {"error": code, "message": message, "credential": credential, "rule": rule}
+    return web.Response(
+        status=status, body=json.dumps(body).encode(), content_type="application/json",
+        headers={"Outloop-Decision": "deny", **(headers or {})})

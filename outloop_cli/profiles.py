@@ -1,0 +1,394 @@
+"""Load and validate workspace profiles (schema version 1) into frozen dataclasses.
+
+Every error names the file, the key and the fix, because a typo in a profile must stop a run before the child starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from outloop_cli.errors import ProfileError
+from outloop_cli.policy import Rule, RuleError, parse_rule
+from outloop_cli.units import Rate, parse_duration, parse_rate, parse_size
+
+SCHEMA_VERSION = 1
+WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+CREDENTIAL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_GLOB = re.compile(r"[A-Za-z0-9_*?]+")
+NETWORK_MODES = ("auto", "broker-only", "open")
+DEFAULT_ENV_KEEP = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TERM")
+DEFAULT_INJECT_HEADER = "Authorization"
+DEFAULT_INJECT_VALUE = "Bearer {secret}"
+CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
+
+NetworkMode = Literal["auto", "broker-only", "open"]
+
+TOP_KEYS = ("version", "description", "extends", "run", "credentials")
+RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
+            "cpu_seconds")
+CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
+                   "child_env", "description")
+INJECT_KEYS = ("header", "value", "query", "basic")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """How the secret reaches the upstream: a header, a query parameter, or HTTP basic auth."""
+
+    style: Literal["header", "query", "basic"]
+    name: str  # header name, query parameter name, or basic-auth user name
+    template: str = "{secret}"  # only for headers: e.g. "Bearer {secret}"
+
+
+@dataclass(frozen=True)
+class Credential:
+    name: str
+    owner: str  # the workspace whose profile defined it; its keyring entry lives under outloop/<owner>
+    secret_ref: str
+    base_url: str
+    inject: Injection
+    allow: tuple[Rule, ...]
+    deny: tuple[Rule, ...]
+    rate: Rate | None = None
+    max_requests: int | None = None
+    reveal: bool = False
+    child_env: Mapping[str, str] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).netloc
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    timeout: float | None = None
+    max_requests: int | None = None
+    env_keep: tuple[str, ...] = DEFAULT_ENV_KEEP
+    env_set: Mapping[str, str] = field(default_factory=dict)
+    network: NetworkMode = "auto"
+    hide: tuple[str, ...] = ()
+    memory: int | None = None
+    processes: int | None = None
+    cpu_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    workspace: str
+    path: Path
+    description: str
+    extends: str | None
+    run: RunSettings
+    credentials: Mapping[str, Credential]
+    sources: tuple[Path, ...]  # this file and every file it extends, nearest first
+
+
+def check_workspace_name(name: str) -> str:
+    if not WORKSPACE_NAME.fullmatch(name):
+        raise ProfileError(
+            f"{name!r} is not a valid workspace name: use lower-case letters, digits, '-' and '_' "
+            "(at most 63, starting with a letter or digit)"
+        )
+    return name
+
+
+def find_profile(workspace: str, dirs: Sequence[Path]) -> Path:
+    """The first `<workspace>.toml` along the lookup path."""
+    check_workspace_name(workspace)
+    for directory in dirs:
+        candidate = directory / f"{workspace}.toml"
+        if candidate.is_file():
+            return candidate
+    known = sorted(available_workspaces(dirs))
+    hint = f" Known workspaces: {', '.join(known)}." if known else " No profiles were found there."
+    searched = ", ".join(str(d) for d in dirs)
+    raise ProfileError(
+        f"unknown workspace {workspace!r}: no {workspace}.toml in {searched}.{hint} "
+        f"Create it with `outloop workspace new {workspace}` or point --profiles / OUTLOOP_PROFILES at it."
+    )
+
+
+def available_workspaces(dirs: Sequence[Path]) -> dict[str, Path]:
+    """Workspace name -> file, earlier directories shadowing later ones."""
+    found: dict[str, Path] = {}
+    for directory in dirs:
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.glob("*.toml")):
+            if WORKSPACE_NAME.fullmatch(path.stem):
+                found.setdefault(path.stem, path)
+    return found
+
+
+def load_profile(workspace: str, dirs: Sequence[Path]) -> Profile:
+    """Resolve `workspace` along `dirs`, follow `extends`, validate everything."""
+    return _load(workspace, dirs, chain=())
+
+
+def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profile:
+    path = find_profile(workspace, dirs)
+    if workspace in chain:
+        cycle = " -> ".join((*chain, workspace))
+        raise ProfileError(f"{path}: extends: cycle {cycle}. Remove one of the `extends` keys.")
+    raw = _read_toml(path)
+    reader = _Reader(path)
+    reader.check_keys("", raw, TOP_KEYS)
+    version = raw.get("version")
+    if version != SCHEMA_VERSION:
+        raise ProfileError(
+            f"{path}: version: expected `version = {SCHEMA_VERSION}` at the top of the file, found {version!r}"
+        )
+    description = reader.string("description", raw.get("description", ""))
+    extends = raw.get("extends")
+    parent: Profile | None = None
+    if extends is not None:
+        extends = reader.string("extends", extends)
+        try:
+            check_workspace_name(extends)
+        except ProfileError as exc:
+            raise ProfileError(f"{path}: extends: {exc.message}") from None
+        parent = _load(extends, dirs, chain=(*chain, workspace))
+    run = _parse_run(reader, raw.get("run", {}), parent.run if parent else None, raw_has_run="run" in raw)
+    own = _parse_credentials(reader, workspace, raw.get("credentials", {}))
+    credentials = dict(parent.credentials) if parent else {}
+    credentials.update(own)  # own credentials win over inherited ones of the same name
+    return Profile(
+        workspace=workspace,
+        path=path,
+        description=description,
+        extends=extends,
+        run=run,
+        credentials=credentials,
+        sources=(path, *(parent.sources if parent else ())),
+    )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{path}: not valid TOML: {exc}. Fix the syntax at that line.") from None
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read profile: {exc.strerror}") from None
+
+
+class _Reader:
+    """Typed accessors that turn a wrong value into an error naming file, key and fix."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> ProfileError:
+        where = f"{self.path}: {key}" if key else str(self.path)
+        return ProfileError(f"{where}: {problem}")
+
+    def check_keys(self, prefix: str, table: Mapping[str, Any], allowed: Sequence[str]) -> None:
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                fix = f"did you mean `{close[0]}`?" if close else f"allowed keys: {', '.join(allowed)}"
+                raise self.fail(f"{prefix}{key}", f"unknown key; {fix}")
+
+    def table(self, key: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a table, got {_type_name(value)}")
+        return value
+
+    def string(self, key: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {_type_name(value)}")
+        return value
+
+    def positive_int(self, key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.fail(key, f"expected a whole number greater than zero, got {value!r}")
+        return value
+
+    def boolean(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {value!r}")
+        return value
+
+    def string_list(self, key: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise self.fail(key, "expected a list of strings, e.g. [\"a\", \"b\"]")
+        return tuple(value)
+
+    def string_map(self, key: str, value: Any, name_pattern: re.Pattern[str] = ENV_NAME) -> dict[str, str]:
+        table = self.table(key, value)
+        for name, item in table.items():
+            if not name_pattern.fullmatch(name):
+                raise self.fail(f"{key}.{name}", "not a valid environment variable name")
+            if not isinstance(item, str):
+                raise self.fail(f"{key}.{name}", f"expected a string, got {_type_name(item)}")
+        return dict(table)
+
+    def converted(self, key: str, value: Any, convert: Callable[[Any], Any]) -> Any:
+        try:
+            return convert(value)
+        except (ValueError, TypeError) as exc:
+            raise self.fail(key, str(exc)) from None
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_has_run: bool) -> RunSettings:
+    base = inherited or RunSettings()
+    if not raw_has_run:
+        return base
+    table = reader.table("run", value)
+    reader.check_keys("run.", table, RUN_KEYS)
+    updates: dict[str, Any] = {}
+    if "timeout" in table:
+        updates["timeout"] = reader.converted("run.timeout", table["timeout"], parse_duration)
+    for key in ("max_requests", "processes", "cpu_seconds"):
+        if key in table:
+            updates[key] = reader.positive_int(f"run.{key}", table[key])
+    if "memory" in table:
+        updates["memory"] = reader.converted("run.memory", table["memory"], parse_size)
+    if "env_keep" in table:
+        keep = reader.string_list("run.env_keep", table["env_keep"])
+        for name in keep:
+            if not ENV_GLOB.fullmatch(name):
+                raise reader.fail("run.env_keep", f"{name!r} is not a variable name or glob such as \"LC_*\"")
+        updates["env_keep"] = keep
+    if "env_set" in table:
+        env_set = reader.string_map("run.env_set", table["env_set"])
+        for name in env_set:
+            if name.startswith("OUTLOOP_"):
+                raise reader.fail(f"run.env_set.{name}", "OUTLOOP_* variables are set by outloop itself")
+        updates["env_set"] = {**base.env_set, **env_set}
+    if "network" in table:
+        network = reader.string("run.network", table["network"])
+        if network not in NETWORK_MODES:
+            raise reader.fail("run.network", f"expected one of {', '.join(NETWORK_MODES)}, got {network!r}")
+        updates["network"] = network
+    if "hide" in table:
+        updates["hide"] = (*base.hide, *reader.string_list("run.hide", table["hide"]))
+    return RunSettings(**{**base.__dict__, **updates})
+
+
+def _parse_credentials(reader: _Reader, workspace: str, value: Any) -> dict[str, Credential]:
+    table = reader.table("credentials", value)
+    return {name: _parse_credential(reader, workspace, name, raw) for name, raw in table.items()}
+
+
+def _parse_credential(reader: _Reader, workspace: str, name: str, value: Any) -> Credential:
+    prefix = f"credentials.{name}"
+    if not CREDENTIAL_NAME.fullmatch(name):
+        raise reader.fail(prefix, "credential names use lower-case letters, digits, '-' and '_'")
+    table = reader.table(prefix, value)
+    reader.check_keys(f"{prefix}.", table, CREDENTIAL_KEYS)
+    for required in ("secret", "base_url"):
+        if required not in table:
+            example = {"secret": "secret = \"keyring\"", "base_url": "base_url = \"https://api.example.com\""}
+            raise reader.fail(f"{prefix}.{required}", f"missing; add e.g. `{example[required]}`")
+    secret_ref = reader.string(f"{prefix}.secret", table["secret"])
+    _check_secret_ref(reader, f"{prefix}.secret", secret_ref)
+    base_url = _check_base_url(reader, f"{prefix}.base_url", reader.string(f"{prefix}.base_url",
+                                                                          table["base_url"]))
+    inject = _parse_inject(reader, f"{prefix}.inject", table.get("inject"))
+    allow = _parse_rules(reader, f"{prefix}.allow", table.get("allow", []))
+    deny = _parse_rules(reader, f"{prefix}.deny", table.get("deny", []))
+    rate = reader.converted(f"{prefix}.rate", table["rate"], parse_rate) if "rate" in table else None
+    max_requests = (reader.positive_int(f"{prefix}.max_requests", table["max_requests"])
+                    if "max_requests" in table else None)
+    reveal = reader.boolean(f"{prefix}.reveal", table.get("reveal", False))
+    child_env = reader.string_map(f"{prefix}.child_env", table.get("child_env", {}))
+    for env_name in child_env:
+        if env_name.startswith("OUTLOOP_"):
+            raise reader.fail(f"{prefix}.child_env.{env_name}", "OUTLOOP_* variables are set by outloop itself")
+    description = reader.string(f"{prefix}.description", table.get("description", ""))
+    return Credential(
+        name=name, owner=workspace, secret_ref=secret_ref, base_url=base_url, inject=inject,
+        allow=allow, deny=deny, rate=rate, max_requests=max_requests, reveal=reveal,
+        child_env=child_env, description=description,
+    )
+
+
+def _check_secret_ref(reader: _Reader, key: str, ref: str) -> None:
+    if ref == "keyring":
+        return
+    scheme, sep, rest = ref.partition(":")
+    if not sep or scheme not in ("env", "file", "cmd") or not rest.strip():
+        raise reader.fail(
+            key, f"{ref!r} is not a secret source; use \"keyring\", \"env:VAR\", \"file:PATH\" or \"cmd:COMMAND\""
+        )
+    if scheme == "env" and not ENV_NAME.fullmatch(rest):
+        raise reader.fail(key, f"{rest!r} is not an environment variable name")
+
+
+def _check_base_url(reader: _Reader, key: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise reader.fail(key, f"{url!r} is not an http(s) URL; write e.g. \"https://api.example.com\"")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise reader.fail(key, "must not hold a query, fragment or user info; use `inject` for credentials")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise reader.fail(
+            key, "plain http would send the secret in clear text; use https (http is allowed for loopback only)"
+        )
+    return url.rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_inject(reader: _Reader, key: str, value: Any) -> Injection:
+    if value is None:
+        return Injection(style="header", name=DEFAULT_INJECT_HEADER, template=DEFAULT_INJECT_VALUE)
+    table = reader.table(key, value)
+    reader.check_keys(f"{key}.", table, INJECT_KEYS)
+    styles = [style for style in ("header", "query", "basic") if style in table]
+    if len(styles) != 1:
+        raise reader.fail(
+            key, "set exactly one of { header = \"...\", value = \"... {secret}\" }, { query = \"param\" } "
+            "or { basic = \"USER\" }"
+        )
+    style = styles[0]
+    name = reader.string(f"{key}.{style}", table[style])
+    if style != "basic" and not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+        raise reader.fail(f"{key}.{style}", f"{name!r} is not a valid {style} name")
+    if "value" in table and style != "header":
+        raise reader.fail(f"{key}.value", "`value` only goes with `header`")
+    if style == "header":
+        template = reader.string(f"{key}.value", table.get("value", "{secret}"))
+        if "{secret}" not in template:
+            raise reader.fail(f"{key}.value", "must contain {secret}, e.g. \"Bearer {secret}\"")
+        if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+            raise reader.fail(f"{key}.header", f"outloop will not inject into {name}")
+        return Injection(style="header", name=name, template=template)
+    if style == "basic" and ":" in name:
+        raise reader.fail(f"{key}.basic", "a basic-auth user name cannot contain ':'")
+    return Injection(style=style, name=name)  # type: ignore[arg-type]
+
+
+def _parse_rules(reader: _Reader, key: str, value: Any) -> tuple[Rule, ...]:
+    texts = reader.string_list(key, value)
+    rules = []
+    for index, text in enumerate(texts):
+        try:
+            rules.append(parse_rule(text))
+        except RuleError as exc:
+            raise reader.fail(f"{key}[{index}]", f"bad rule {text!r}: {exc}") from None
+    return tuple(rules)

@@ -1,0 +1,159 @@
+"""One `outloop run`, start to finish: profile, secrets, audit, broker, sandboxed child, report.
+
+The command layer only parses flags into a RunRequest and prints the RunReport; every decision is made here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets as token_source
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from outloop_cli import sandbox
+from outloop_cli.audit.store import RunLog
+from outloop_cli.broker.server import Broker
+from outloop_cli.errors import OutloopError, ProfileError
+from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
+from outloop_cli.profiles import Profile, load_profile
+from outloop_cli.secrets import Secret, resolve_secret
+from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
+
+MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    command: Sequence[str]
+    workspace: str | None = None
+    profiles_dir: Path | None = None
+    timeout: float | None = None
+    network: str | None = None
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+
+@dataclass
+class CredentialReport:
+    allowed: int
+    denied: int
+    rate_limited: int
+    bytes_in: int
+    bytes_out: int
+
+
+@dataclass
+class RunReport:
+    """Everything the summary shows; also written as JSON by --summary-json. Never holds a secret."""
+
+    run_id: str
+    workspace: str
+    command: list[str]
+    exit_code: int
+    duration: float
+    started_at: float
+    timed_out: bool
+    signal: int | None
+    credentials: dict[str, CredentialReport]
+    denials: dict[str, int]
+    sandbox: dict[str, str]
+    peak_rss_bytes: int
+    cpu_seconds: float
+    strays_killed: int
+    audit_head: str
+    audit_events: int
+    audit_db: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def new_run_id(now: float | None = None) -> str:
+    """ULID-style: 48-bit milliseconds then 80 random bits in Crockford base32, so ids sort by start time."""
+    millis = int((time.time() if now is None else now) * 1000)
+    value = (millis << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def resolve_workspace(requested: str | None, environ: Mapping[str, str]) -> str:
+    if requested:
+        return requested
+    chosen = current_workspace(outloop_home(environ), environ)
+    if chosen:
+        return chosen
+    raise ProfileError("no workspace chosen: pass -w WORKSPACE, set OUTLOOP_WORKSPACE, "
+                       "or run `outloop workspace use WORKSPACE`")
+
+
+def execute(request: RunRequest) -> RunReport:
+    """Run the command under a broker and return the report; OutloopError means the child never started."""
+    environ = request.environ
+    home = outloop_home(environ)
+    workspace = resolve_workspace(request.workspace, environ)
+    profile = load_profile(workspace, profile_dirs(request.profiles_dir, environ))
+    timeout = request.timeout if request.timeout is not None else profile.run.timeout
+    network = request.network or profile.run.network
+    resolved_secrets = {name: resolve_secret(cred.owner, name, cred.secret_ref, environ)
+                        for name, cred in profile.credentials.items()}
+    try:
+        return asyncio.run(_execute(request, home, profile, resolved_secrets, timeout, network), debug=False)
+    finally:
+        for secret in resolved_secrets.values():
+            secret.wipe()
+
+
+async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: Mapping[str, Secret],
+                   timeout: float | None, network: str) -> RunReport:
+    run_id = new_run_id()
+    started_at = time.time()
+    ensure_private_dir(home)
+    run_dir = ensure_private_dir(home / "run" / run_id)
+    socket_path = run_dir / "broker.sock"
+    if len(os.fsencode(socket_path)) > MAX_UNIX_SOCKET_PATH:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise OutloopError(
+            f"the broker socket path {socket_path} is {len(os.fsencode(socket_path))} bytes, over the "
+            f"{MAX_UNIX_SOCKET_PATH}-byte limit of Unix sockets; set OUTLOOP_HOME to a shorter path"
+        )
+    tokens = {name: "outloop-" + token_source.token_urlsafe(24) for name in profile.credentials}
+    outloop_vars = {"OUTLOOP_SOCKET": str(socket_path), "OUTLOOP_RUN_ID": run_id,
+                    "OUTLOOP_WORKSPACE": profile.workspace}
+    env = child_environment(request.environ, profile.run.env_keep, profile.run.env_set, outloop_vars)
+    executable = resolve_command(request.command, env)
+    plan = sandbox.plan(profile, network, home=home, run_dir=run_dir)
+
+    audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
+                         command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid()})
+    broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
+                    credential_tokens=tokens)
+    try:
+        await broker.start_unix(socket_path)
+        supervisor = Supervisor(request.command, env, timeout)
+        broker.child_pid = supervisor.spawn(executable)
+        result = await supervisor.wait()
+    finally:
+        await broker.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+    credentials = {name: CredentialReport(s.allowed, s.denied, s.rate_limited, s.bytes_in, s.bytes_out)
+                   for name, s in sorted(broker.stats.per_credential.items())}
+    for name in profile.credentials:
+        credentials.setdefault(name, CredentialReport(0, 0, 0, 0, 0))
+    head, count = audit.finish(exit_code=result.exit_code, duration=result.duration, detail={
+        "timed_out": result.timed_out, "signal": result.signal, "strays_killed": result.strays_killed,
+        "peak_rss_bytes": result.peak_rss_bytes, "cpu_seconds": round(result.cpu_seconds, 3),
+        "sandbox": plan.layers,
+    })
+    return RunReport(
+        run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
+        duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
+        credentials=credentials, denials=dict(broker.stats.denials), sandbox=plan.layers,
+        peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
+        strays_killed=result.strays_killed, audit_head=head, audit_events=count,
+        audit_db=str(audit_db_path(home)),
+    )

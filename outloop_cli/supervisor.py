@@ -1,0 +1,220 @@
+"""Start the child in its own process group with a stripped environment, and watch its whole tree.
+
+Signals are forwarded, a timeout kills the tree (TERM, grace, KILL), and strays left at exit are killed and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fnmatch
+import os
+import resource
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from outloop_cli.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, OutloopError
+from outloop_cli.linux import set_child_subreaper
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                     signal.SIGUSR2)
+KILL_GRACE_SECONDS = 5.0
+STRAY_GRACE_SECONDS = 1.0
+
+
+class CommandNotFound(OutloopError):
+    exit_code = EXIT_NOT_FOUND
+
+
+class CommandNotExecutable(OutloopError):
+    exit_code = EXIT_NOT_EXECUTABLE
+
+
+def child_environment(
+    environ: Mapping[str, str], keep: Sequence[str], set_vars: Mapping[str, str], outloop_vars: Mapping[str, str]
+) -> dict[str, str]:
+    """Only `env_keep` (globs allowed) and `env_set`, then outloop's own variables, which nothing overrides."""
+    env = {name: value for name, value in environ.items()
+           if any(fnmatch.fnmatchcase(name, pattern) for pattern in keep)}
+    env.update(set_vars)
+    env.update(outloop_vars)
+    return env
+
+
+def resolve_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """The executable's path, looked up on the *child's* PATH; 127 when missing, 126 when not executable."""
+    if not argv:
+        raise CommandNotFound("no command given: write it after `--`, e.g. `outloop run -- python loop.py`")
+    name = argv[0]
+    if "/" in name:
+        candidates = [Path(name)]
+    else:
+        found = shutil.which(name, path=env.get("PATH", os.defpath))
+        if found:
+            return found
+        candidates = [Path(d) / name for d in env.get("PATH", os.defpath).split(os.pathsep) if d]
+    for candidate in candidates:
+        if candidate.exists():
+            if candidate.is_dir() or not os.access(candidate, os.X_OK):
+                raise CommandNotExecutable(f"{name}: permission denied or not an executable file")
+            return str(candidate)
+    raise CommandNotFound(f"{name}: command not found")
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    exit_code: int
+    signal: int | None
+    timed_out: bool
+    strays_killed: int
+    peak_rss_bytes: int
+    cpu_seconds: float
+    duration: float
+
+
+class Supervisor:
+    """Owns the child process tree of one run. Use from the event loop's thread."""
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], timeout: float | None) -> None:
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.timeout = timeout
+        self.pid = 0
+        self._status: int | None = None
+        self._timed_out = False
+        self._exited: asyncio.Event | None = None
+        self._tree_empty = threading.Event()
+        self._terminal_fd: int | None = None
+        self._kill_timer: asyncio.TimerHandle | None = None
+
+    def spawn(self, executable: str) -> int:
+        set_child_subreaper()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self._cpu_before = usage.ru_utime + usage.ru_stime
+        self._started = time.monotonic()
+        self.pid = os.posix_spawn(
+            executable, self.argv, self.env, setpgroup=0,
+            setsigdef=[sig for sig in FORWARDED_SIGNALS] + [signal.SIGPIPE, signal.SIGCHLD],
+        )
+        self._hand_over_terminal()
+        return self.pid
+
+    async def wait(self) -> ChildResult:
+        loop = asyncio.get_running_loop()
+        self._exited = asyncio.Event()
+        threading.Thread(target=self._reap_forever, args=(loop,), name="outloop-reaper", daemon=True).start()
+        for sig in FORWARDED_SIGNALS:
+            loop.add_signal_handler(sig, self._forward, sig)
+        timer = loop.call_later(self.timeout, self._on_timeout) if self.timeout else None
+        try:
+            await self._exited.wait()
+        finally:
+            for handle in (timer, self._kill_timer):
+                if handle is not None:
+                    handle.cancel()
+            for sig in FORWARDED_SIGNALS:
+                loop.remove_signal_handler(sig)
+            self._take_back_terminal()
+        strays = await loop.run_in_executor(None, self._kill_strays)
+        return self._result(strays)
+
+    # ----- internals -------------------------------------------------------------------------------------
+
+    def _reap_forever(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reap every child, including adopted orphans, until the tree is empty (ECHILD)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                self._tree_empty.set()
+                return
+            except InterruptedError:
+                continue
+            if pid == self.pid:
+                self._status = status
+                assert self._exited is not None
+                loop.call_soon_threadsafe(self._exited.set)
+
+    def _forward(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def _on_timeout(self) -> None:
+        self._timed_out = True
+        self._signal_tree(signal.SIGTERM)
+        self._kill_timer = asyncio.get_running_loop().call_later(KILL_GRACE_SECONDS, self._signal_tree,
+                                                                 signal.SIGKILL)
+
+    def _signal_tree(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+        for process in _descendants():
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(sig)
+
+    def _kill_strays(self) -> int:
+        """Kill whatever the child left behind: TERM, a short grace, then KILL; return how many there were."""
+        strays = _descendants()
+        if not strays:
+            return 0
+        for process in strays:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, alive = psutil.wait_procs(strays, timeout=STRAY_GRACE_SECONDS)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        # Late orphans can appear while we kill (a dying parent re-parents its children to us): sweep again.
+        for process in _descendants():
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        self._tree_empty.wait(timeout=KILL_GRACE_SECONDS)
+        return len(strays)
+
+    def _result(self, strays: int) -> ChildResult:
+        status = self._status if self._status is not None else 0
+        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        if self._timed_out:
+            code = EXIT_TIMEOUT
+        elif sig is not None:
+            code = 128 + sig
+        else:
+            code = os.waitstatus_to_exitcode(status)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ChildResult(
+            exit_code=code, signal=sig, timed_out=self._timed_out, strays_killed=strays,
+            peak_rss_bytes=usage.ru_maxrss * 1024,
+            cpu_seconds=usage.ru_utime + usage.ru_stime - self._cpu_before,
+            duration=time.monotonic() - self._started,
+        )
+
+    def _hand_over_terminal(self) -> None:
+        """Give the terminal's foreground to the child's group, so Ctrl-C and reads from the tty reach it."""
+        with contextlib.suppress(OSError):
+            if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
+                os.tcsetpgrp(0, self.pid)
+                self._terminal_fd = 0
+
+    def _take_back_terminal(self) -> None:
+        if self._terminal_fd is None:
+            return
+        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we are in the background while we do it
+        try:
+            with contextlib.suppress(OSError):
+                os.tcsetpgrp(self._terminal_fd, os.getpgrp())
+        finally:
+            signal.signal(signal.SIGTTOU, previous)
+
+
+def _descendants() -> list[psutil.Process]:
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
