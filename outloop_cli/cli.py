@@ -11,7 +11,7 @@ import typer
 
 from outloop_cli import __version__
 from outloop_cli.commands import run as run_command
-from outloop_cli.errors import OutloopError
+from outloop_cli.errors import EXIT_OUTLOOP_FAILED, OutloopError
 
 app = typer.Typer(
     name="outloop",
@@ -41,7 +41,8 @@ def main_options(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Non-standalone click returns the code of typer.Exit instead of raising it.
+        code = app(standalone_mode=False)
     except OutloopError as exc:
         print(f"outloop: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -52,10 +53,16 @@ def main() -> None:
         sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # click's usage errors and the like
-        import click
+    except typer.TyperException as exc:  # usage errors: unknown option, missing argument, bad value
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            print(f"outloop: {exc.format_message()}", file=sys.stderr)
+        sys.exit(_usage_exit_code(exc.exit_code))
+    sys.exit(code if isinstance(code, int) else 0)
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _usage_exit_code(click_code: int) -> int:
+    """`outloop run` keeps 1-123 for the child, so its own usage errors are 125 like coreutils `timeout`."""
+    return EXIT_OUTLOOP_FAILED if len(sys.argv) > 1 and sys.argv[1] == "run" else click_code

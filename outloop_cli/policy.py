@@ -125,7 +125,9 @@ def _check_rule_method(method: str, path: str) -> None:
     if method == "*" or _RULE_METHOD.fullmatch(method):
         return
     if method.startswith("/"):
-        raise RuleError(f"the method comes first, then the path: write 'GET {method}', not '{method} {path}'")
+        raise RuleError(
+            f"the method comes first, then the path: write '{path} {method}', not '{method} {path}'"
+        )
     if _RULE_METHOD.fullmatch(method.upper()):
         raise RuleError(f"methods are matched case-sensitively: write {method.upper()}, not {method}")
     raise RuleError(

@@ -36,7 +36,9 @@ TOP_KEYS = ("version", "description", "extends", "run", "credentials")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
             "cpu_seconds")
 CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
-                   "child_env", "description")
+                   "child_env", "description", "connect_timeout", "read_timeout")
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_READ_TIMEOUT = 120.0  # longest silence between upstream bytes; LLM streams pause while "thinking"
 INJECT_KEYS = ("header", "value", "query", "basic")
 
 
@@ -63,6 +65,8 @@ class Credential:
     reveal: bool = False
     child_env: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
 
     @property
     def host(self) -> str:
@@ -313,10 +317,12 @@ def _parse_credential(reader: _Reader, workspace: str, name: str, value: Any) ->
         if env_name.startswith("OUTLOOP_"):
             raise reader.fail(f"{prefix}.child_env.{env_name}", "OUTLOOP_* variables are set by outloop itself")
     description = reader.string(f"{prefix}.description", table.get("description", ""))
+    timeouts = {key: reader.converted(f"{prefix}.{key}", table[key], parse_duration)
+                for key in ("connect_timeout", "read_timeout") if key in table}
     return Credential(
         name=name, owner=workspace, secret_ref=secret_ref, base_url=base_url, inject=inject,
         allow=allow, deny=deny, rate=rate, max_requests=max_requests, reveal=reveal,
-        child_env=child_env, description=description,
+        child_env=child_env, description=description, **timeouts,
     )
 
 
@@ -380,7 +386,7 @@ def _parse_inject(reader: _Reader, key: str, value: Any) -> Injection:
         return Injection(style="header", name=name, template=template)
     if style == "basic" and ":" in name:
         raise reader.fail(f"{key}.basic", "a basic-auth user name cannot contain ':'")
-    return Injection(style=style, name=name)  # type: ignore[arg-type]
+    return Injection(style=style, name=name)
 
 
 def _parse_rules(reader: _Reader, key: str, value: Any) -> tuple[Rule, ...]:

@@ -11,7 +11,10 @@ import stat
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from keyring.backend import KeyringBackend
 
 from outloop_cli.errors import SecretError
 
@@ -49,7 +52,7 @@ class Secret:
     def __format__(self, spec: str) -> str:
         return repr(self)
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> str:
         raise TypeError("a Secret cannot be pickled")
 
     def __len__(self) -> int:
@@ -72,7 +75,7 @@ class KeyringSource:
                 f"workspace {workspace!r}, credential {credential!r}: the keyring "
                 f"({type(backend).__name__}) failed: {type(exc).__name__}. {KEYRING_WAYS_OUT}"
             ) from None
-        if value is None:
+        if not isinstance(value, str):
             raise SecretError(
                 f"workspace {workspace!r}, credential {credential!r}: no secret in the keyring "
                 f"(service {keyring_service(workspace)!r}, user {credential!r}). "
@@ -92,13 +95,13 @@ def keyring_service(workspace: str) -> str:
     return f"outloop/{workspace}"
 
 
-def usable_keyring():  # type: ignore[no-untyped-def]
+def usable_keyring() -> KeyringBackend:
     """The keyring backend, or a SecretError explaining that none is usable (headless Linux, cron)."""
     import keyring  # imported lazily: backend discovery is slow and most runs use it at most once
     from keyring.backends import fail
 
     backend = keyring.get_keyring()
-    if isinstance(backend, fail.Keyring) or backend.priority <= 0:  # type: ignore[operator]
+    if isinstance(backend, fail.Keyring) or backend.priority <= 0:
         raise SecretError(f"no usable keyring backend on this machine (found {type(backend).__name__}). "
                           f"{KEYRING_WAYS_OUT}")
     return backend

@@ -234,7 +234,7 @@ RULE_ERRORS: list[tuple[str, str]] = [
     ("GET /my file", "exactly one space"),
     ("get /a", "write GET, not get"),
     ("Post /a", "write POST, not Post"),
-    ("/a GET", "the method comes first"),
+    ("/a GET", "write 'GET /a', not '/a GET'"),
     ("GET1 /a", "not valid"),
     ("G.T /a", "not valid"),
     ("** /a", "not valid"),

@@ -281,19 +281,26 @@ def open_readonly(db_path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) 
     """
     if not db_path.is_file():
         raise AuditError(f"no audit database at {db_path} yet: run `outloop run` first")
-    uri = db_path.resolve().as_uri() + "?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout)
-        version = _user_version(conn)
+        conn = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=busy_timeout)
     except sqlite3.Error as exc:
         raise AuditError(
             f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}"
         ) from None
-    if version > SCHEMA_VERSION:
+    try:
+        version = _user_version(conn)
+        if version > SCHEMA_VERSION:
+            raise _newer_schema(version)
+        if version < SCHEMA_VERSION:
+            _open_rw(db_path, busy_timeout).close()
+    except sqlite3.Error as exc:
         conn.close()
-        raise _newer_schema(version)
-    if version < SCHEMA_VERSION:
-        _open_rw(db_path, busy_timeout).close()
+        raise AuditError(
+            f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}"
+        ) from None
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -341,7 +348,8 @@ class ResponseRecord:
 
 
 _Outcome = int | AuditError
-_Resolve = Callable[[_Outcome], None]
+# Who waits for an event's commit: a thread, an asyncio task, or nobody (fire-and-forget).
+_Waiter = concurrent.futures.Future[int] | asyncio.Future[int] | None
 
 
 @dataclass(frozen=True)
@@ -356,21 +364,11 @@ class _Item:
     kind: str
     ts: float
     fields: dict[str, object]
-    resolve: _Resolve | None  # None: fire-and-forget
+    waiter: _Waiter
     end: _End | None = None
 
 
-def _resolve_future(future: concurrent.futures.Future[int]) -> _Resolve:
-    def resolve(outcome: _Outcome) -> None:
-        if isinstance(outcome, AuditError):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
-    return resolve
-
-
-def _settle(future: asyncio.Future[int], outcome: _Outcome) -> None:
+def _settle(future: asyncio.Future[int] | concurrent.futures.Future[int], outcome: _Outcome) -> None:
     if future.done():  # the awaiting task was cancelled; the event is committed regardless
         return
     if isinstance(outcome, AuditError):
@@ -379,14 +377,22 @@ def _settle(future: asyncio.Future[int], outcome: _Outcome) -> None:
         future.set_result(outcome)
 
 
-def _resolve_asyncio(future: asyncio.Future[int]) -> _Resolve:
-    loop = future.get_loop()
+def _settle_all(outcomes: list[tuple[asyncio.Future[int], _Outcome]]) -> None:
+    for future, outcome in outcomes:
+        _settle(future, outcome)
 
-    def resolve(outcome: _Outcome) -> None:
+
+def _notify(outcomes: list[tuple[_Waiter, _Outcome]]) -> None:
+    """Wake each waiting event loop once per batch: a wakeup per event cost more than the commit."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], _Outcome]]] = {}
+    for waiter, outcome in outcomes:
+        if isinstance(waiter, asyncio.Future):
+            by_loop.setdefault(waiter.get_loop(), []).append((waiter, outcome))
+        elif waiter is not None:
+            _settle(waiter, outcome)
+    for loop, settled in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            loop.call_soon_threadsafe(_settle, future, outcome)
-
-    return resolve
+            loop.call_soon_threadsafe(_settle_all, settled)
 
 
 _INSERT_EVENT: Final = (
@@ -462,7 +468,7 @@ class RunLog:
             busy_timeout=busy_timeout,
         )
         started: concurrent.futures.Future[int] = concurrent.futures.Future()
-        log._commit([_Item("run_start", _now(), {"detail": start_detail}, _resolve_future(started))])
+        log._commit([_Item("run_start", _now(), {"detail": start_detail}, started)])
         try:
             started.result()
         except AuditError:
@@ -537,20 +543,20 @@ class RunLog:
 
     # -- building and queueing ----------------------------------------------------------------------
 
-    def _request_item(self, rec: RequestRecord, resolve: _Resolve | None) -> _Item:
+    def _request_item(self, rec: RequestRecord, waiter: _Waiter) -> _Item:
         _check_decision(rec.decision)
         fields = {
             name: _column_value(name, getattr(rec, name))
             for name in ("credential", "method", "host", "path", "decision", "reason", "rule", "status")
         }
-        return _Item("request", _now(), fields, resolve)
+        return _Item("request", _now(), fields, waiter)
 
-    def _response_item(self, rec: ResponseRecord, resolve: _Resolve | None) -> _Item:
+    def _response_item(self, rec: ResponseRecord, waiter: _Waiter) -> _Item:
         fields = {
             name: _column_value(name, getattr(rec, name))
             for name in ("request_seq", "status", "latency_ms", "bytes_in", "bytes_out", "error")
         }
-        return _Item("response", _now(), fields, resolve)
+        return _Item("response", _now(), fields, waiter)
 
     def _submit(self, item: _Item) -> None:
         with self._lock:
@@ -558,14 +564,14 @@ class RunLog:
                 raise AuditError(f"the audit log of run {self.run_id} is already closed")
             self._queue.put(item)
 
-    def _wait(self, make: Callable[[_Resolve], _Item]) -> int:
+    def _wait(self, make: Callable[[_Waiter], _Item]) -> int:
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
-        self._submit(make(_resolve_future(future)))
+        self._submit(make(future))
         return future.result()
 
-    async def _wait_async(self, make: Callable[[_Resolve], _Item]) -> int:
+    async def _wait_async(self, make: Callable[[_Waiter], _Item]) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._submit(make(_resolve_asyncio(future)))
+        self._submit(make(future))
         return await future
 
     # -- the writer thread ---------------------------------------------------------------------------
@@ -625,13 +631,14 @@ class RunLog:
                 raise
         except Exception as exc:
             self._seq, self._head, self._allowed, self._denied = saved
-            reason = _describe(exc, self._busy_timeout) if isinstance(exc, sqlite3.Error) else repr(exc)
+            # Only SQLite's own message is shown: it names files and columns, never a bound value.
+            if isinstance(exc, sqlite3.Error):
+                reason = _describe(exc, self._busy_timeout)
+            else:
+                reason = f"unexpected {type(exc).__name__}"
             message = f"cannot write to the audit database at {self.db_path}: {reason}"
-            for item in batch:
-                if item.resolve is None:
-                    self._lost += 1
-                else:
-                    item.resolve(AuditError(message))
+            self._lost += sum(1 for item in batch if item.waiter is None)
+            _notify([(item.waiter, AuditError(message)) for item in batch])
             return
         for seq, item in enumerate(batch, start=saved[0]):
             if item.kind == "response":
@@ -639,8 +646,7 @@ class RunLog:
             elif item.kind == "request" and item.fields["decision"] == "allow":
                 f = item.fields
                 self._open_requests[seq] = (f["credential"], f["method"], f["host"], f["path"])
-            if item.resolve is not None:
-                item.resolve(seq)
+        _notify([(item.waiter, seq) for seq, item in enumerate(batch, start=saved[0])])
 
     def _chain(self, item: _Item) -> dict[str, object]:
         """Give an item its seq and hash, advancing the in-memory chain and counters."""

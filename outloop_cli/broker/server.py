@@ -5,6 +5,7 @@ One handler on aiohttp's low-level server: the router would decode the path befo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -30,6 +31,7 @@ from outloop_cli.broker.forward import (
     upstream_headers,
     upstream_query,
 )
+from outloop_cli.broker.http_server import BrokerHTTPServer
 from outloop_cli.broker.limits import Limits
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, secret_variants
@@ -42,8 +44,6 @@ HTTP_PREFIX = "/v1/http/"
 SECRET_PREFIX = "/v1/secret/"
 MAX_REQUEST_BODY = 256 * 1024 * 1024
 MAX_AUDITED_PATH = 1024
-DEFAULT_CONNECT_TIMEOUT = 10.0
-DEFAULT_READ_TIMEOUT = 120.0
 STREAM_CHUNK = 64 * 1024
 
 
@@ -112,8 +112,7 @@ class Broker:
     # ----- lifecycle -------------------------------------------------------------------------------------
 
     async def start_unix(self, socket_path: Path) -> None:
-        server = web.Server(self.handle, access_log=None)  # type: ignore[arg-type]
-        runner = web.ServerRunner(server, handle_signals=False)
+        runner = web.ServerRunner(BrokerHTTPServer(self.handle, self._protocol_error), handle_signals=False)
         await runner.setup()
         site = web.UnixSite(runner, str(socket_path))
         await site.start()
@@ -123,8 +122,8 @@ class Broker:
 
     async def start_loopback(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Base-URL mode's listener; callers authenticate with the run token instead of SO_PEERCRED."""
-        server = web.Server(self.handle_loopback, access_log=None)  # type: ignore[arg-type]
-        runner = web.ServerRunner(server, handle_signals=False)
+        runner = web.ServerRunner(BrokerHTTPServer(self.handle_loopback, self._protocol_error),
+                                  handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
@@ -175,10 +174,8 @@ class Broker:
         sock = transport.get_extra_info("socket")  # asyncio's TransportSocket: it has getsockopt
         pid = peer_pid(sock) if sock is not None else None
         allowed = pid is not None and is_in_run_tree(pid, self.child_pid, self.supervisor_pid)
-        try:
+        with contextlib.suppress(TypeError):  # a transport without weakrefs is checked on every request
             self._peer_cache[transport] = allowed
-        except TypeError:
-            pass  # a transport without weakref support is simply checked on every request
         return allowed
 
     def _token_presented(self, request: web.BaseRequest) -> bool:
@@ -329,8 +326,8 @@ class Broker:
             body = counted(request.content.iter_chunked(STREAM_CHUNK), outcome.received, MAX_REQUEST_BODY)
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
-        timeout = aiohttp.ClientTimeout(total=None, connect=DEFAULT_CONNECT_TIMEOUT,
-                                        sock_read=DEFAULT_READ_TIMEOUT)
+        timeout = aiohttp.ClientTimeout(total=None, connect=credential.connect_timeout,
+                                        sock_read=credential.read_timeout)
         async with self._session.request(request.method, url, headers=headers, data=body,
                                          allow_redirects=False, timeout=timeout) as upstream:
             outcome.status = upstream.status
@@ -364,6 +361,23 @@ class Broker:
                 outcome.sent += len(tail)
             await response.write_eof()
             return response
+
+    def _protocol_error(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
+        """A request aiohttp could not parse (or a broker bug): answer in the broker's format, audit it."""
+        if status >= 500:
+            code, reason, message = "upstream_error", "broker_error", "the broker failed on this request"
+        else:
+            code, reason = "bad_request", "malformed_http"
+            message = f"malformed HTTP request ({type(exc).__name__ if exc else 'unparseable'})"
+        record = RequestRecord(credential=None, method=_short(_method_of(request), 32), host=None,
+                               path=_short(_path_of(request), MAX_AUDITED_PATH), decision="deny", reason=reason,
+                               rule=None, status=status)
+        try:
+            self.audit.record_request(record)  # blocking but rare; the answer must not precede the audit row
+        except AuditError:
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
+        self.stats.denials[reason] = self.stats.denials.get(reason, 0) + 1
+        return _error_response(status, code, message, None, None)
 
     # ----- denials ---------------------------------------------------------------------------------------
 
@@ -423,6 +437,20 @@ class _Outcome:
             return self.prepared
         self.status = status
         return _error_response(status, code, message, credential.name, None)
+
+
+def _method_of(request: web.BaseRequest) -> str:
+    try:
+        return request.method
+    except Exception:  # the ERROR placeholder message of an unparseable request has no usable fields
+        return "?"
+
+
+def _path_of(request: web.BaseRequest) -> str:
+    try:
+        return request.raw_path.partition("?")[0]
+    except Exception:
+        return "?"
 
 
 def _short(text: str, limit: int = 200) -> str:
