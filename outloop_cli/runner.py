@@ -90,6 +90,25 @@ def resolve_workspace(requested: str | None, environ: Mapping[str, str]) -> str:
                        "or run `outloop workspace use WORKSPACE`")
 
 
+async def _base_url_env(broker: Broker, profile: Profile, plan: sandbox.Plan, relay_socket: Path | None,
+                        run_token: str) -> dict[str, str]:
+    """OUTLOOP_URL, OUTLOOP_TOKEN and each credential's child_env, for SDKs configured by environment.
+
+    With the network isolated, the URL points at the relay inside the child's namespace; otherwise the broker
+    listens on the host's loopback itself. Either way only the run token gets in.
+    """
+    if plan.relay_port is not None and relay_socket is not None:
+        await broker.start_loopback_unix(relay_socket)
+        url = f"http://127.0.0.1:{plan.relay_port}"
+    else:
+        url = f"http://127.0.0.1:{await broker.start_loopback()}"
+    env = {"OUTLOOP_URL": url, "OUTLOOP_TOKEN": run_token}
+    for name, credential in profile.credentials.items():
+        for key, template in credential.child_env.items():
+            env[key] = template.replace("{url}", f"{url}/v1/http/{name}").replace("{token}", run_token)
+    return env
+
+
 def execute(request: RunRequest) -> RunReport:
     """Run the command under a broker and return the report; OutloopError means the child never started."""
     environ = request.environ
@@ -120,21 +139,27 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
             f"the broker socket path {socket_path} is {len(os.fsencode(socket_path))} bytes, over the "
             f"{MAX_UNIX_SOCKET_PATH}-byte limit of Unix sockets; set OUTLOOP_HOME to a shorter path"
         )
-    tokens = {name: "outloop-" + token_source.token_urlsafe(24) for name in profile.credentials}
+    base_url_mode = any(cred.child_env for cred in profile.credentials.values())
+    relay_socket = run_dir / "loopback.sock" if base_url_mode else None
+    plan = sandbox.plan(profile, network, home=home, run_dir=run_dir, environ=request.environ,
+                        relay_socket=relay_socket)
+    run_token = "outloop-" + token_source.token_urlsafe(24)
     outloop_vars = {"OUTLOOP_SOCKET": str(socket_path), "OUTLOOP_RUN_ID": run_id,
                     "OUTLOOP_WORKSPACE": profile.workspace}
     env = child_environment(request.environ, profile.run.env_keep, profile.run.env_set, outloop_vars)
     executable = resolve_command(request.command, env)
-    plan = sandbox.plan(profile, network, home=home, run_dir=run_dir)
+    argv = plan.command([executable, *request.command[1:]])
 
     audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
                          command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid()})
     broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
-                    credential_tokens=tokens)
+                    run_token=run_token if base_url_mode else None)
     try:
         await broker.start_unix(socket_path)
-        supervisor = Supervisor(request.command, env, timeout)
-        broker.child_pid = supervisor.spawn(executable)
+        if base_url_mode:
+            env.update(await _base_url_env(broker, profile, plan, relay_socket, run_token))
+        supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)
+        broker.child_pid = supervisor.spawn(argv[0])
         result = await supervisor.wait()
     finally:
         await broker.close()

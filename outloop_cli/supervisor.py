@@ -82,8 +82,12 @@ class ChildResult:
 class Supervisor:
     """Owns the child process tree of one run. Use from the event loop's thread."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], timeout: float | None) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], timeout: float | None,
+                 wrapped: bool = False) -> None:
+        """`wrapped`: argv starts with a sandbox wrapper (bubblewrap) that must outlive the loop to report its
+        exit code, so signals skip it and go to the processes inside."""
         self.argv = list(argv)
+        self.wrapped = wrapped
         self.env = dict(env)
         self.timeout = timeout
         self.pid = 0
@@ -143,12 +147,18 @@ class Supervisor:
                 loop.call_soon_threadsafe(self._exited.set)
 
     def _forward(self, sig: int) -> None:
+        if self.wrapped:
+            for process in _descendants():
+                if process.pid != self.pid:
+                    with contextlib.suppress(psutil.Error):
+                        process.send_signal(sig)
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
 
     def _on_timeout(self) -> None:
         self._timed_out = True
-        self._signal_tree(signal.SIGTERM)
+        self._forward(signal.SIGTERM)
         self._kill_timer = asyncio.get_running_loop().call_later(KILL_GRACE_SECONDS, self._signal_tree,
                                                                  signal.SIGKILL)
 

@@ -48,7 +48,8 @@ def short_tmpdir(prefix: str) -> Path:
 class World:
     """One test's universe: OUTLOOP_HOME, profiles, two upstream hosts and the canary secrets."""
 
-    home: Path
+    home: Path  # OUTLOOP_HOME: hidden from the child by the sandbox
+    work: Path  # where tests put loop scripts and files the child may read and write
     profiles: Path
     upstream: RecordingUpstream
     other: RecordingUpstream
@@ -85,7 +86,7 @@ class World:
     def outloop(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
                 stdin: str | None = None) -> Result:
         completed = subprocess.run([OUTLOOP, *args], capture_output=True, text=True, timeout=timeout,
-                                   env=env or self.env, input=stdin, cwd=self.home)
+                                   env=env or self.env, input=stdin, cwd=self.work)
         result = Result(completed.returncode, completed.stdout, completed.stderr)
         self.seen_output.append(result.combined)
         return result
@@ -98,7 +99,7 @@ class World:
     def run_loop(self, source: str, *, workspace: str = "acme", flags: Sequence[str] = (),
                  env: dict[str, str] | None = None, timeout: float = 60) -> Result:
         """Run a Python loop (given as source) under outloop; it can `from outloop_cli.client import Outloop`."""
-        script = self.home / f"loop-{uuid.uuid4().hex[:8]}.py"
+        script = self.work / f"loop-{uuid.uuid4().hex[:8]}.py"
         script.write_text(textwrap.dedent(source))
         return self.run(PYTHON, str(script), workspace=workspace, flags=flags, env=env, timeout=timeout)
 
@@ -209,9 +210,11 @@ AGENCY_PROFILE = """
 
 @pytest.fixture
 def world() -> Iterator[World]:
-    home = short_tmpdir("ol-")
+    base = short_tmpdir("ol-")
+    home, work = base / "h", base / "w"
     profiles = home / "profiles"
-    profiles.mkdir()
+    profiles.mkdir(parents=True)
+    work.mkdir()
     tag = uuid.uuid4().hex
     canaries = {
         "acme": f"cnry-acme-{tag}",
@@ -221,7 +224,7 @@ def world() -> Iterator[World]:
         "env": f"cnry-env-{tag}",
     }
     with RecordingUpstream() as upstream, RecordingUpstream() as other:
-        w = World(home=home, profiles=profiles, upstream=upstream, other=other, canaries=canaries)
+        w = World(home=home, work=work, profiles=profiles, upstream=upstream, other=other, canaries=canaries)
         w.write_profile("agency", AGENCY_PROFILE)
         w.write_profile("acme", ACME_PROFILE)
         w.write_profile("globex", GLOBEX_PROFILE)
@@ -230,7 +233,7 @@ def world() -> Iterator[World]:
         w.set_keyring("globex", "billing", canaries["globex"] + "-billing")
         w.set_keyring("agency", "llm", canaries["agency"])
         yield w
-    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def parse_json_lines(text: str) -> list[dict[str, object]]:

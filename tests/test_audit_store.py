@@ -143,9 +143,7 @@ def test_newer_schema_is_refused_and_left_untouched(db: Path) -> None:
     with sqlite3.connect(db) as newer:
         newer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     before = db.read_bytes()
-    expected = (
-        f"newer outloop (schema {SCHEMA_VERSION + 1}, this one knows {SCHEMA_VERSION}); upgrade outloop"
-    )
+    expected = f"newer outloop (schema {SCHEMA_VERSION + 1}, this one knows {SCHEMA_VERSION}); upgrade outloop"
     with pytest.raises(AuditError, match=re.escape(expected)):
         start(db)
     with pytest.raises(AuditError, match="newer outloop"):
@@ -182,9 +180,7 @@ def test_start_request_response_finish_round_trip(db: Path) -> None:
     allowed = log.record_request(allow())
     log.record_response(ResponseRecord(allowed, 201, 12.5, 100, 2048))
     denied = log.record_request(deny())
-    reveal = log.record_event(
-        "reveal", credential="mail", decision="allow", reason="reveal_enabled", note="x"
-    )
+    reveal = log.record_event("reveal", credential="mail", decision="allow", reason="reveal_enabled", note="x")
     assert (allowed, denied, reveal) == (1, 3, 4)
     assert (log.allowed, log.denied) == (1, 1)
     head, count = log.finish(exit_code=3, duration=2.25, detail={"peak_memory": 1024})
@@ -267,6 +263,31 @@ def test_a_finished_log_refuses_further_writes(db: Path) -> None:
     log.finish(exit_code=0, duration=0.1, detail={})
     with pytest.raises(AuditError, match="already closed"):
         log.record_request(allow())
+
+
+def test_requests_racing_finish_never_land_after_run_end(db: Path) -> None:
+    log = start(db)
+    outcomes: list[str] = []
+
+    def worker() -> None:
+        while True:
+            try:
+                log.record_request(allow())
+            except AuditError:
+                outcomes.append("refused")
+                return
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)
+    log.finish(exit_code=0, duration=0.1, detail={})
+    for thread in threads:
+        thread.join()
+    assert outcomes == ["refused"] * 4
+    reader = open_readonly(db)
+    assert run_events(reader, "01RUN")[-1].kind == "run_end"
+    assert verify_run(reader, "01RUN").status == "ok"
 
 
 def test_reusing_a_run_id_is_an_audit_error(db: Path) -> None:

@@ -31,15 +31,15 @@ def test_missing_command_is_127(world: World) -> None:
 
 
 def test_non_executable_command_is_126(world: World) -> None:
-    script = world.home / "not-executable.sh"
+    script = world.work / "not-executable.sh"
     script.write_text("#!/bin/sh\necho hi\n")
     script.chmod(stat.S_IRUSR | stat.S_IWUSR)
     assert world.run(str(script)).code == 126
-    assert world.run(str(world.home)).code == 126  # a directory
+    assert world.run(str(world.work)).code == 126  # a directory
 
 
 def test_bad_profile_is_125_naming_file_and_key_before_the_child_starts(world: World) -> None:
-    marker = world.home / "started"
+    marker = world.work / "started"
     world.write_profile("acme", """
         version = 1
         [credentials.crm]
@@ -55,7 +55,7 @@ def test_bad_profile_is_125_naming_file_and_key_before_the_child_starts(world: W
 
 
 def test_missing_secret_is_125_naming_workspace_and_credential(world: World) -> None:
-    marker = world.home / "started"
+    marker = world.work / "started"
     world.write_profile("acme", """
         version = 1
         [credentials.mail]
@@ -80,13 +80,13 @@ def test_unusable_secret_sources_are_125_with_a_clear_message(
     world: World, profile_secret: str, setup: str | None, message: str
 ) -> None:
     if setup == "loose":
-        loose = world.home / "loose-secret"
+        loose = world.work / "loose-secret"
         loose.write_text("value\n")
         loose.chmod(0o644)
     world.write_profile("acme", f"""
         version = 1
         [credentials.crm]
-        secret = "{profile_secret.replace('{HOME}', str(world.home))}"
+        secret = "{profile_secret.replace('{HOME}', str(world.work))}"
         base_url = "{{UPSTREAM}}"
     """)
     result = world.run("true")
@@ -96,7 +96,7 @@ def test_unusable_secret_sources_are_125_with_a_clear_message(
 
 
 def test_file_and_cmd_sources_supply_the_secret(world: World) -> None:
-    secret_file = world.home / "crm-secret"
+    secret_file = world.work / "crm-secret"
     secret_file.write_text(world.canaries["acme"] + "\n")
     secret_file.chmod(0o600)
     world.write_profile("acme", f"""
@@ -172,8 +172,8 @@ def _pids_in(path: str) -> list[int]:
 
 
 def test_timeout_gives_124_and_kills_the_whole_tree(world: World) -> None:
-    pid_file = str(world.home / "pids")
-    script = world.home / "resist.py"
+    pid_file = str(world.work / "pids")
+    script = world.work / "resist.py"
     import textwrap
 
     script.write_text(textwrap.dedent(TREE_THAT_RESISTS))
@@ -189,7 +189,7 @@ def test_timeout_gives_124_and_kills_the_whole_tree(world: World) -> None:
 
 
 def test_double_forked_strays_are_killed_and_counted_at_exit(world: World) -> None:
-    pid_file = world.home / "stray"
+    pid_file = world.work / "stray"
     result = world.run_loop(f"""
         import os, time
         if os.fork() == 0:
@@ -199,20 +199,20 @@ def test_double_forked_strays_are_killed_and_counted_at_exit(world: World) -> No
                 time.sleep(300)
             os._exit(0)
         time.sleep(0.5)
-    """, flags=["--summary-json", str(world.home / "summary.json")])
+    """, flags=["--summary-json", str(world.work / "summary.json")])
     assert result.code == 0
     stray = int(pid_file.read_text())
     assert not psutil.pid_exists(stray) or psutil.Process(stray).status() == psutil.STATUS_ZOMBIE
     import json
 
-    summary = json.loads((world.home / "summary.json").read_text())
+    summary = json.loads((world.work / "summary.json").read_text())
     assert summary["strays_killed"] == 1
     assert "strays killed 1" in result.err
 
 
 def test_sigterm_to_outloop_is_forwarded_to_the_child(world: World) -> None:
-    ready = world.home / "ready"
-    script = world.home / "wait.py"
+    ready = world.work / "ready"
+    script = world.work / "wait.py"
     script.write_text(
         "import signal, sys, time\n"
         "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"

@@ -43,7 +43,7 @@ CASES = [
 
 def test_every_attack_fails_with_the_documented_status_and_is_audited(world: World) -> None:
     attempts = [case[0] for case in CASES]
-    script = world.home / "hostile.py"
+    script = world.work / "hostile.py"
     import textwrap
 
     script.write_text(textwrap.dedent(HOSTILE_LOOP))

@@ -41,8 +41,8 @@ def test_thousand_requests_from_eight_threads_are_all_answered_and_audited(world
 
 
 def test_kill_9_of_outloop_loses_no_event_whose_response_the_child_received(world: World) -> None:
-    received = world.home / "received"
-    script = world.home / "loop.py"
+    received = world.work / "received"
+    script = world.work / "loop.py"
     script.write_text(textwrap.dedent(f"""
         import os
         from concurrent.futures import ThreadPoolExecutor

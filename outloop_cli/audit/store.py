@@ -37,9 +37,7 @@ EVENT_COLUMNS: Final = (
     "reason", "rule", "status", "latency_ms", "bytes_in", "bytes_out", "request_seq", "error", "detail",
     "prev_hash",
 )  # fmt: skip
-_TEXT_COLUMNS: Final = frozenset(
-    {"credential", "method", "host", "path", "decision", "reason", "rule", "error"}
-)
+_TEXT_COLUMNS: Final = frozenset({"credential", "method", "host", "path", "decision", "reason", "rule", "error"})
 _INT_COLUMNS: Final = frozenset({"status", "bytes_in", "bytes_out", "request_seq"})
 _REAL_COLUMNS: Final = frozenset({"latency_ms"})
 # Kinds with their own method: they feed the counters and the run_end cross-check, so never generic.
@@ -207,8 +205,7 @@ def _describe(exc: sqlite3.Error, busy_timeout: float) -> str:
 
 def _newer_schema(version: int) -> AuditError:
     return AuditError(
-        f"audit.db was written by a newer outloop (schema {version}, this one knows {SCHEMA_VERSION}); "
-        "upgrade outloop"
+        f"audit.db was written by a newer outloop (schema {version}, this one knows {SCHEMA_VERSION}); upgrade outloop"
     )
 
 
@@ -245,9 +242,7 @@ def _open_rw(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(db_path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
-        raise AuditError(
-            f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}"
-        ) from None
+        raise AuditError(f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}") from None
     try:
         # Refuse a newer schema before anything below writes to the file.
         version = _user_version(conn)
@@ -264,9 +259,7 @@ def _open_rw(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
         _migrate(conn)
     except sqlite3.Error as exc:
         conn.close()
-        raise AuditError(
-            f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}"
-        ) from None
+        raise AuditError(f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}") from None
     except BaseException:
         conn.close()
         raise
@@ -284,9 +277,7 @@ def open_readonly(db_path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) 
     try:
         conn = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=busy_timeout)
     except sqlite3.Error as exc:
-        raise AuditError(
-            f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}"
-        ) from None
+        raise AuditError(f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}") from None
     try:
         version = _user_version(conn)
         if version > SCHEMA_VERSION:
@@ -295,9 +286,7 @@ def open_readonly(db_path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) 
             _open_rw(db_path, busy_timeout).close()
     except sqlite3.Error as exc:
         conn.close()
-        raise AuditError(
-            f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}"
-        ) from None
+        raise AuditError(f"cannot open the audit database at {db_path}: {_describe(exc, busy_timeout)}") from None
     except BaseException:
         conn.close()
         raise
@@ -532,12 +521,11 @@ class RunLog:
         the event count including run_end, for the run summary.
         """
         end = _End(int(exit_code), float(duration), _json_object(detail, "run end detail"))
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._submit(_Item("run_end", _now(), {}, future, end), last=True)
         try:
-            self._wait(functools.partial(_Item, "run_end", _now(), {}, end=end))
+            future.result()
         finally:
-            with self._lock:
-                self._closed = True
-                self._queue.put(None)
             self._thread.join()
         return self._head, self._seq
 
@@ -558,11 +546,15 @@ class RunLog:
         }
         return _Item("response", _now(), fields, waiter)
 
-    def _submit(self, item: _Item) -> None:
+    def _submit(self, item: _Item, *, last: bool = False) -> None:
+        # Closing under the same lock as queueing, so no other thread's event can land after run_end.
         with self._lock:
             if self._closed:
                 raise AuditError(f"the audit log of run {self.run_id} is already closed")
             self._queue.put(item)
+            if last:
+                self._closed = True
+                self._queue.put(None)
 
     def _wait(self, make: Callable[[_Waiter], _Item]) -> int:
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
@@ -608,14 +600,12 @@ class RunLog:
             try:
                 if saved[0] == 0:
                     self._conn.execute(
-                        "INSERT INTO runs (run_id, workspace, command, started_at, sandbox) "
-                        "VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO runs (run_id, workspace, command, started_at, sandbox) VALUES (?, ?, ?, ?, ?)",
                         (self.run_id, self.workspace, self._command, rows[0]["ts"], self._sandbox),
                     )
                 self._conn.executemany(_INSERT_EVENT, rows)
                 self._conn.execute(
-                    "UPDATE runs SET allowed = ?, denied = ?, head_hash = ?, event_count = ? "
-                    "WHERE run_id = ?",
+                    "UPDATE runs SET allowed = ?, denied = ?, head_hash = ?, event_count = ? WHERE run_id = ?",
                     (self._allowed, self._denied, self._head, self._seq, self.run_id),
                 )
                 end = batch[-1].end
@@ -810,6 +800,36 @@ def query_events(
     limit: int | None = 100,
 ) -> list[EventRow]:
     """Events across runs, newest first; request events only unless ``kinds`` says otherwise (None: all)."""
+    where, params = _event_filter(workspace, credential, decision, since, until, kinds)
+    rows = conn.execute(
+        f"{_EVENT_SELECT} {where} ORDER BY ts DESC, rowid DESC LIMIT ?",
+        [*params, -1 if limit is None else limit],
+    ).fetchall()
+    return [_event_row(row) for row in rows]
+
+
+def iter_events(
+    conn: sqlite3.Connection,
+    *,
+    workspace: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> Iterator[EventRow]:
+    """Every event of every kind, oldest first, streamed from the cursor so an export never sits in memory."""
+    where, params = _event_filter(workspace, None, None, since, until, None)
+    for row in conn.execute(f"{_EVENT_SELECT} {where} ORDER BY ts, rowid", params):
+        yield _event_row(row)
+
+
+def _event_filter(
+    workspace: str | None,
+    credential: str | None,
+    decision: str | None,
+    since: float | None,
+    until: float | None,
+    kinds: Collection[str] | None,
+) -> tuple[str, list[object]]:
+    """The WHERE clause the read helpers share; each filter has an index ending in ts (see _SCHEMA_V1)."""
     clauses: list[str] = []
     params: list[object] = []
     for column, value in (("workspace", workspace), ("credential", credential), ("decision", decision)):
@@ -826,12 +846,7 @@ def query_events(
         kind_list = list(kinds)
         clauses.append(f"kind IN ({', '.join('?' * len(kind_list))})")
         params.extend(kind_list)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = conn.execute(
-        f"{_EVENT_SELECT} {where} ORDER BY ts DESC, rowid DESC LIMIT ?",
-        [*params, -1 if limit is None else limit],
-    ).fetchall()
-    return [_event_row(row) for row in rows]
+    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
 
 def prune(db_path: Path, *, older_than: float, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> int:
@@ -862,9 +877,7 @@ def prune(db_path: Path, *, older_than: float, busy_timeout: float = DEFAULT_BUS
             conn.execute("ROLLBACK")
             raise
     except sqlite3.Error as exc:
-        raise AuditError(
-            f"cannot prune the audit database at {db_path}: {_describe(exc, busy_timeout)}"
-        ) from None
+        raise AuditError(f"cannot prune the audit database at {db_path}: {_describe(exc, busy_timeout)}") from None
     finally:
         conn.close()
     return count

@@ -142,9 +142,7 @@ def verify_run(conn: sqlite3.Connection, run_id: str) -> RunVerdict:
     Raises UsageError when the database has never heard of ``run_id``.
     """
     with snapshot(conn):
-        row = conn.execute(
-            f"SELECT {', '.join(_RUN_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)
-        ).fetchone()
+        row = conn.execute(f"SELECT {', '.join(_RUN_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         marker = conn.execute("SELECT event_count FROM pruned WHERE run_id = ?", (run_id,)).fetchone()
         chain = _walk(
             conn.execute(
@@ -181,8 +179,7 @@ def verify_all(conn: sqlite3.Connection) -> list[RunVerdict]:
         run_ids = [
             run_id
             for (run_id,) in conn.execute(
-                "SELECT run_id FROM runs UNION SELECT run_id FROM pruned UNION SELECT run_id FROM events "
-                "ORDER BY 1"
+                "SELECT run_id FROM runs UNION SELECT run_id FROM pruned UNION SELECT run_id FROM events ORDER BY 1"
             )
         ]
         return [verify_run(conn, run_id) for run_id in run_ids]

@@ -6,6 +6,7 @@ One handler on aiohttp's low-level server: the router would decode the path befo
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
 import time
@@ -78,7 +79,6 @@ class Broker:
         secrets: Mapping[str, Secret],
         audit: RunLog,
         run_token: str | None = None,
-        credential_tokens: Mapping[str, str] | None = None,
     ) -> None:
         self.run_id = run_id
         self.profile = profile
@@ -87,7 +87,6 @@ class Broker:
         self.child_pid: int | None = None
         self.supervisor_pid = os.getpid()
         self.run_token = run_token
-        self.credential_tokens = dict(credential_tokens or {})
         self.limits = Limits(
             profile.run.max_requests,
             {name: (cred.rate, cred.max_requests) for name, cred in profile.credentials.items()},
@@ -119,6 +118,14 @@ class Broker:
         os.chmod(socket_path, 0o600)
         self._runners.append(runner)
         self._session = self._new_session()
+
+    async def start_loopback_unix(self, socket_path: Path) -> None:
+        """Base-URL mode behind the in-sandbox relay: the relay is in the run's tree, and callers need the token."""
+        runner = web.ServerRunner(BrokerHTTPServer(self.handle_relayed, self._protocol_error), handle_signals=False)
+        await runner.setup()
+        await web.UnixSite(runner, str(socket_path)).start()
+        os.chmod(socket_path, 0o600)
+        self._runners.append(runner)
 
     async def start_loopback(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Base-URL mode's listener; callers authenticate with the run token instead of SO_PEERCRED."""
@@ -163,6 +170,12 @@ class Broker:
                                     "present the run token (OUTLOOP_TOKEN) in a header")
         return await self._route(request)
 
+    async def handle_relayed(self, request: web.BaseRequest) -> web.StreamResponse:
+        if not self._peer_allowed(request):
+            return await self._deny(request, None, 401, "unauthenticated", "peer_not_in_run",
+                                    "only the run's command and its descendants may use this broker")
+        return await self.handle_loopback(request)
+
     def _peer_allowed(self, request: web.BaseRequest) -> bool:
         transport = request.transport
         if transport is None or self.child_pid is None:
@@ -179,15 +192,14 @@ class Broker:
         return allowed
 
     def _token_presented(self, request: web.BaseRequest) -> bool:
-        tokens = [t for t in (self.run_token, *self.credential_tokens.values()) if t]
-        if not tokens:
+        token = self.run_token
+        if not token:
             return False
-        for _, value in request.raw_headers:
-            text = value.decode("latin-1")
-            if any(token in text for token in tokens):
-                return True
-        query = request.raw_path.partition("?")[2]
-        return any(token in query for token in tokens)
+        # SDKs send the key as "Bearer <key>", "<key>" or ?key=<key>; compare candidates in constant time.
+        candidates = [part for _, value in request.raw_headers for part in value.decode("latin-1").split()]
+        candidates += [value for _, _, value in (pair.partition("=") for pair in
+                                                 request.raw_path.partition("?")[2].split("&"))]
+        return any(hmac.compare_digest(candidate, token) for candidate in candidates)
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.raw_path.partition("?")[0]
@@ -257,7 +269,7 @@ class Broker:
         except PathRejected as exc:
             return await self._deny(request, credential, 400, "bad_request", exc.reason, str(exc))
         try:
-            query = upstream_query(raw_query, self._injectors[name], self._token_for(name))
+            query = upstream_query(raw_query, self._injectors[name], self.run_token)
         except BadQuery as exc:
             return await self._deny(request, credential, 400, "bad_request", "bad_query", str(exc))
         decision = decide(request.method, path, credential.allow, credential.deny)
@@ -283,9 +295,6 @@ class Broker:
                                    "to forward (fail closed)", name, decision.rule)
         self.stats.credential(name).allowed += 1
         return await self._forward(request, credential, upstream_path, query, seq)
-
-    def _token_for(self, name: str) -> str | None:
-        return self.credential_tokens.get(name) or self.run_token
 
     async def _forward(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
                        seq: int) -> web.StreamResponse:
@@ -320,7 +329,7 @@ class Broker:
         assert self._session is not None
         name = credential.name
         url = URL(credential.base_url + path + (f"?{query}" if query else ""), encoded=True)
-        headers = upstream_headers(request.raw_headers, self._injectors[name], self._token_for(name))
+        headers = upstream_headers(request.raw_headers, self._injectors[name], self.run_token)
         body = None
         if request.body_exists:
             body = counted(request.content.iter_chunked(STREAM_CHUNK), outcome.received, MAX_REQUEST_BODY)

@@ -1,0 +1,129 @@
+"""Host one outloop broker for the benches, built the way `outloop_cli.runner` builds a run's broker.
+
+Profile from a TOML file, secret from `env:VAR`, a RunLog on a real audit.db (or, with `--audit noop`, a
+stand-in that skips the database: it lives only here, never as a product flag), the Unix socket in a 0700
+per-run dir, and the base-URL loopback listener. `--child-pid` names the load generator, so the broker's
+SO_PEERCRED check admits it exactly as it would admit a run's child.
+
+Prints one JSON line when ready; serves until SIGTERM, SIGINT or EOF on stdin; then closes the broker,
+finishes the audit log and prints `{"audit_events": N}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import os
+import secrets as token_source
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import WORKSPACE
+
+from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.broker.server import Broker
+from outloop_cli.home import audit_db_path, ensure_private_dir, profile_dirs
+from outloop_cli.profiles import load_profile
+from outloop_cli.runner import new_run_id
+from outloop_cli.secrets import resolve_secret
+
+
+class NoAudit:
+    """The RunLog methods the broker calls, doing nothing: measures what the audit write costs."""
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    def record_request(self, rec: RequestRecord) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def record_request_async(self, rec: RequestRecord) -> int:
+        self._seq += 1
+        return self._seq
+
+    def record_response(self, rec: ResponseRecord) -> None:
+        self._seq += 1
+
+    async def record_response_async(self, rec: ResponseRecord) -> int:
+        self._seq += 1
+        return self._seq
+
+    def record_event(self, kind: str, **fields: object) -> int:
+        self._seq += 1
+        return self._seq
+
+    def finish(self, *, exit_code: int, duration: float, detail: Any) -> tuple[str, int]:
+        return "", self._seq
+
+
+async def serve(args: argparse.Namespace) -> None:
+    home = Path(args.home)
+    environ = dict(os.environ)
+    profile = load_profile(WORKSPACE, profile_dirs(None, {"OUTLOOP_HOME": str(home)}))
+    resolved = {name: resolve_secret(cred.owner, name, cred.secret_ref, environ)
+                for name, cred in profile.credentials.items()}
+    run_id = new_run_id()
+    ensure_private_dir(home)
+    run_dir = ensure_private_dir(home / "run" / run_id)
+    socket_path = run_dir / "broker.sock"
+    run_token = "outloop-" + token_source.token_urlsafe(24)
+    audit: Any
+    if args.audit == "real":
+        audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
+                             command=["bench"], detail={"sandbox": {"bench": "none"}, "pid": os.getpid()})
+    else:
+        audit = NoAudit()
+    # The broker's constructor has changed shape while the run path settles: pass the token either way.
+    params = inspect.signature(Broker).parameters
+    token_kwargs: dict[str, Any] = ({"run_token": run_token} if "run_token" in params
+                                    else {"credential_tokens": {name: run_token for name in profile.credentials}})
+    broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit, **token_kwargs)
+    await broker.start_unix(socket_path)
+    port = await broker.start_loopback()
+    broker.child_pid = args.child_pid
+    started = time.monotonic()
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def watch_stdin() -> None:
+        sys.stdin.read()  # EOF: the orchestrator went away (or asked us to stop)
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    print(json.dumps({"pid": os.getpid(), "socket": str(socket_path), "port": port, "token": run_token,
+                      "run_id": run_id, "loop": type(loop).__module__.split(".")[0], "audit": args.audit}),
+          flush=True)
+    await stop.wait()
+    await broker.close()
+    _, count = audit.finish(exit_code=0, duration=time.monotonic() - started, detail={"bench": True})
+    print(json.dumps({"audit_events": count}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--home", required=True, help="OUTLOOP_HOME holding profiles/bench.toml")
+    parser.add_argument("--child-pid", type=int, required=True, help="pid the peer check admits")
+    parser.add_argument("--audit", choices=("real", "noop"), default="real")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    args = parser.parse_args()
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(serve(args))
+    else:
+        asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Shared helpers for the benches: machine description, percentiles, temp homes, the bench profile.
+
+Nothing here measures; it keeps the bench scripts short and makes them describe the machine the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+PYTHON = sys.executable
+OUTLOOP = str(Path(sys.executable).parent / "outloop")
+
+# A fixed, obviously fake secret: the upstream refuses requests that do not carry it, so every "200" in a
+# bench proves the proxy under test really injected the credential.
+SECRET = "bench-secret-7f3a9c1e5b2d4f60"
+SECRET_ENV = "OUTLOOP_BENCH_SECRET"
+WORKSPACE = "bench"
+CREDENTIAL = "api"
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on: they only mean something next to this."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        mem = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
+    except Exception:
+        mem = "unknown"
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count() or "?"),
+        "memory": mem,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+        return (out or "?") + (" (+ uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile; q in [0, 100]."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def median(values: Sequence[float]) -> float:
+    clean = [v for v in values if v == v]
+    return statistics.median(clean) if clean else float("nan")
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """Unix socket paths must stay under 107 bytes, so bench homes live directly in /tmp."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def write_bench_profile(profiles: Path, base_url: str) -> Path:
+    """One workspace, one credential injected as `Authorization: Bearer <secret>`, secret from the env."""
+    profiles.mkdir(parents=True, exist_ok=True)
+    path = profiles / f"{WORKSPACE}.toml"
+    path.write_text(textwrap.dedent(f"""\
+        version = 1
+        description = "outloop bench"
+
+        [credentials.{CREDENTIAL}]
+        secret = "env:{SECRET_ENV}"
+        base_url = "{base_url}"
+        inject = {{ header = "Authorization", value = "Bearer {{secret}}" }}
+        allow = ["GET /v1/**", "GET /big"]
+        deny = ["* /v1/admin/**"]
+    """))
+    return path
+
+
+def which(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for directory in ("/usr/sbin", "/usr/local/sbin", "/sbin"):
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    if value != value:  # NaN
+        return "-"
+    return f"{value:,.{digits}f}"

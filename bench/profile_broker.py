@@ -1,0 +1,184 @@
+"""Where the broker's time goes under load: py-spy samples a broker host while 8 clients hammer it.
+
+Not part of `make bench` by default (py-spy is a dev tool: `.venv/bin/pip install py-spy`); run_all.py runs it
+with `--profile`. Writes the raw collapsed stacks (and an SVG flame graph) under .bench/ and prints a summary:
+samples per thread, inclusive share of the broker's code paths, and the top self-time functions.
+
+    .venv/bin/python bench/profile_broker.py [--seconds 10] [--clients 8] [--audit real|noop]
+                                             [--loop asyncio|uvloop] [--native]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from broker import BENCH_DIR, PYTHON, Child, broker_targets, start_broker
+from common import REPO, short_tmpdir
+
+OUT_DIR = REPO / ".bench"
+
+# (label, regex on one frame "function (file:line)"): inclusive share = stacks containing a matching frame.
+PATHS: list[tuple[str, str]] = [
+    ("aiohttp server: read + parse request (web_protocol.data_received)", r"^data_received \(aiohttp/web_protocol"),
+    ("aiohttp server: request task (web_protocol._handle_request/start)", r"^(_handle_request|start) \(aiohttp/web_protocol"),
+    ("broker: Broker.handle / _route / _http (all of the handler)", r"^(handle|handle_loopback|_route) \(outloop_cli/broker/server"),
+    ("broker: peer check (peer_allowed)", r"^_peer_allowed \("),
+    ("broker: token check (_token_presented)", r"^_token_presented \("),
+    ("broker: policy (normalise_path + decide)", r"^(normalise_path|decide) \(outloop_cli/policy"),
+    ("broker: upstream_query", r"^upstream_query \("),
+    ("broker: upstream_headers", r"^upstream_headers \("),
+    ("broker: child_response_headers + redact_text", r"^(child_response_headers|redact_text) \("),
+    ("broker: StreamRedactor (body redaction)", r"^(feed|flush|_mask|_risky_tail|__init__) \(outloop_cli/broker/redact"),
+    ("audit, event-loop side: _audit_request/record_request_async", r"^(_audit_request|record_request_async) \("),
+    ("audit, event-loop side: record_response (queue put)", r"^record_response \("),
+    ("audit, event-loop side: _settle_all (future resolution)", r"^_settle_all \("),
+    ("audit, writer thread: RunLog._loop (all)", r"^_loop \(outloop_cli/audit/store"),
+    ("audit, writer thread: _commit SQL (execute/executemany)", r"^_commit \(outloop_cli/audit/store"),
+    ("audit, writer thread: _chain (hash + canonical_json)", r"^_chain \(outloop_cli/audit/store"),
+    ("audit, writer thread: _notify (call_soon_threadsafe)", r"^_notify \(outloop_cli/audit/store"),
+    ("client pool: ClientSession._request (all upstream I/O)", r"^_request \(aiohttp/client\.py"),
+    ("client pool: connector.connect (pool checkout)", r"^connect \(aiohttp/connector"),
+    ("client pool: ClientRequest build/send", r"^(__init__|send) \(aiohttp/client_reqrep"),
+    ("client pool: ClientResponse.start (read upstream head)", r"^start \(aiohttp/client_reqrep"),
+    ("response: StreamResponse.prepare / write / write_eof", r"^(prepare|write|write_eof|_start|_prepare_headers) \(aiohttp/web_response"),
+    ("event loop: select / epoll wait", r"^(select|poll) \((selectors|asyncio)"),
+    ("event loop: _run_once bookkeeping", r"^_run_once \(asyncio/base_events"),
+    ("yarl URL construction", r"\(yarl/"),
+    ("multidict", r"\(multidict/"),
+    ("timeouts (ClientTimeout/timer context)", r"\(aiohttp/helpers|async_timeout|asyncio/timeouts"),
+]
+
+
+def run_profile(seconds: float, clients: int, audit: str, loop: str, native: bool, target_kind: str,
+                rate: int) -> dict[str, Any]:
+    py_spy = shutil.which("py-spy") or str(Path(PYTHON).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")
+    tmp = short_tmpdir("olp-")
+    OUT_DIR.mkdir(exist_ok=True)
+    tag = f"{audit}-{loop}-{target_kind}-c{clients}"
+    raw = OUT_DIR / f"profile-{tag}.txt"
+    svg = OUT_DIR / f"profile-{tag}.svg"
+    children: list[Child] = []
+    try:
+        upstream = Child("upstream", [PYTHON, str(BENCH_DIR / "upstream.py")])
+        children.append(upstream)
+        port = upstream.read(20)["port"]
+        loadgen = Child("loadgen", [PYTHON, str(BENCH_DIR / "loadgen.py")])
+        children.append(loadgen)
+        host = start_broker("profiled", tmp, port, loadgen.pid, audit, loop)
+        children.append(host)
+        target = broker_targets("profiled", "profiled", host, with_tcp=True)[0 if target_kind == "unix" else 1]
+        loadgen.ask({"cmd": "load", "target": target.address, "request": target.request, "clients": clients,
+                     "duration": 1.0, "warmup": 0.2}, 60)  # warm caches, pools, the audit db
+        base = [py_spy, "record", "--pid", str(host.pid), "--duration", str(int(seconds) + 1), "--rate", str(rate),
+                "--threads"] + (["--native"] if native else [])
+        spy_raw = subprocess.Popen([*base, "--format", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        result = loadgen.ask({"cmd": "load", "target": target.address, "request": target.request,
+                              "clients": clients, "duration": seconds, "warmup": 0.0, "watch": host.pid},
+                             seconds + 60)
+        _, err = spy_raw.communicate(timeout=seconds + 60)
+        if not raw.exists():
+            raise SystemExit(f"py-spy wrote nothing: {err.strip()[-500:]}")
+        svg_ok = _flamegraph(raw, svg)
+        return {"load": result, "raw": str(raw), "svg": str(svg) if svg_ok else None,
+                "summary": summarise(raw.read_text())}
+    finally:
+        for child in reversed(children):
+            child.stop(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _flamegraph(raw: Path, svg: Path) -> bool:
+    """py-spy's raw output is the collapsed-stack format; render it with inferno/flamegraph.pl if present."""
+    for tool in ("inferno-flamegraph", "flamegraph.pl"):
+        found = shutil.which(tool)
+        if found:
+            with raw.open() as src, svg.open("w") as dst:
+                return subprocess.run([found], stdin=src, stdout=dst, check=False).returncode == 0
+    return False
+
+
+def _frames(stack: str) -> list[str]:
+    # py-spy frame: "function (path/to/module.py:123)"; shorten the path to the package-relative part.
+    out = []
+    for frame in stack.split(";"):
+        frame = re.sub(r"\(.*?/(site-packages|lib/python3\.\d+|work/main)/", "(", frame)
+        out.append(frame)
+    return out
+
+
+def summarise(text: str) -> dict[str, Any]:
+    threads: collections.Counter[str] = collections.Counter()
+    inclusive: collections.Counter[str] = collections.Counter()
+    leaf: collections.Counter[str] = collections.Counter()
+    total = 0
+    compiled = [(label, re.compile(pattern)) for label, pattern in PATHS]
+    for line in text.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = _frames(stack)
+        thread = next((f for f in frames[:2] if f.startswith("thread")), "thread ?")
+        code = [f for f in frames if not f.startswith(("process", "thread"))]
+        bare = [re.sub(r"^[\w<>]+\.(?=\w+ \()", "", f) for f in code]  # "Class.method (" -> "method ("
+        is_writer = any(f.startswith("_loop (outloop_cli/audit/store") for f in bare)
+        is_main = "MainThread" in thread
+        threads["audit writer thread" if is_writer else "event loop thread" if is_main else thread] += count
+        total += count
+        for label, pattern in compiled:
+            if any(pattern.search(f) for f in bare):
+                inclusive[label] += count
+        if code:
+            leaf[re.sub(r":\d+\)$", ")", code[-1])] += count
+    return {"total": total, "threads": dict(threads.most_common()),
+            "inclusive": [(label, inclusive[label]) for label, _ in PATHS],
+            "leaf": leaf.most_common(30)}
+
+
+def render(profile: dict[str, Any], header: str) -> str:
+    summary = profile["summary"]
+    total = summary["total"] or 1
+    load = profile["load"]
+    lines = [f"### {header}", "",
+             f"Load during the profile: {load['rps']:,.0f} req/s, p50 {load['p50_ms']:.2f} ms, "
+             f"broker CPU {load.get('proxy_cpu_pct') or 0:.0f}%, {load.get('proxy_cpu_us_per_req') or 0:.0f} µs "
+             f"CPU/request. {total:,} samples (non-idle). Raw stacks: `{profile['raw']}`"
+             + (f", flame graph: `{profile['svg']}`." if profile.get("svg") else "."), "",
+             "| thread | share of samples |", "|---|---:|"]
+    lines += [f"| {name} | {count / total:.1%} |" for name, count in summary["threads"].items()]
+    lines += ["", "| code path (inclusive) | share of all broker samples |", "|---|---:|"]
+    lines += [f"| {label} | {count / total:.1%} |" for label, count in summary["inclusive"] if count]
+    lines += ["", "| top self-time frames | share |", "|---|---:|"]
+    lines += [f"| `{frame}` | {count / total:.1%} |" for frame, count in summary["leaf"][:20]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--audit", choices=("real", "noop"), default="real")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--target", choices=("unix", "tcp"), default="unix")
+    parser.add_argument("--rate", type=int, default=250, help="samples per second")
+    parser.add_argument("--native", action="store_true", help="include C frames (slower, noisier)")
+    args = parser.parse_args()
+    profile = run_profile(args.seconds, args.clients, args.audit, args.loop, args.native, args.target, args.rate)
+    print(render(profile, f"broker, {args.clients} clients, audit {args.audit}, {args.loop}, {args.target}"))
+
+
+if __name__ == "__main__":
+    main()

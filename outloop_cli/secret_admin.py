@@ -1,0 +1,135 @@
+"""Keep the keyring entries behind `secret = "keyring"` credentials, and tell whether each secret is in place.
+
+Nothing here returns, logs or raises a value: presence checks resolve a secret and wipe it at once, and every
+message names only the workspace, the credential and where the secret lives.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, SecretError, UsageError
+from outloop_cli.profiles import Credential, Profile
+from outloop_cli.secrets import MAX_SECRET_BYTES, keyring_service, resolve_secret, source_kind, usable_keyring
+
+SecretState = Literal["present", "missing", "not checked"]
+
+
+@dataclass(frozen=True)
+class SecretStatus:
+    """Whether one credential's secret can be resolved; `problem` says why not (never the value)."""
+
+    credential: str
+    owner: str
+    source: str
+    state: SecretState
+    problem: str | None = None
+
+
+def describe_source(secret_ref: str) -> str:
+    """Where the secret lives, safe to print: a `cmd:` shows its program only, its arguments could hold a token."""
+    kind, argument = source_kind(secret_ref)
+    if kind == "keyring":
+        return "keyring"
+    if kind == "cmd":
+        try:
+            program = shlex.split(argument)[0]
+        except (ValueError, IndexError):
+            program = "?"
+        return f"cmd:{program} ..."
+    return f"{kind}:{argument}"
+
+
+def secret_status(credential: Credential, environ: Mapping[str, str], *, run_commands: bool) -> SecretStatus:
+    """Resolve the secret and drop it at once; a `cmd:` source runs only when `run_commands` (it may be slow)."""
+    source = describe_source(credential.secret_ref)
+    if source_kind(credential.secret_ref)[0] == "cmd" and not run_commands:
+        return SecretStatus(credential.name, credential.owner, source, "not checked",
+                            "cmd: sources run only in `outloop workspace check` and `outloop secret check`")
+    try:
+        resolve_secret(credential.owner, credential.name, credential.secret_ref, environ).wipe()
+    except SecretError as exc:
+        return SecretStatus(credential.name, credential.owner, source, "missing", exc.message)
+    return SecretStatus(credential.name, credential.owner, source, "present")
+
+
+def profile_secrets(profile: Profile, environ: Mapping[str, str], *, run_commands: bool) -> list[SecretStatus]:
+    return [secret_status(cred, environ, run_commands=run_commands)
+            for _, cred in sorted(profile.credentials.items())]
+
+
+def keyring_credential(profile: Profile, name: str) -> Credential:
+    """The credential `outloop secret set` may write: defined by this very profile and kept in the keyring.
+
+    Refusing the others avoids a secret nobody reads: an inherited credential is read from its owner's
+    entry, and an env:/file:/cmd: credential never looks in the keyring at all.
+    """
+    cred = profile.credentials.get(name)
+    if cred is None:
+        known = ", ".join(sorted(profile.credentials)) or "none"
+        raise UsageError(f"workspace {profile.workspace!r} has no credential {name!r} (it has: {known}); "
+                         f"add [credentials.{name}] to {profile.path} first")
+    if cred.owner != profile.workspace:
+        raise UsageError(f"credential {name!r} of {profile.workspace!r} is inherited from {cred.owner!r}, whose "
+                         f"keyring entry every workspace extending it shares: run `outloop secret set "
+                         f"{cred.owner} {name}`, or define [credentials.{name}] in {profile.path} to give "
+                         f"{profile.workspace!r} its own")
+    if source_kind(cred.secret_ref)[0] != "keyring":
+        raise UsageError(f"credential {name!r} of {profile.workspace!r} reads its secret from "
+                         f"{describe_source(cred.secret_ref)}, not the keyring; set it there, or write "
+                         f"`secret = \"keyring\"` in {profile.path} to keep it in the keyring")
+    return cred
+
+
+def one_line(text: str) -> str:
+    """The value piped to `--stdin`: one trailing newline is the shell's, anything more is a mistake."""
+    if text.endswith("\n"):
+        text = text[:-1]
+        if text.endswith("\r"):
+            text = text[:-1]
+    if "\n" in text or "\r" in text:
+        raise UsageError("--stdin: expected one line (one value), found several")
+    return text
+
+
+def check_value(value: str) -> None:
+    """The checks `outloop run` would apply, made now, so a bad value is refused before it is stored."""
+    if not value:
+        raise UsageError("the secret is empty; nothing was stored")
+    if any(ch in value for ch in "\r\n\0"):
+        raise UsageError("the secret contains a line break or NUL, which would corrupt request headers; "
+                         "nothing was stored")
+    if len(value.encode("utf-8")) > MAX_SECRET_BYTES:
+        raise UsageError(f"the secret is larger than {MAX_SECRET_BYTES} bytes; nothing was stored")
+
+
+def store_secret(workspace: str, credential: str, value: str) -> str:
+    """Write the keyring entry (service outloop/<workspace>, user <credential>); return the backend's name."""
+    check_value(value)
+    backend = usable_keyring()
+    try:
+        backend.set_password(keyring_service(workspace), credential, value)
+    except Exception as exc:  # backends raise anything; the message of some may echo what was stored
+        raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the keyring "
+                          f"({type(backend).__name__}) refused the secret: {type(exc).__name__}") from None
+    return type(backend).__name__
+
+
+def delete_secret(workspace: str, credential: str) -> None:
+    """Remove the keyring entry; saying so when there is none, since a typo should not look like success."""
+    backend = usable_keyring()
+    service = keyring_service(workspace)
+    try:
+        present = backend.get_password(service, credential) is not None
+        if present:
+            backend.delete_password(service, credential)
+    except Exception as exc:  # as in store_secret: report the kind of failure, never a message
+        raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the keyring "
+                          f"({type(backend).__name__}) failed: {type(exc).__name__}") from None
+    if not present:
+        raise OutloopError(f"no keyring entry for workspace {workspace!r}, credential {credential!r} "
+                           f"(service {service!r}, user {credential!r}); nothing was removed",
+                           exit_code=EXIT_PROBLEMS_FOUND)
