@@ -231,12 +231,33 @@ def http_request(path: str, host: str, extra: Sequence[str] = ()) -> str:
     return "\r\n".join(lines) + "\r\n\r\n"
 
 
-def start_broker(name: str, tmp: Path, upstream_port: int, child_pid: int, audit: str, loop: str) -> Child:
+# name, label, audit, event loop, also measure base-URL TCP, bench-only tweaks (see broker_host.TWEAKS)
+Config = tuple[str, str, str, str, bool, tuple[str, ...]]
+SHIPPED: Config = ("outloop", "outloop (audit on, asyncio)", "real", "asyncio", True, ())
+VARIANTS: list[Config] = [
+    ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
+    ("uvloop", "outloop (audit on, uvloop)", "real", "uvloop", False, ()),
+    ("noaudit-uvloop", "outloop (audit OFF, uvloop)", "noop", "uvloop", False, ()),
+]
+ALL_TWEAKS = ("coalesce", "no-autocheckpoint", "fewer-indexes", "switch-interval")
+EXPERIMENTS: list[Config] = [
+    ("x-coalesce", "what-if: head+body in one send", "real", "asyncio", False, ("coalesce",)),
+    ("x-nockpt", "what-if: checkpoint off the commit path", "real", "asyncio", False, ("no-autocheckpoint",)),
+    ("x-fewidx", "what-if: 4 fewer event indexes", "real", "asyncio", False, ("fewer-indexes",)),
+    ("x-switch", "what-if: GIL switch interval 0.5 ms", "real", "asyncio", False, ("switch-interval",)),
+    ("x-all", "what-if: all four", "real", "asyncio", False, ALL_TWEAKS),
+    ("x-all-uvloop", "what-if: all four + uvloop", "real", "uvloop", False, ALL_TWEAKS),
+]
+
+
+def start_broker(name: str, tmp: Path, upstream_port: int, child_pid: int, audit: str, loop: str,
+                 tweaks: Sequence[str] = ()) -> Child:
     home = tmp / name
     write_bench_profile(home / "profiles", f"http://127.0.0.1:{upstream_port}")
     env = {**os.environ, SECRET_ENV: SECRET, "OUTLOOP_HOME": str(home)}
     child = Child(f"broker[{name}]", [PYTHON, str(BENCH_DIR / "broker_host.py"), "--home", str(home),
-                                      "--child-pid", str(child_pid), "--audit", audit, "--loop", loop], env=env)
+                                      "--child-pid", str(child_pid), "--audit", audit, "--loop", loop,
+                                      *[arg for tweak in tweaks for arg in ("--tweak", tweak)]], env=env)
     child.ready = child.read(30)  # type: ignore[attr-defined]
     return child
 
@@ -264,7 +285,8 @@ def peer_check_refuses_outsiders(socket_path: str) -> bool:
 
 
 def run(rounds: int = 3, duration: float = 1.5, warmup: float = 0.3, concurrency: Sequence[int] = CONCURRENCY,
-        stream: bool = True, variants: bool = True, log: Log = _stderr) -> dict[str, Any]:
+        stream: bool = True, variants: bool = True, experiments: bool = False,
+        log: Log = _stderr) -> dict[str, Any]:
     tmp = short_tmpdir("olb-")
     children: list[Child] = []
     nginx: Nginx | None = None
@@ -294,15 +316,11 @@ def run(rounds: int = 3, duration: float = 1.5, warmup: float = 0.3, concurrency
                 notes.append(f"nginx: SKIPPED - {exc}")
                 log(f"SKIP nginx: {exc}")
 
-        configs = [("outloop", "outloop (audit on, asyncio)", "real", "asyncio", True)]
-        if variants:
-            configs += [("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False),
-                        ("uvloop", "outloop (audit on, uvloop)", "real", "uvloop", False),
-                        ("noaudit-uvloop", "outloop (audit OFF, uvloop)", "noop", "uvloop", False)]
+        configs = [SHIPPED] + (VARIANTS if variants else []) + (EXPERIMENTS if experiments else [])
         hosts: dict[str, Child] = {}
-        for name, label, audit, loop, with_tcp in configs:
+        for name, label, audit, loop, with_tcp, tweaks in configs:
             try:
-                host = start_broker(name, tmp, up_port, loadgen.pid, audit, loop)
+                host = start_broker(name, tmp, up_port, loadgen.pid, audit, loop, tweaks)
             except (RuntimeError, ImportError) as exc:
                 notes.append(f"{label}: SKIPPED - {exc}")
                 log(f"SKIP {label}: {exc}")
@@ -497,10 +515,15 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=1.5, help="seconds measured per cell")
     parser.add_argument("--quick", action="store_true", help="1 round of 1 s, no variants (smoke test)")
     parser.add_argument("--no-stream", action="store_true")
+    parser.add_argument("--experiments", action="store_true",
+                        help="add the bench-only what-if brokers (see broker_host.TWEAKS); clients 1 and 8 only")
     parser.add_argument("--json", type=Path, help="also write raw results here")
     args = parser.parse_args()
     if args.quick:
         result = run(rounds=1, duration=1.0, variants=False, stream=not args.no_stream)
+    elif args.experiments:
+        result = run(rounds=args.rounds, duration=args.duration, stream=False, variants=False, experiments=True,
+                     concurrency=(1, 8))
     else:
         result = run(rounds=args.rounds, duration=args.duration, stream=not args.no_stream)
     if args.json:

@@ -64,6 +64,44 @@ class NoAudit:
         return "", self._seq
 
 
+# What-if experiments: monkeypatches that exist only in this bench process, to price a change before the lead
+# makes it in outloop_cli. None of them is a product option.
+TWEAKS = {
+    "coalesce": "send the response head with the first body chunk (one send() instead of two)",
+    "no-autocheckpoint": "no WAL checkpoint inside COMMIT; a side thread checkpoints (PASSIVE) every 0.5 s",
+    "fewer-indexes": "events keep only the primary key and (ts): 4 fewer B-trees per commit",
+    "switch-interval": "sys.setswitchinterval(0.0005): faster GIL hand-off to the audit writer thread",
+}
+
+
+def apply_tweaks(tweaks: list[str], audit: Any, home: Path) -> None:
+    if "coalesce" in tweaks:
+        from aiohttp import web
+
+        web.StreamResponse._send_headers_immediately = False  # type: ignore[attr-defined]
+    if "switch-interval" in tweaks:
+        sys.setswitchinterval(0.0005)
+    if not isinstance(audit, RunLog):
+        return
+    conn = audit._conn  # the writer thread is idle until the first request; these run before it
+    if "fewer-indexes" in tweaks:
+        for index in ("events_by_workspace", "events_by_workspace_decision", "events_by_credential",
+                      "events_by_decision"):
+            conn.execute(f"DROP INDEX IF EXISTS {index}")
+    if "no-autocheckpoint" in tweaks:
+        import sqlite3
+
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+
+        def checkpoint() -> None:
+            side = sqlite3.connect(audit_db_path(home), timeout=5, isolation_level=None)
+            while True:
+                time.sleep(0.5)
+                side.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+        threading.Thread(target=checkpoint, daemon=True, name="bench-checkpointer").start()
+
+
 async def serve(args: argparse.Namespace) -> None:
     home = Path(args.home)
     environ = dict(os.environ)
@@ -86,6 +124,7 @@ async def serve(args: argparse.Namespace) -> None:
     token_kwargs: dict[str, Any] = ({"run_token": run_token} if "run_token" in params
                                     else {"credential_tokens": {name: run_token for name in profile.credentials}})
     broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit, **token_kwargs)
+    apply_tweaks(args.tweak, audit, home)
     await broker.start_unix(socket_path)
     port = await broker.start_loopback()
     broker.child_pid = args.child_pid
@@ -102,7 +141,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     threading.Thread(target=watch_stdin, daemon=True).start()
     print(json.dumps({"pid": os.getpid(), "socket": str(socket_path), "port": port, "token": run_token,
-                      "run_id": run_id, "loop": type(loop).__module__.split(".")[0], "audit": args.audit}),
+                      "run_id": run_id, "loop": type(loop).__module__.split(".")[0], "audit": args.audit,
+                      "tweaks": args.tweak}),
           flush=True)
     await stop.wait()
     await broker.close()
@@ -116,6 +156,8 @@ def main() -> None:
     parser.add_argument("--child-pid", type=int, required=True, help="pid the peer check admits")
     parser.add_argument("--audit", choices=("real", "noop"), default="real")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--tweak", action="append", default=[], choices=sorted(TWEAKS),
+                        help="bench-only what-if experiment (repeatable)")
     args = parser.parse_args()
     if args.loop == "uvloop":
         import uvloop

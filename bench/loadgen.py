@@ -77,7 +77,7 @@ class Client(asyncio.Protocol):
             self.left -= take
             self.body_bytes += take
 
-    def _parse(self) -> None:  # noqa: C901 - a small state machine reads best in one place
+    def _parse(self) -> None:
         buf = self.buf
         while True:
             if self.state == "head":

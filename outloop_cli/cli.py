@@ -10,7 +10,12 @@ import sys
 import typer
 
 from outloop_cli import __version__
+from outloop_cli.commands import audit as audit_command
+from outloop_cli.commands import complete as complete_command
+from outloop_cli.commands import doctor as doctor_command
 from outloop_cli.commands import run as run_command
+from outloop_cli.commands import secret as secret_command
+from outloop_cli.commands import workspace as workspace_command
 from outloop_cli.errors import EXIT_OUTLOOP_FAILED, OutloopError
 
 app = typer.Typer(
@@ -22,7 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-run_command.register(app)
+for _group in (run_command, audit_command, workspace_command, secret_command, doctor_command, complete_command):
+    _group.register(app)
 
 
 def _version(value: bool) -> None:

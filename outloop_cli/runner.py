@@ -9,6 +9,7 @@ import asyncio
 import os
 import secrets as token_source
 import shutil
+import signal
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,7 @@ class RunReport:
     audit_head: str
     audit_events: int
     audit_db: str
+    limit_hit: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,7 +171,9 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
                    for name, s in sorted(broker.stats.per_credential.items())}
     for name in profile.credentials:
         credentials.setdefault(name, CredentialReport(0, 0, 0, 0, 0))
+    limit_hit = _limit_hit(profile, result.exit_code, result.cpu_seconds)
     head, count = audit.finish(exit_code=result.exit_code, duration=result.duration, detail={
+        "limit_hit": limit_hit,
         "timed_out": result.timed_out, "signal": result.signal, "strays_killed": result.strays_killed,
         "peak_rss_bytes": result.peak_rss_bytes, "cpu_seconds": round(result.cpu_seconds, 3),
         "sandbox": plan.layers,
@@ -180,5 +184,19 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
         credentials=credentials, denials=dict(broker.stats.denials), sandbox=plan.layers,
         peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
         strays_killed=result.strays_killed, audit_head=head, audit_events=count,
-        audit_db=str(audit_db_path(home)),
+        audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
     )
+
+
+def _limit_hit(profile: Profile, exit_code: int, cpu_seconds: float) -> str | None:
+    """Which rlimit ended the run, where the kernel says so: SIGXCPU (or the hard limit's SIGKILL after the
+    tree used its CPU allowance) is cpu_seconds' own signature.
+
+    Memory and process limits make allocations and forks fail inside the loop, which the loop reports itself;
+    rlimits leave no trace outside it (cgroup v2 event counters would, see docs/SANDBOX.md).
+    """
+    limit = profile.run.cpu_seconds
+    if limit and (exit_code == 128 + signal.SIGXCPU
+                  or (exit_code == 128 + signal.SIGKILL and cpu_seconds >= limit)):
+        return "cpu_seconds"
+    return None

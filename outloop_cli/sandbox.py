@@ -260,6 +260,7 @@ def _limits(profile: Profile) -> tuple[list[str], str] | None:
         flags.append(f"--nproc={settings.processes}")
         shown.append(f"processes {settings.processes}")
     if settings.cpu_seconds:
-        flags.append(f"--cpu={settings.cpu_seconds}")
+        # Soft limit sends SIGXCPU (the loop may catch it and wrap up); the hard limit, 2 s later, SIGKILL.
+        flags.append(f"--cpu={settings.cpu_seconds}:{settings.cpu_seconds + 2}")
         shown.append(f"cpu {settings.cpu_seconds}s")
     return (flags, ", ".join(shown)) if flags else None

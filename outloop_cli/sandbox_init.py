@@ -136,16 +136,25 @@ async def _serve_connection(broker_socket: str, client_reader: asyncio.StreamRea
         writer.close()
 
 
-async def _relay_until_exit(port: int, broker_socket: str, argv: list[str]) -> int:
+async def _relay_until_exit(port: int, broker_socket: str, argv: list[str]) -> None:
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, _context: None)  # a child hanging up mid-pipe is not news
     server = await asyncio.start_server(
         lambda r, w: _serve_connection(broker_socket, r, w), "127.0.0.1", port, reuse_address=True)
     for sig in RELAY_SIGNALS:
         loop.add_signal_handler(sig, lambda: None)  # the loop gets them from the process group; we outlive it
     pid = os.posix_spawn(argv[0], argv, dict(os.environ), setsigdef=list(RELAY_SIGNALS))
     _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
-    server.close()
-    return status
+    _exit_like(status)  # at once: open pipes die with us, which is what their peers should see
+
+
+def _exit_like(status: int) -> None:
+    if os.WIFSIGNALED(status):
+        # Die the same way, so the supervisor reports 128+N for the loop, not for us.
+        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [os.WTERMSIG(status)])
+        os.kill(os.getpid(), os.WTERMSIG(status))
+    os._exit(os.waitstatus_to_exitcode(status) if not os.WIFSIGNALED(status) else 128 + os.WTERMSIG(status))
 
 
 def main(args: list[str] | None = None) -> None:
@@ -171,12 +180,7 @@ def main(args: list[str] | None = None) -> None:
         os._exit(EXIT_SANDBOX_FAILED)
     if options.relay is None:
         os.execv(command[0], command)
-    status = asyncio.run(_relay_until_exit(int(options.relay[0]), options.relay[1], command))
-    if os.WIFSIGNALED(status):
-        # Die the same way, so the supervisor reports 128+N for the loop, not for us.
-        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
-        os.kill(os.getpid(), os.WTERMSIG(status))
-    os._exit(os.waitstatus_to_exitcode(status))
+    asyncio.run(_relay_until_exit(int(options.relay[0]), options.relay[1], command))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Tests drive the installed `outloop` command in real subprocesses; nothing of out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -208,8 +209,9 @@ AGENCY_PROFILE = """
 """
 
 
-@pytest.fixture
-def world() -> Iterator[World]:
+@contextlib.contextmanager
+def make_world() -> Iterator[World]:
+    """A fresh World; the `world` fixture gives one per test, module fixtures share one among read-only tests."""
     base = short_tmpdir("ol-")
     home, work = base / "h", base / "w"
     profiles = home / "profiles"
@@ -234,6 +236,12 @@ def world() -> Iterator[World]:
         w.set_keyring("agency", "llm", canaries["agency"])
         yield w
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    with make_world() as w:
+        yield w
 
 
 def parse_json_lines(text: str) -> list[dict[str, object]]:

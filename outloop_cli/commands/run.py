@@ -77,6 +77,8 @@ def render_summary(report: RunReport) -> None:
 def _outcome(report: RunReport) -> str:
     if report.timed_out:
         return f"{report.exit_code} (timed out)"
+    if report.limit_hit:
+        return f"{report.exit_code} (limit hit: {report.limit_hit})"
     if report.signal:
         return f"{report.exit_code} (killed by signal {report.signal})"
     return str(report.exit_code)

@@ -1,0 +1,31 @@
+"""The names shell completion offers that change without regenerating the scripts: workspaces, credentials, runs.
+
+The generated scripts call `outloop __complete KIND [WORKSPACE]`, which prints these one per line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from outloop_cli.audit.store import list_runs, open_readonly
+from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
+from outloop_cli.profiles import available_workspaces, load_profile
+
+KINDS = ("workspaces", "credentials", "runs")
+_RECENT_RUNS = 20
+
+
+def completion_values(kind: str, args: Sequence[str], environ: Mapping[str, str]) -> list[str]:
+    """Names of `kind`; raises OutloopError (or OSError, sqlite3.Error) when they cannot be known."""
+    dirs = profile_dirs(None, environ)
+    if kind == "workspaces":
+        return sorted(available_workspaces(dirs))
+    if kind == "credentials":
+        return sorted(load_profile(args[0], dirs).credentials) if args else []
+    if kind == "runs":
+        conn = open_readonly(audit_db_path(outloop_home(environ)))
+        try:
+            return ["last", *(run.run_id for run in list_runs(conn, limit=_RECENT_RUNS))]
+        finally:
+            conn.close()
+    return []

@@ -1,0 +1,191 @@
+"""Diagnose why outloop would or would not work here: keyring, sandbox layers, paths, audit DB, versions.
+
+Each finding carries the fix; only what stops runs from working is a "problem" (and makes doctor exit non-zero),
+a missing hardening layer is a warning, because `network = "auto"` runs without it and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from outloop_cli import __version__, sandbox
+from outloop_cli.audit.health import inspect_database
+from outloop_cli.errors import ProfileError
+from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
+from outloop_cli.profiles import Profile, available_workspaces, load_profile
+from outloop_cli.secrets import KEYRING_WAYS_OUT, source_kind
+from outloop_cli.workspaces import current_choice
+
+Status = Literal["ok", "warn", "problem", "info"]
+PROBE_TIMEOUT = 15.0
+_VERSIONED = ("aiohttp", "keyring", "typer", "rich", "psutil")
+# Backends that need a desktop session (D-Bus, an unlocked login keychain), which cron and systemd lack.
+_DESKTOP_BACKENDS = ("SecretService", "libsecret", "kwallet", "macOS", "Windows")
+
+
+@dataclass(frozen=True)
+class Finding:
+    section: str
+    name: str
+    status: Status
+    detail: str
+    fix: str | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    findings: list[Finding]
+    versions: dict[str, str]
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [finding for finding in self.findings if finding.status == "problem"]
+
+
+def diagnose(environ: Mapping[str, str]) -> Report:
+    home = outloop_home(environ)
+    dirs = profile_dirs(None, environ)
+    profiles, broken = _load_all(dirs)
+    findings = [
+        *_paths(home, dirs, profiles, broken, environ),
+        *_keyring(uses_keyring=any(source_kind(c.secret_ref)[0] == "keyring"
+                                   for p in profiles for c in p.credentials.values())),
+        *_sandbox(needs_isolation=[p.workspace for p in profiles if p.run.network == "broker-only"]),
+        *_audit(audit_db_path(home)),
+    ]
+    return Report(findings, versions())
+
+
+def versions() -> dict[str, str]:
+    found = {"outloop": __version__, "python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    found["sqlite"] = sqlite3.sqlite_version
+    found["kernel"] = f"{platform.system()} {platform.release()}"
+    return found
+
+
+def _load_all(dirs: Sequence[Path]) -> tuple[list[Profile], list[str]]:
+    profiles, broken = [], []
+    for name in sorted(available_workspaces(dirs)):
+        try:
+            profiles.append(load_profile(name, dirs))
+        except ProfileError:
+            broken.append(name)
+    return profiles, broken
+
+
+def _paths(home: Path, dirs: Sequence[Path], profiles: Sequence[Profile], broken: Sequence[str],
+           environ: Mapping[str, str]) -> list[Finding]:
+    found = []
+    if not home.exists():
+        found.append(Finding("paths", "OUTLOOP_HOME", "info", f"{home} (created by the first run)"))
+    elif not home.is_dir():
+        found.append(Finding("paths", "OUTLOOP_HOME", "problem", f"{home} is not a directory",
+                             "set OUTLOOP_HOME to a directory"))
+    elif not os.access(home, os.W_OK | os.X_OK):
+        found.append(Finding("paths", "OUTLOOP_HOME", "problem", f"{home} is not writable by this user",
+                             "chown it to this user, or set OUTLOOP_HOME elsewhere"))
+    elif home.stat().st_mode & 0o077:
+        found.append(Finding("paths", "OUTLOOP_HOME", "warn", f"{home} is open to group or others",
+                             f"chmod 700 {home}"))
+    else:
+        found.append(Finding("paths", "OUTLOOP_HOME", "ok", str(home)))
+    for directory in dirs:
+        count = len(list(directory.glob("*.toml"))) if directory.is_dir() else 0
+        status: Status = "ok" if count else "warn"
+        detail = f"{directory}: {count} profile(s)" if directory.is_dir() else f"{directory}: does not exist"
+        found.append(Finding("paths", "profiles", status, detail,
+                             None if count else "create one with `outloop workspace new NAME`"))
+    if broken:
+        found.append(Finding("paths", "profiles", "warn", f"{len(broken)} profile(s) do not load: {', '.join(broken)}",
+                             "`outloop workspace check` lists what is wrong with each"))
+    choice = current_choice(home, environ)
+    known = {p.workspace for p in profiles} | set(broken)
+    if choice is None:
+        found.append(Finding("paths", "workspace", "info", "none chosen (runs need -w WORKSPACE)"))
+    elif choice.workspace not in known:
+        found.append(Finding("paths", "workspace", "warn",
+                             f"{choice.workspace} (from {choice.source}) has no profile",
+                             "`outloop workspace use NAME`"))
+    else:
+        found.append(Finding("paths", "workspace", "ok", f"{choice.workspace} (from {choice.source})"))
+    return found
+
+
+def _keyring(uses_keyring: bool) -> list[Finding]:
+    """The backend keyring picks here, and a real round trip in a child with no terminal, as under cron."""
+    failing: Status = "problem" if uses_keyring else "warn"
+    why = "" if uses_keyring else " (no profile uses secret = \"keyring\", so runs are not affected)"
+    outcome = _probe()
+    backend = str(outcome.get("backend", "unknown"))
+    if not outcome.get("ok"):
+        step, error = outcome.get("step"), outcome.get("error")
+        return [Finding("keyring", "backend", failing,
+                        f"{backend}: the {step} step of a test entry failed ({error}){why}", KEYRING_WAYS_OUT)]
+    short = backend.rsplit(".", 1)[-1]
+    findings = [Finding("keyring", "backend", "ok", f"{backend}: set/get/delete of a test entry works")]
+    if any(marker in backend for marker in _DESKTOP_BACKENDS):
+        findings.append(Finding("keyring", "headless", "warn",
+                                f"{short} needs a desktop session (D-Bus / unlocked keychain) that cron and "
+                                "systemd services usually lack", KEYRING_WAYS_OUT))
+    elif "Plaintext" in short:
+        findings.append(Finding("keyring", "headless", "warn", f"{short} works headless but stores secrets "
+                                "unencrypted in a file", "use it only on a single-user machine with disk "
+                                "encryption, or move secrets to cmd: (e.g. pass, op read)"))
+    else:
+        findings.append(Finding("keyring", "headless", "ok", f"{short} answered with no terminal attached"))
+    return findings
+
+
+def _probe() -> dict[str, object]:
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "outloop_cli.keyring_probe"], capture_output=True, text=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, timeout=PROBE_TIMEOUT, check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "step": "set", "error": f"no answer within {PROBE_TIMEOUT:.0f}s (an unlock prompt?)"}
+    try:
+        outcome = json.loads(completed.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"ok": False, "step": "start", "error": "the probe crashed (is keyring installed?)"}
+    return outcome if isinstance(outcome, dict) else {"ok": False, "step": "start", "error": "bad probe output"}
+
+
+def _sandbox(needs_isolation: Sequence[str]) -> list[Finding]:
+    findings = []
+    for cap in sandbox.capabilities():
+        status: Status = "ok" if cap.available else "warn"
+        if not cap.available and cap.name == "network_isolation" and needs_isolation:
+            status = "problem"
+            detail = f"{cap.detail}; required by network = \"broker-only\" in: {', '.join(needs_isolation)}"
+        else:
+            detail = cap.detail
+        findings.append(Finding("sandbox", cap.name, status, detail, cap.fix))
+    return findings
+
+
+def _audit(path: Path) -> list[Finding]:
+    health = inspect_database(path)
+    if not health.exists:
+        return [Finding("audit", "database", "info", f"{path}: {'; '.join(health.notes)}")]
+    summary = (f"{path}: schema {health.schema_version}, journal {health.journal_mode}, "
+               f"quick_check {health.quick_check}, {health.runs} runs, {health.size_bytes} bytes")
+    findings = [Finding("audit", "database", "info" if health.problems else "ok", summary)]
+    findings += [Finding("audit", "database", "problem", problem, fix) for problem, fix in health.problems]
+    findings += [Finding("audit", "database", "info", note) for note in health.notes]
+    return findings

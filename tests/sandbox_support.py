@@ -1,0 +1,127 @@
+"""Helpers for sandbox tests: layer detection with the CI rule, an unprivileged user, a tiny DNS responder.
+
+In CI (CI=true) a missing layer is a failure, never a skip: `.ci/run` installs what the layers need.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from outloop_cli.sandbox import capabilities
+
+TEST_USER = "outloop-test"
+
+
+def require_layer(name: str) -> None:
+    layer = next(cap for cap in capabilities() if cap.name == name)
+    if layer.available:
+        return
+    message = f"sandbox layer {name!r} unavailable here: {layer.detail}; fix: {layer.fix}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (CI must run sandbox tests, not skip them)")
+    pytest.skip(message)
+
+
+def unprivileged_user() -> pwd.struct_passwd:
+    """A throwaway non-root account, created on first use (tests run as root in CI)."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid())
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        useradd = shutil.which("useradd")
+        if useradd is None:
+            pytest.fail("useradd is missing: install the passwd package")
+        subprocess.run([useradd, "--no-create-home", "--shell", "/bin/sh", TEST_USER], check=True)
+        return pwd.getpwnam(TEST_USER)
+
+
+def give_to(user: pwd.struct_passwd, *paths: Path) -> None:
+    for top in paths:
+        for root, dirs, files in os.walk(top):
+            for name in [root, *(os.path.join(root, d) for d in dirs), *(os.path.join(root, f) for f in files)]:
+                os.chown(name, user.pw_uid, user.pw_gid)
+
+
+class DnsResponder:
+    """Answers every A query with 127.0.0.1: a stand-in for the host's resolver on loopback."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.queries = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            self.queries += 1
+            header = query[:2] + struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0)
+            question = query[12:]
+            answer = struct.pack(">HHHLH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton("127.0.0.1")
+            self.sock.sendto(header + question + answer, peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+DNS_QUERY_LOOP = """
+    import socket, struct, sys
+    port = int(sys.argv[1])
+    name = b"".join(bytes([len(p)]) + p for p in b"api.example.com".split(b".")) + b"\\0"
+    query = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + name + struct.pack(">HH", 1, 1)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(1.0)
+    try:
+        sock.sendto(query, ("127.0.0.1", port))
+        sock.recvfrom(512)
+        print("resolved")
+    except OSError as exc:
+        print("blocked", type(exc).__name__)
+"""
+
+
+_HEAVY = ("mypy*", "*__mypyc*", "openai*", "pip", "pip-*", "ruff*", "hypothesis*", "_pytest", "pytest*",
+          "__editable__*", "outloop*", "__pycache__", "setuptools*", "_distutils_hack", "distutils-precedence.pth")
+
+
+def runtime_for_other_users(base: Path) -> Path:
+    """An `outloop` an unprivileged user can execute: the interpreter here often lives under root's 0700 home
+    (pyenv), so build a venv from the system Python of the same version and copy the runtime packages in."""
+    import sys
+    import sysconfig
+
+    system_python = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    if not system_python.exists():
+        message = f"{system_python} is missing: a non-root user needs a world-readable Python of this version"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    venv = base / "venv"
+    subprocess.run([str(system_python), "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    source_site = Path(sysconfig.get_paths()["purelib"])
+    shutil.copytree(source_site, site, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*_HEAVY))
+    package = Path(__file__).resolve().parent.parent / "outloop_cli"
+    shutil.copytree(package, site / "outloop_cli", ignore=shutil.ignore_patterns("__pycache__"))
+    launcher = venv / "bin" / "outloop"
+    launcher.write_text(f"#!{venv / 'bin' / 'python'}\nfrom outloop_cli.cli import main\nmain()\n")
+    launcher.chmod(0o755)
+    for root, dirs, _ in os.walk(base):
+        for name in [root, *(os.path.join(root, d) for d in dirs)]:
+            os.chmod(name, 0o755)
+    return venv / "bin"
