@@ -141,11 +141,12 @@ async def _relay_until_exit(port: int, broker_socket: str, argv: list[str]) -> N
     loop.set_exception_handler(lambda _loop, _context: None)  # a child hanging up mid-pipe is not news
     server = await asyncio.start_server(
         lambda r, w: _serve_connection(broker_socket, r, w), "127.0.0.1", port, reuse_address=True)
-    for sig in RELAY_SIGNALS:
-        loop.add_signal_handler(sig, lambda: None)  # the loop gets them from the process group; we outlive it
-    pid = os.posix_spawn(argv[0], argv, dict(os.environ), setsigdef=list(RELAY_SIGNALS))
-    _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
-    _exit_like(status)  # at once: open pipes die with us, which is what their peers should see
+    async with server:
+        for sig in RELAY_SIGNALS:
+            loop.add_signal_handler(sig, lambda: None)  # the loop gets them from the process group; we outlive it
+        pid = os.posix_spawn(argv[0], argv, dict(os.environ), setsigdef=list(RELAY_SIGNALS))
+        _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+        _exit_like(status)  # at once: open pipes die with us, which is what their peers should see
 
 
 def _exit_like(status: int) -> None:

@@ -18,8 +18,12 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from operator_support import AuditedWorld
 
 sys.path.insert(0, str(Path(__file__).parent))
 from upstream import RecordingUpstream
@@ -242,6 +246,15 @@ def make_world() -> Iterator[World]:
 def world() -> Iterator[World]:
     with make_world() as w:
         yield w
+
+
+@pytest.fixture(scope="session")
+def audited_world() -> Iterator[AuditedWorld]:
+    """One World with an audit.db of real runs, shared by the operator-command tests that only read it."""
+    from operator_support import fill_audit
+
+    with make_world() as w:
+        yield fill_audit(w)
 
 
 def parse_json_lines(text: str) -> list[dict[str, object]]:

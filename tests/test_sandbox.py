@@ -12,8 +12,7 @@ import threading
 import time
 
 import pytest
-
-from conftest import OUTLOOP, PYTHON, World
+from conftest import PYTHON, World
 from sandbox_support import (
     DNS_QUERY_LOOP,
     DnsResponder,

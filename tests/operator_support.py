@@ -1,0 +1,118 @@
+"""Helpers for the operator-command tests: a real audit DB built by real runs, and ways to tamper with copies.
+
+Building the DB costs seconds (real `outloop run`s), so read-only tests share one (the `audited_world` fixture)
+and tampering tests work on copies made with SQLite's backup API, which carries the WAL's content along.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import textwrap
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from conftest import OUTLOOP, PYTHON, World
+
+# Three allowed requests and two denied ones (a deny rule, and no matching rule), then exit 0.
+ACME_LOOP = """
+    from outloop_cli.client import Outloop
+    client = Outloop()
+    for i in range(3):
+        assert client.request("crm", "GET", f"/crm/v3/objects/contacts/{i}").status == 200
+    assert client.request("crm", "POST", "/crm/v3/objects/contacts/1/merge").denied
+    assert client.request("crm", "DELETE", "/crm/v3/objects/contacts/1").denied
+"""
+# One allowed and one denied request, then exit 3: the listing must show a failed run.
+GLOBEX_LOOP = """
+    from outloop_cli.client import Outloop
+    client = Outloop()
+    assert client.request("crm", "GET", "/crm/v3/objects/contacts/7").status == 200
+    assert client.request("billing", "DELETE", "/invoices/1").denied
+    raise SystemExit(3)
+"""
+CONCURRENT_RUNS = 20
+
+
+@dataclass(frozen=True)
+class AuditedWorld:
+    """A World whose audit.db holds real runs: `finished` (oldest first) and one `killed` with SIGKILL."""
+
+    world: World
+    finished: list[str]
+    killed: str
+
+
+def fill_audit(world: World) -> AuditedWorld:
+    """20 concurrent real runs (acme and globex alternating), then one run killed with SIGKILL mid-way."""
+    loops = [(ACME_LOOP, "acme") if n % 2 == 0 else (GLOBEX_LOOP, "globex") for n in range(CONCURRENT_RUNS)]
+    with ThreadPoolExecutor(CONCURRENT_RUNS) as pool:
+        results = list(pool.map(lambda loop: world.run_loop(loop[0], workspace=loop[1]), loops))
+    assert [r.code for r in results] == [0 if n % 2 == 0 else 3 for n in range(CONCURRENT_RUNS)], results
+    finished = run_ids(world.audit_db)
+    killed = kill_a_run(world)
+    return AuditedWorld(world, finished, killed)
+
+
+def run_ids(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT run_id FROM runs ORDER BY started_at")]
+
+
+def start_run(world: World, source: str, workspace: str = "acme") -> subprocess.Popen[bytes]:
+    """`outloop run` in its own session (so the whole tree can be killed), not waited for."""
+    script = world.work / f"loop-{time.monotonic_ns()}.py"
+    script.write_text(textwrap.dedent(source))
+    return subprocess.Popen([OUTLOOP, "run", "-w", workspace, "--profiles", str(world.profiles), "--", PYTHON,
+                             str(script)], env=world.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def kill_a_run(world: World) -> str:
+    """A run that made one request and was then killed with SIGKILL, outloop and child together."""
+    marker = world.work / "requested"
+    process = start_run(world, f"""
+        import time
+        from outloop_cli.client import Outloop
+        Outloop().request("crm", "GET", "/crm/v3/objects/contacts/99")
+        open({str(marker)!r}, "w").close()
+        time.sleep(60)
+    """)
+    wait_for(marker.exists)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    with sqlite3.connect(world.audit_db) as conn:
+        return str(conn.execute("SELECT run_id FROM runs WHERE ended_at IS NULL").fetchone()[0])
+
+
+def copy_home(world: World, name: str) -> Path:
+    """A new OUTLOOP_HOME holding a consistent copy of the world's audit.db, to tamper with."""
+    home = world.work / name
+    home.mkdir()
+    source = sqlite3.connect(world.audit_db)
+    target = sqlite3.connect(home / "audit.db")
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    return home
+
+
+def tamper(home: Path, *statements: str) -> None:
+    """What an attacker with write access to the file does: plain SQL, no outloop involved."""
+    with sqlite3.connect(home / "audit.db") as conn:
+        for statement in statements:
+            conn.execute(statement)
