@@ -33,7 +33,9 @@ from common import (
     SECRET_ENV,
     fmt,
     median,
+    process_cpu_seconds,
     short_tmpdir,
+    system_busy_seconds,
     which,
     write_bench_profile,
 )
@@ -241,6 +243,10 @@ VARIANTS: list[Config] = [
 ]
 ALL_TWEAKS = ("coalesce", "no-autocheckpoint", "fewer-indexes", "switch-interval")
 EXPERIMENTS: list[Config] = [
+    ("x-floor-server", "reference: aiohttp server alone (canned 200)", "noop", "asyncio", False, ("floor-server",)),
+    ("x-floor-proxy", "reference: aiohttp server + client, no outloop logic", "noop", "asyncio", False,
+     ("floor-proxy",)),
+    ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
     ("x-coalesce", "what-if: head+body in one send", "real", "asyncio", False, ("coalesce",)),
     ("x-nockpt", "what-if: checkpoint off the commit path", "real", "asyncio", False, ("no-autocheckpoint",)),
     ("x-fewidx", "what-if: 4 fewer event indexes", "real", "asyncio", False, ("fewer-indexes",)),
@@ -350,16 +356,23 @@ def run(rounds: int = 3, duration: float = 1.5, warmup: float = 0.3, concurrency
             for conc in concurrency:
                 shift = (round_no + conc) % len(targets)
                 for target in targets[shift:] + targets[:shift]:  # rotate so no target is always first
+                    mine = [child.pid for child in children] + ([nginx.pid] if nginx else [])
+                    busy0, mine0, t0 = system_busy_seconds(), process_cpu_seconds(mine), time.monotonic()
                     result = loadgen.ask({"cmd": "load", "target": target.address, "request": target.request,
                                           "clients": conc, "duration": duration, "warmup": warmup,
                                           "watch": target.watch}, duration + warmup + 60)
+                    elapsed = time.monotonic() - t0
+                    # CPU the rest of the machine used meanwhile: a shared box shows up here, not as noise.
+                    result["other_cpu_pct"] = max(0.0, (system_busy_seconds() - busy0
+                                                        - (process_cpu_seconds(mine) - mine0)) / elapsed * 100)
                     done += 1
                     if "error" in result:
                         log(f"  [{done}/{total}] {target.key} c={conc}: ERROR {result['error']}")
                         continue
                     cells[(target.key, conc)].runs.append(result)
                     log(f"  [{done}/{total}] {target.key:<24} c={conc:<3} {result['rps']:>9,.0f} req/s  "
-                        f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms")
+                        f"p50 {result['p50_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
+                        f"(others used {result['other_cpu_pct']:.0f}% CPU)")
 
         streaming = run_stream(tmp, up_port, loadgen, log) if stream else None
         audit_events = {}
@@ -455,6 +468,7 @@ def summarise(targets: Sequence[Target], cells: dict[tuple[str, int], Cell],
                 "p50_ms": cell.med("p50_ms"), "p99_ms": cell.med("p99_ms"),
                 "cpu_pct": cell.med("proxy_cpu_pct"), "cpu_us_per_req": cell.med("proxy_cpu_us_per_req"),
                 "rss_mb": cell.rss_mb, "errors": cell.errors, "rounds": len(cell.runs),
+                "other_cpu_pct": cell.med("other_cpu_pct"),
                 "vs_direct": rps / direct.med("rps") if direct and direct.runs else float("nan"),
                 "vs_nginx": rps / nginx.med("rps") if nginx and nginx.runs else float("nan"),
                 "added_p50_ms": cell.med("p50_ms") - direct.med("p50_ms") if direct and direct.runs else float("nan"),
@@ -470,11 +484,12 @@ def render(result: dict[str, Any]) -> str:
         "Latency is per request as seen by the client (closed loop, keep-alive). "
         "\"added\" is the difference from direct at the same concurrency; CPU and RSS are of the proxy process "
         "(the broker's includes its audit writer thread). The load generator, the upstream and the proxy share "
-        "the same cores.",
+        "the same cores. \"other load\" is CPU used by processes outside the bench during the cell (% of one "
+        "core): when it is high, the row was measured on a busy machine.",
         "",
         "| target | clients | req/s | vs nginx | vs direct | p50 ms | p99 ms | added p50 | added p99 "
-        "| proxy CPU | CPU µs/req | proxy RSS MB | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| proxy CPU | CPU µs/req | proxy RSS MB | errors | other load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["summary"]:
         direct = row["kind"] == "direct"
@@ -485,7 +500,7 @@ def render(result: dict[str, Any]) -> str:
             f"{fmt(row['p50_ms'], 3)} | {fmt(row['p99_ms'], 3)} | "
             f"{'-' if direct else fmt(row['added_p50_ms'], 3)} | {'-' if direct else fmt(row['added_p99_ms'], 3)} | "
             f"{'-' if direct else fmt(row['cpu_pct'], 0) + '%'} | {'-' if direct else fmt(row['cpu_us_per_req'], 0)} | "
-            f"{'-' if direct else fmt(row['rss_mb'], 1)} | {row['errors']} |")
+            f"{'-' if direct else fmt(row['rss_mb'], 1)} | {row['errors']} | {fmt(row['other_cpu_pct'], 0)}% |")
     stream = result.get("stream")
     if stream:
         lines += [

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import WORKSPACE
+from common import SECRET_ENV, WORKSPACE
 
 from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
 from outloop_cli.broker.server import Broker
@@ -71,7 +71,36 @@ TWEAKS = {
     "no-autocheckpoint": "no WAL checkpoint inside COMMIT; a side thread checkpoints (PASSIVE) every 0.5 s",
     "fewer-indexes": "events keep only the primary key and (ts): 4 fewer B-trees per commit",
     "switch-interval": "sys.setswitchinterval(0.0005): faster GIL hand-off to the audit writer thread",
+    # References rather than fixes: the same process and server with outloop's handler replaced.
+    "floor-server": "reference: aiohttp's low-level server answering a canned 200 (no upstream, no outloop)",
+    "floor-proxy": "reference: aiohttp server + the broker's ClientSession, forwarding with no outloop logic",
 }
+
+
+def replace_handler(broker: Broker, tweaks: list[str]) -> None:
+    """For the floor references: swap the broker's handler before its listeners start."""
+    from aiohttp import web
+
+    if "floor-server" in tweaks:
+        body = b'{"ok":true}' * 17
+
+        async def canned(request: web.BaseRequest) -> web.StreamResponse:
+            return web.Response(body=body, content_type="application/json")
+
+        broker.handle = canned  # type: ignore[method-assign]
+    elif "floor-proxy" in tweaks:
+        credential = next(iter(broker.profile.credentials.values()))
+        prefix = f"/v1/http/{credential.name}"
+        auth = {"Authorization": "Bearer " + os.environ[SECRET_ENV]}
+
+        async def forward(request: web.BaseRequest) -> web.StreamResponse:
+            assert broker._session is not None
+            url = credential.base_url + request.raw_path[len(prefix):]
+            async with broker._session.get(url, headers=auth) as upstream:
+                return web.Response(body=await upstream.read(), status=upstream.status,
+                                    content_type=upstream.content_type)
+
+        broker.handle = forward  # type: ignore[method-assign]
 
 
 def apply_tweaks(tweaks: list[str], audit: Any, home: Path) -> None:
@@ -125,6 +154,7 @@ async def serve(args: argparse.Namespace) -> None:
                                     else {"credential_tokens": {name: run_token for name in profile.credentials}})
     broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit, **token_kwargs)
     apply_tweaks(args.tweak, audit, home)
+    replace_handler(broker, args.tweak)
     await broker.start_unix(socket_path)
     port = await broker.start_loopback()
     broker.child_pid = args.child_pid

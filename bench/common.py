@@ -120,3 +120,45 @@ def fmt(value: float, digits: int = 2) -> str:
     if value != value:  # NaN
         return "-"
     return f"{value:,.{digits}f}"
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot (from /proc/stat); NaN where unavailable."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan")
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pids: Sequence[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.3, log: object = None) -> float:
+    """Wait (up to max_wait s) until other processes use under `threshold` of one core; return the last share."""
+    import time
+
+    deadline = time.monotonic() + max_wait
+    share = float("nan")
+    calm = 0
+    while True:
+        before, t0 = system_busy_seconds(), time.monotonic()
+        time.sleep(1.0)
+        share = (system_busy_seconds() - before) / (time.monotonic() - t0)
+        calm = calm + 1 if share < threshold else 0
+        if calm >= 2 or time.monotonic() >= deadline:
+            return share
+        if callable(log):
+            log(f"  machine busy ({share:.0%} of a core used by others); waiting for it to settle...")

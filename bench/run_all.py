@@ -20,7 +20,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import broker as broker_bench
 import startup as startup_bench
-from common import REPO, fmt, machine
+from common import REPO, fmt, machine, wait_for_quiet
 
 DOC = REPO / "docs" / "BENCHMARKS.md"
 BEGIN = "<!-- bench/run_all.py writes from here to the END marker; edit outside it -->"
@@ -154,11 +154,17 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=11, help="start-up runs per command")
     parser.add_argument("--profile", action="store_true", help="also profile the broker with py-spy")
     parser.add_argument("--experiments", action="store_true", help="also run the what-if brokers")
+    parser.add_argument("--wait-quiet", type=float, default=60,
+                        help="wait up to this many seconds for other processes to go quiet first")
     parser.add_argument("--no-write", action="store_true", help=f"print only; leave {DOC.relative_to(REPO)} alone")
     args = parser.parse_args()
     started = time.monotonic()
     failures: list[str] = []
     info = machine()
+    if args.wait_quiet > 0:
+        share = wait_for_quiet(args.wait_quiet, log=log)
+        info["other processes' CPU at start"] = f"{share:.0%} of one core" + (
+            " (BUSY: expect noisy numbers)" if share >= 0.3 else "")
     info["load average before (1/5/15 min)"] = load_average()
     if args.quick:
         args.rounds, args.duration, args.runs = 1, 1.0, 4

@@ -116,16 +116,40 @@ def execute(request: RunRequest) -> RunReport:
     environ = request.environ
     home = outloop_home(environ)
     workspace = resolve_workspace(request.workspace, environ)
-    profile = load_profile(workspace, profile_dirs(request.profiles_dir, environ))
-    timeout = request.timeout if request.timeout is not None else profile.run.timeout
-    network = request.network or profile.run.network
-    resolved_secrets = {name: resolve_secret(cred.owner, name, cred.secret_ref, environ)
-                        for name, cred in profile.credentials.items()}
+    resolved_secrets: dict[str, Secret] = {}
     try:
+        profile = load_profile(workspace, profile_dirs(request.profiles_dir, environ))
+        timeout = request.timeout if request.timeout is not None else profile.run.timeout
+        network = request.network or profile.run.network
+        for name, cred in profile.credentials.items():
+            resolved_secrets[name] = resolve_secret(cred.owner, name, cred.secret_ref, environ)
         return asyncio.run(_execute(request, home, profile, resolved_secrets, timeout, network), debug=False)
+    except _StartFailed as failure:
+        raise failure.error from None
+    except OutloopError as error:
+        _record_failed_start(home, workspace, request.command, error)
+        raise
     finally:
         for secret in resolved_secrets.values():
             secret.wipe()
+
+
+class _StartFailed(Exception):
+    """An OutloopError raised after the run was already recorded; carries it past the failed-start recorder."""
+
+    def __init__(self, error: OutloopError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _record_failed_start(home: Path, workspace: str, command: Sequence[str], error: OutloopError) -> None:
+    """A run that never started still belongs in "what ran last night"; best effort, the error matters more."""
+    try:
+        log = RunLog.start(audit_db_path(home), run_id=new_run_id(), workspace=workspace, command=list(command),
+                           detail={"error": error.message})
+        log.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
+    except OutloopError:
+        pass
 
 
 async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: Mapping[str, Secret],
@@ -161,7 +185,11 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
         if base_url_mode:
             env.update(await _base_url_env(broker, profile, plan, relay_socket, run_token))
         supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)
-        broker.child_pid = supervisor.spawn(argv[0])
+        try:
+            broker.child_pid = supervisor.spawn(argv[0])
+        except OutloopError as error:
+            audit.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
+            raise _StartFailed(error) from None
         result = await supervisor.wait()
     finally:
         await broker.close()

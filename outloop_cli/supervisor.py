@@ -103,10 +103,13 @@ class Supervisor:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         self._cpu_before = usage.ru_utime + usage.ru_stime
         self._started = time.monotonic()
-        self.pid = os.posix_spawn(
-            executable, self.argv, self.env, setpgroup=0,
-            setsigdef=[sig for sig in FORWARDED_SIGNALS] + [signal.SIGPIPE, signal.SIGCHLD],
-        )
+        try:
+            self.pid = os.posix_spawn(
+                executable, self.argv, self.env, setpgroup=0,
+                setsigdef=[*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGCHLD],
+            )
+        except OSError as exc:  # E2BIG, ENOEXEC, EACCES on an interpreter line...
+            raise CommandNotExecutable(f"{self.argv[0]}: cannot execute: {exc.strerror}") from None
         self._hand_over_terminal()
         return self.pid
 

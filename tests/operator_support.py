@@ -113,6 +113,9 @@ def copy_home(world: World, name: str) -> Path:
 
 def tamper(home: Path, *statements: str) -> None:
     """What an attacker with write access to the file does: plain SQL, no outloop involved."""
-    with sqlite3.connect(home / "audit.db") as conn:
+    conn = sqlite3.connect(home / "audit.db", isolation_level=None)
+    try:
         for statement in statements:
             conn.execute(statement)
+    finally:
+        conn.close()  # the last close checkpoints the WAL, so the file alone holds the change

@@ -226,3 +226,16 @@ def test_sigterm_to_outloop_is_forwarded_to_the_child(world: World) -> None:
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGTERM)
     assert process.wait(timeout=20) == 7
+
+
+def test_runs_that_never_start_are_still_recorded_with_their_reason(world: World) -> None:
+    world.run("no-such-command-xyz")
+    world.run("true", flags=["--network", "open"])
+    import sqlite3
+
+    conn = sqlite3.connect(world.audit_db)
+    rows = conn.execute("SELECT exit_code FROM runs ORDER BY started_at").fetchall()
+    detail = conn.execute("SELECT detail FROM events WHERE kind = 'run_end' ORDER BY ts").fetchall()
+    conn.close()
+    assert [row[0] for row in rows] == [127, 0]
+    assert "command not found" in detail[0][0]

@@ -12,8 +12,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import psutil
-
 from outloop_cli.audit.store import EventRow, RunRow, get_run, list_runs, run_events
 from outloop_cli.errors import UsageError
 from outloop_cli.timespec import iso_time
@@ -46,6 +44,8 @@ def process_alive(pid: int | None, started_at: float) -> bool:
     """True when `pid` runs and is old enough to be the process that started the run (not a reused pid)."""
     if pid is None:
         return False
+    import psutil  # only runs without an end record need it, so listings of finished runs skip the import
+
     try:
         return psutil.Process(pid).create_time() <= started_at + _PID_START_SLACK
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

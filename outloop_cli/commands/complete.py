@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 
-from outloop_cli.completion_values import completion_values
 from outloop_cli.errors import OutloopError
 
 
@@ -25,6 +24,8 @@ def complete(
     args: Annotated[list[str] | None, typer.Argument(help="For credentials: the workspace.")] = None,
 ) -> None:
     """Print completion candidates, one per line."""
+    from outloop_cli.completion_values import completion_values  # only this hidden command needs the audit DB
+
     try:
         names = completion_values(kind, args or [], os.environ)
     except (OutloopError, OSError, sqlite3.Error):

@@ -6,13 +6,16 @@ Exit 0 when runs can work here (warnings allowed), 1 when something listed as PR
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import typer
 
 from outloop_cli.commands.options import JsonFlag
 from outloop_cli.commands.output import console, print_json
-from outloop_cli.doctor import Finding, diagnose
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND
+
+if TYPE_CHECKING:
+    from outloop_cli.doctor import Finding
 
 _MARKS = {"ok": ("ok", "green"), "warn": ("WARN", "yellow"), "problem": ("PROBLEM", "bold red"),
           "info": ("info", "dim")}
@@ -24,6 +27,8 @@ def register(root: typer.Typer) -> None:
 
 def doctor(as_json: JsonFlag = False) -> None:
     """Check the keyring backend (headless too), sandbox layers, paths, the audit database and versions."""
+    from outloop_cli.doctor import diagnose  # probes and metadata load only for `doctor`, not every command
+
     report = diagnose(os.environ)
     if as_json:
         print_json({"usable": not report.problems, "problems": len(report.problems),
