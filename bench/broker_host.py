@@ -155,9 +155,17 @@ async def serve(args: argparse.Namespace) -> None:
     broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit, **token_kwargs)
     apply_tweaks(args.tweak, audit, home)
     replace_handler(broker, args.tweak)
-    await broker.start_unix(socket_path)
-    port = await broker.start_loopback()
     broker.child_pid = args.child_pid
+    listeners = None
+    if hasattr(broker, "serve"):  # sockets bound first, then served (the run path since start-up work)
+        from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
+
+        listeners = Listeners(broker=bind_unix(socket_path), loopback=bind_loopback())
+        port = listeners.loopback_port
+        await broker.serve(listeners)
+    else:  # the earlier API
+        await broker.start_unix(socket_path)  # type: ignore[attr-defined]
+        port = await broker.start_loopback()  # type: ignore[attr-defined]
     started = time.monotonic()
 
     loop = asyncio.get_running_loop()
@@ -176,6 +184,8 @@ async def serve(args: argparse.Namespace) -> None:
           flush=True)
     await stop.wait()
     await broker.close()
+    if listeners is not None:
+        listeners.close()
     _, count = audit.finish(exit_code=0, duration=time.monotonic() - started, detail={"bench": True})
     print(json.dumps({"audit_events": count}), flush=True)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +49,10 @@ def value_kind(param: Any) -> str:
         return DYNAMIC[param.name]
     if param.name in WORDS:
         return "words:" + " ".join(WORDS[param.name])
-    annotation = param.type_descriptor.annotation
-    if isinstance(annotation, type) and issubclass(annotation, Enum):
-        return "words:" + " ".join(str(member.value) for member in annotation)
-    if annotation is Path:
+    choices = getattr(param.type, "choices", None)  # enums become a choice type
+    if choices:
+        return "words:" + " ".join(str(choice) for choice in choices)
+    if getattr(param.type, "name", None) == "path":
         return "files"
     if param.name == "command":
         return "command"

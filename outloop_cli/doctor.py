@@ -183,9 +183,12 @@ def _audit(path: Path) -> list[Finding]:
     health = inspect_database(path)
     if not health.exists:
         return [Finding("audit", "database", "info", f"{path}: {'; '.join(health.notes)}")]
-    summary = (f"{path}: schema {health.schema_version}, journal {health.journal_mode}, "
-               f"quick_check {health.quick_check}, {health.runs} runs, {health.size_bytes} bytes")
+    facts = [f"schema {health.schema_version}"]
+    if health.journal_mode is not None:
+        facts += [f"journal {health.journal_mode}", f"quick_check {health.quick_check}", f"{health.runs} runs"]
+    summary = f"{path}: {', '.join(facts)}, {health.size_bytes} bytes"
     findings = [Finding("audit", "database", "info" if health.problems else "ok", summary)]
     findings += [Finding("audit", "database", "problem", problem, fix) for problem, fix in health.problems]
+    findings += [Finding("audit", "database", "warn", warning, fix) for warning, fix in health.warnings]
     findings += [Finding("audit", "database", "info", note) for note in health.notes]
     return findings

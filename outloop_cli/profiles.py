@@ -6,6 +6,7 @@ Every error names the file, the key and the fix, because a typo in a profile mus
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import ipaddress
 import re
 import tomllib
@@ -148,7 +149,7 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
     reader = _Reader(path)
     reader.check_keys("", raw, TOP_KEYS)
     version = raw.get("version")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # `true` and `1.0` equal 1 in Python
         raise ProfileError(
             f"{path}: version: expected `version = {SCHEMA_VERSION}` at the top of the file, found {version!r}"
         )
@@ -158,7 +159,7 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
     if extends is not None:
         extends = reader.string("extends", extends)
         try:
-            check_workspace_name(extends)
+            find_profile(extends, dirs)  # a bad or missing parent is this file's error
         except ProfileError as exc:
             raise ProfileError(f"{path}: extends: {exc.message}") from None
         parent = _load(extends, dirs, chain=(*chain, workspace))
@@ -166,6 +167,7 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
     own = _parse_credentials(reader, workspace, raw.get("credentials", {}))
     credentials = dict(parent.credentials) if parent else {}
     credentials.update(own)  # own credentials win over inherited ones of the same name
+    _check_env_secrets_withheld(reader, run, credentials)
     return Profile(
         workspace=workspace,
         path=path,
@@ -286,6 +288,20 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
     return RunSettings(**{**base.__dict__, **updates})
 
 
+def _check_env_secrets_withheld(reader: _Reader, run: RunSettings, credentials: Mapping[str, Credential]) -> None:
+    """An `env:VAR` secret must not reach the child through `env_keep` (the child never holds a secret)."""
+    for credential in credentials.values():
+        scheme, _, variable = credential.secret_ref.partition(":")
+        if scheme != "env" or variable in run.env_set:
+            continue
+        for pattern in run.env_keep:
+            if fnmatch.fnmatchcase(variable, pattern):
+                raise reader.fail(
+                    "run.env_keep", f"{pattern!r} would hand the child {variable}, the secret of credential "
+                    f"{credential.name!r}; keep only the variables the loop needs"
+                )
+
+
 def _parse_credentials(reader: _Reader, workspace: str, value: Any) -> dict[str, Credential]:
     table = reader.table("credentials", value)
     return {name: _parse_credential(reader, workspace, name, raw) for name, raw in table.items()}
@@ -340,9 +356,13 @@ def _check_secret_ref(reader: _Reader, key: str, ref: str) -> None:
 
 def _check_base_url(reader: _Reader, key: str, url: str) -> str:
     parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    try:
+        well_formed = parts.port != 0 and not re.search(r"[\s\x00-\x1f\x7f]", url)
+    except ValueError:  # `.port` raises for a port out of range or not a number
+        well_formed = False
+    if parts.scheme not in ("https", "http") or not parts.hostname or not well_formed:
         raise reader.fail(key, f"{url!r} is not an http(s) URL; write e.g. \"https://api.example.com\"")
-    if parts.query or parts.fragment or parts.username or parts.password:
+    if "?" in url or "#" in url or parts.username is not None or parts.password is not None:
         raise reader.fail(key, "must not hold a query, fragment or user info; use `inject` for credentials")
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise reader.fail(

@@ -6,21 +6,29 @@ The command layer only parses flags into a RunRequest and prints the RunReport; 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import secrets as token_source
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from outloop_cli.broker.server import Broker
 
 from outloop_cli import sandbox
 from outloop_cli.audit.store import RunLog
-from outloop_cli.broker.server import Broker
+from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
+from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
+from outloop_cli.linux import set_not_dumpable
 from outloop_cli.profiles import Profile, load_profile
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
@@ -92,18 +100,8 @@ def resolve_workspace(requested: str | None, environ: Mapping[str, str]) -> str:
                        "or run `outloop workspace use WORKSPACE`")
 
 
-async def _base_url_env(broker: Broker, profile: Profile, plan: sandbox.Plan, relay_socket: Path | None,
-                        run_token: str) -> dict[str, str]:
-    """OUTLOOP_URL, OUTLOOP_TOKEN and each credential's child_env, for SDKs configured by environment.
-
-    With the network isolated, the URL points at the relay inside the child's namespace; otherwise the broker
-    listens on the host's loopback itself. Either way only the run token gets in.
-    """
-    if plan.relay_port is not None and relay_socket is not None:
-        await broker.start_loopback_unix(relay_socket)
-        url = f"http://127.0.0.1:{plan.relay_port}"
-    else:
-        url = f"http://127.0.0.1:{await broker.start_loopback()}"
+def _base_url_env(profile: Profile, url: str, run_token: str) -> dict[str, str]:
+    """OUTLOOP_URL, OUTLOOP_TOKEN and each credential's child_env, for SDKs configured by environment."""
     env = {"OUTLOOP_URL": url, "OUTLOOP_TOKEN": run_token}
     for name, credential in profile.credentials.items():
         for key, template in credential.child_env.items():
@@ -113,6 +111,7 @@ async def _base_url_env(broker: Broker, profile: Profile, plan: sandbox.Plan, re
 
 def execute(request: RunRequest) -> RunReport:
     """Run the command under a broker and return the report; OutloopError means the child never started."""
+    set_not_dumpable()  # before any secret is read: same-uid processes can no longer read our memory
     environ = request.environ
     home = outloop_home(environ)
     workspace = resolve_workspace(request.workspace, environ)
@@ -175,28 +174,43 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
     env = child_environment(request.environ, profile.run.env_keep, profile.run.env_set, outloop_vars)
     executable = resolve_command(request.command, env)
     argv = plan.command([executable, *request.command[1:]])
+    listeners = _bind(socket_path, relay_socket if plan.relay_port is not None else None,
+                      loopback=base_url_mode and plan.relay_port is None)
+    if base_url_mode:
+        url = f"http://127.0.0.1:{plan.relay_port or listeners.loopback_port}"
+        env.update(_base_url_env(profile, url, run_token))
 
     audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
                          command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid()})
-    broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
-                    run_token=run_token if base_url_mode else None)
+    broker: Broker | None = None
     try:
-        await broker.start_unix(socket_path)
-        if base_url_mode:
-            env.update(await _base_url_env(broker, profile, plan, relay_socket, run_token))
         supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)
         try:
-            broker.child_pid = supervisor.spawn(argv[0])
+            child_pid = supervisor.spawn(argv[0])
         except OutloopError as error:
             audit.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
             raise _StartFailed(error) from None
-        result = await supervisor.wait()
+        child = asyncio.ensure_future(supervisor.wait())
+        server_module = _import_in_background("outloop_cli.broker.server")
+        first: set[asyncio.Future[Any]] = {child, server_module}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        if not child.done():
+            # The loop is still running: bring the broker up on the sockets it may already be queueing on.
+            await server_module
+            broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
+                                                   run_token=run_token if base_url_mode else None)
+            broker.child_pid = child_pid
+            await broker.serve(listeners)
+        result = await child
     finally:
-        await broker.close()
+        if broker is not None:
+            await broker.close()
+        listeners.close()
         shutil.rmtree(run_dir, ignore_errors=True)
 
+    stats = broker.stats if broker is not None else BrokerStats()
     credentials = {name: CredentialReport(s.allowed, s.denied, s.rate_limited, s.bytes_in, s.bytes_out)
-                   for name, s in sorted(broker.stats.per_credential.items())}
+                   for name, s in sorted(stats.per_credential.items())}
     for name in profile.credentials:
         credentials.setdefault(name, CredentialReport(0, 0, 0, 0, 0))
     limit_hit = _limit_hit(profile, result.exit_code, result.cpu_seconds)
@@ -209,11 +223,49 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
     return RunReport(
         run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
         duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
-        credentials=credentials, denials=dict(broker.stats.denials), sandbox=plan.layers,
+        credentials=credentials, denials=dict(stats.denials), sandbox=plan.layers,
         peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
         strays_killed=result.strays_killed, audit_head=head, audit_events=count,
         audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
     )
+
+
+def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool) -> Listeners:
+    try:
+        return Listeners(broker=bind_unix(socket_path),
+                         relay=bind_unix(relay_socket) if relay_socket is not None else None,
+                         loopback=bind_loopback() if loopback else None)
+    except OSError as exc:
+        raise OutloopError(f"cannot create the broker's socket in {socket_path.parent}: {exc.strerror}") from None
+
+
+def _import_in_background(module: str) -> asyncio.Future[ModuleType]:
+    """Import on a daemon thread, so a loop that never calls the broker (or exits at once) never waits for it.
+
+    A daemon thread, not the default executor: interpreter exit would otherwise wait for an import nobody needs.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[ModuleType] = loop.create_future()
+
+    def work() -> None:
+        try:
+            loaded = importlib.import_module(module)
+        except BaseException as exc:  # surfaced in the event loop, where the run handles it
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, loaded, None)
+
+    threading.Thread(target=work, name="outloop-broker-import", daemon=True).start()
+    return future
+
+
+def _settle(future: asyncio.Future[ModuleType], value: ModuleType | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    elif value is not None:
+        future.set_result(value)
 
 
 def _limit_hit(profile: Profile, exit_code: int, cpu_seconds: float) -> str | None:

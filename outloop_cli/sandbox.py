@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from outloop_cli.errors import SandboxError
-from outloop_cli.linux import set_not_dumpable
+from outloop_cli.linux import is_dumpable
 from outloop_cli.profiles import Profile
 from outloop_cli.secrets import source_kind
 from outloop_cli.units import format_bytes
@@ -178,7 +178,7 @@ def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: 
          relay_socket: Path | None) -> Plan:
     """Choose the layers for this run; raise SandboxError (exit 125) when the profile requires one we lack."""
     layers = {"environment": "stripped", "supervision": "process group + subreaper"}
-    layers["broker_memory"] = "not dumpable" if set_not_dumpable() else "dumpable (PR_SET_DUMPABLE unavailable)"
+    layers["broker_memory"] = "dumpable (PR_SET_DUMPABLE unavailable)" if is_dumpable() else "not dumpable"
     backend = _backend(environ)
     isolate = network != "open" and backend is not None
     if network == "broker-only" and not isolate:

@@ -126,7 +126,7 @@ class FileSource:
         path = Path(argument).expanduser()
         where = f"workspace {workspace!r}, credential {credential!r}: secret file {path}"
         try:
-            with path.open("rb") as handle:
+            with open(path, "rb", opener=_open_nonblocking) as handle:
                 info = os.fstat(handle.fileno())
                 if not stat.S_ISREG(info.st_mode):
                     raise SecretError(f"{where} is not a regular file")
@@ -141,6 +141,11 @@ class FileSource:
         return _decode(where, data).rstrip("\r\n")
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    """O_NONBLOCK, so a FIFO is refused as "not a regular file" instead of hanging the run until a writer comes."""
+    return os.open(path, flags | os.O_NONBLOCK)
+
+
 class CommandSource:
     """Run a password manager (`pass show x`, `op read op://...`) without a shell unless the user wrote one."""
 
@@ -150,6 +155,8 @@ class CommandSource:
             argv = shlex.split(argument)
         except ValueError as exc:
             raise SecretError(f"{where} cannot be parsed: {exc}") from None
+        if not argv:
+            raise SecretError(f"{where} is empty; write e.g. secret = \"cmd:pass show crm\"")
         try:
             completed = subprocess.run(
                 argv, capture_output=True, timeout=CMD_TIMEOUT_SECONDS, stdin=subprocess.DEVNULL,

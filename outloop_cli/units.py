@@ -5,6 +5,7 @@ One place, so `run.timeout`, `--since 7d`, `rate = "10/s"` and `memory = "512M"`
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ def parse_duration(text: str | int | float) -> float:
 
     Raises ValueError with the accepted forms, so callers can add the file and key.
     """
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
         raise ValueError("expected a duration such as \"30s\", \"15m\", \"2h\" or \"7d\"")
     if isinstance(text, int | float):
         seconds = float(text)
@@ -38,8 +39,8 @@ def parse_duration(text: str | int | float) -> float:
                     "(e.g. \"30s\", \"1h30m\", \"7d\")"
                 )
             seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        raise ValueError("a duration must be greater than zero")
+    if not math.isfinite(seconds) or seconds <= 0:  # TOML allows `inf` and `nan`
+        raise ValueError("a duration must be a finite number greater than zero")
     return seconds
 
 
@@ -60,7 +61,7 @@ class Rate:
 
 def parse_rate(text: str) -> Rate:
     """A rate from "10/s", "600/min", "5000/h" or "5/10s"."""
-    match = _RATE.fullmatch(text.strip())
+    match = _RATE.fullmatch(text.strip()) if isinstance(text, str) else None
     if not match:
         raise ValueError(f"{text!r} is not a rate; write COUNT/UNIT such as \"10/s\", \"600/min\" or \"5000/h\"")
     count, multiplier, unit = int(match.group(1)), match.group(2), match.group(3)
@@ -72,7 +73,7 @@ def parse_rate(text: str) -> Rate:
 
 def parse_size(text: str | int) -> int:
     """Bytes from "512M", "2G", "1GiB" or a bare number of bytes."""
-    if isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, str | int):
         raise ValueError("expected a size such as \"512M\" or \"2G\"")
     if isinstance(text, int):
         value = text

@@ -15,7 +15,7 @@ from outloop_cli.audit.store import SCHEMA_VERSION
 
 @dataclass
 class DatabaseHealth:
-    """What doctor reports about audit.db; `problems` are (problem, fix) pairs that make outloop unusable."""
+    """What doctor reports about audit.db; `problems` and `warnings` are (what, fix) pairs, the first stop runs."""
 
     path: Path
     exists: bool
@@ -27,6 +27,7 @@ class DatabaseHealth:
     quick_check: str | None = None
     runs: int | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -36,7 +37,7 @@ def inspect_database(path: Path) -> DatabaseHealth:
     info = path.stat()
     health = DatabaseHealth(path, True, size_bytes=info.st_size, mode=f"{stat.S_IMODE(info.st_mode):04o}")
     if info.st_mode & 0o077:
-        health.problems.append((f"{path} is readable by group or others (mode {health.mode})",
+        health.warnings.append((f"{path} is readable by group or others (mode {health.mode})",
                                 f"chmod 600 {path}"))
     try:
         conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5.0)

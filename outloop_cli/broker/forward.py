@@ -29,6 +29,7 @@ NEVER_FROM_CHILD = frozenset({
 NEVER_TO_CHILD = HOP_BY_HOP | {"content-length", "content-encoding"}
 DECODABLE_ENCODINGS = frozenset({"", "identity", "gzip", "x-gzip", "deflate"})
 UPSTREAM_ACCEPT_ENCODING = "gzip, deflate"
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _QUERY_OK = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*")
 
 
@@ -139,8 +140,14 @@ def rewrite_location(location: str, base_url: str, broker_prefix: str) -> str | 
     from urllib.parse import urljoin, urlsplit
 
     base = urlsplit(base_url)
-    if not location.startswith(("/", "http://", "https://", "//")) and ":" not in location.split("/", 1)[0]:
-        return location  # relative to the current path: already points back through the broker
+    if not location.startswith("/") and not _URL_SCHEME.match(location):
+        # Relative to the current path, so it already points back through the broker, unless ".." climbs out
+        # of this credential's prefix (the broker does not know how far), or a lenient client would read
+        # backslashes or leading blanks as "//other-host".
+        path = re.split(r"[?#]", location, maxsplit=1)[0]
+        if ".." in path.split("/") or re.search(r"[\\\s\x00-\x1f\x7f]", location):
+            return None
+        return location
     target = urlsplit(urljoin(base_url + "/", location))
     if (target.scheme, target.netloc.lower()) != (base.scheme, base.netloc.lower()):
         return None

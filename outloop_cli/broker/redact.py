@@ -37,12 +37,14 @@ class StreamRedactor:
     """Stateful masker for one response body.
 
     It holds back only a tail that could be the start of a secret, so ordinary streams (SSE events ending
-    in a blank line) pass through without delay.
+    in a blank line) pass through without delay. The tail is judged on the raw bytes: masking a short variant
+    first could hide the start of a longer one that the next chunk completes.
     """
 
     def __init__(self, variants: tuple[bytes, ...]) -> None:
         self._variants = variants
-        self._pending = b""
+        self._pending = b""  # raw bytes held back
+        self._pending_covered = 0  # leading bytes of _pending that an already-emitted match covers
         self._first_bytes = frozenset(v[0] for v in variants)
         self._longest = max((len(v) for v in variants), default=0)
         self.masked = 0
@@ -50,21 +52,21 @@ class StreamRedactor:
     def feed(self, chunk: bytes) -> bytes:
         if not self._variants:
             return chunk
-        data = self._mask(self._pending + chunk)
-        keep = self._risky_tail(data)
-        self._pending = data[len(data) - keep:] if keep else b""
-        return data[: len(data) - keep]
+        data = self._pending + chunk
+        cut = len(data) - self._risky_tail(data)
+        spans = _matches(data, self._variants)
+        emitted = [(0, self._pending_covered)]
+        emitted += [(start, end) for start, end in spans if start < cut]  # the rest are found again next time
+        self.masked += len(emitted) - 1
+        self._pending, self._pending_covered = data[cut:], max(0, max(end for _, end in emitted) - cut)
+        return _mask(data, emitted)[:cut]
 
     def flush(self) -> bytes:
-        rest, self._pending = self._pending, b""
-        return rest
-
-    def _mask(self, data: bytes) -> bytes:
-        for variant in self._variants:
-            if variant in data:
-                self.masked += data.count(variant)
-                data = data.replace(variant, b"*" * len(variant))
-        return data
+        data, covered = self._pending, self._pending_covered
+        self._pending, self._pending_covered = b"", 0
+        spans = _matches(data, self._variants)
+        self.masked += len(spans)
+        return _mask(data, [(0, covered), *spans])
 
     def _risky_tail(self, data: bytes) -> int:
         """Length of the longest suffix of `data` that is a proper prefix of some secret variant."""
@@ -79,9 +81,28 @@ class StreamRedactor:
         return 0
 
 
+def _matches(data: bytes, variants: tuple[bytes, ...]) -> list[tuple[int, int]]:
+    """Every occurrence of every variant, overlapping ones included, as (start, end)."""
+    spans = []
+    for variant in variants:
+        start = data.find(variant)
+        while start != -1:
+            spans.append((start, start + len(variant)))
+            start = data.find(variant, start + 1)
+    return spans
+
+
+def _mask(data: bytes, spans: list[tuple[int, int]]) -> bytes:
+    """`data` with every byte that some span covers replaced by `*`, so overlapping secrets are masked whole."""
+    if not any(end > start for start, end in spans):
+        return data
+    out = bytearray(data)
+    for start, end in spans:
+        out[start:end] = b"*" * len(out[start:end])
+    return bytes(out)
+
+
 def redact_text(text: str, variants: tuple[bytes, ...]) -> str:
     """Mask secrets in a header value (headers are small, no streaming state needed)."""
     data = text.encode("utf-8", "surrogateescape")
-    for variant in variants:
-        data = data.replace(variant, b"*" * len(variant))
-    return data.decode("utf-8", "surrogateescape")
+    return _mask(data, _matches(data, variants)).decode("utf-8", "surrogateescape")

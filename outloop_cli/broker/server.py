@@ -9,11 +9,11 @@ import contextlib
 import hmac
 import json
 import os
+import socket
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,8 +34,10 @@ from outloop_cli.broker.forward import (
 )
 from outloop_cli.broker.http_server import BrokerHTTPServer
 from outloop_cli.broker.limits import Limits
+from outloop_cli.broker.listeners import Listeners
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, secret_variants
+from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import AuditError
 from outloop_cli.policy import PathRejected, decide, normalise_path
 from outloop_cli.profiles import Credential, Profile
@@ -46,26 +48,6 @@ SECRET_PREFIX = "/v1/secret/"
 MAX_REQUEST_BODY = 256 * 1024 * 1024
 MAX_AUDITED_PATH = 1024
 STREAM_CHUNK = 64 * 1024
-
-
-@dataclass
-class CredentialStats:
-    allowed: int = 0
-    denied: int = 0
-    rate_limited: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-
-
-@dataclass
-class BrokerStats:
-    """What the summary reports; updated from the event loop only."""
-
-    per_credential: dict[str, CredentialStats] = field(default_factory=dict)
-    denials: dict[str, int] = field(default_factory=dict)  # "reason (rule)" -> count
-
-    def credential(self, name: str) -> CredentialStats:
-        return self.per_credential.setdefault(name, CredentialStats())
 
 
 class Broker:
@@ -110,33 +92,21 @@ class Broker:
 
     # ----- lifecycle -------------------------------------------------------------------------------------
 
-    async def start_unix(self, socket_path: Path) -> None:
-        runner = web.ServerRunner(BrokerHTTPServer(self.handle, self._protocol_error), handle_signals=False)
-        await runner.setup()
-        site = web.UnixSite(runner, str(socket_path))
-        await site.start()
-        os.chmod(socket_path, 0o600)
-        self._runners.append(runner)
+    async def serve(self, listeners: Listeners) -> None:
+        """Serve on sockets bound before the child started; connections made meanwhile wait in the backlog."""
         self._session = self._new_session()
+        await self._serve(listeners.broker, self.handle)
+        if listeners.relay is not None:
+            await self._serve(listeners.relay, self.handle_relayed)
+        if listeners.loopback is not None:
+            await self._serve(listeners.loopback, self.handle_loopback)
 
-    async def start_loopback_unix(self, socket_path: Path) -> None:
-        """Base-URL mode behind the in-sandbox relay: the relay is in the run's tree, and callers need the token."""
-        runner = web.ServerRunner(BrokerHTTPServer(self.handle_relayed, self._protocol_error), handle_signals=False)
+    async def _serve(self, sock: socket.socket, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+                     ) -> None:
+        runner = web.ServerRunner(BrokerHTTPServer(handler, self._protocol_error), handle_signals=False)
         await runner.setup()
-        await web.UnixSite(runner, str(socket_path)).start()
-        os.chmod(socket_path, 0o600)
+        await web.SockSite(runner, sock).start()
         self._runners.append(runner)
-
-    async def start_loopback(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Base-URL mode's listener; callers authenticate with the run token instead of SO_PEERCRED."""
-        runner = web.ServerRunner(BrokerHTTPServer(self.handle_loopback, self._protocol_error),
-                                  handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-        self._runners.append(runner)
-        sockets = runner.addresses
-        return int(sockets[0][1])
 
     def _new_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=300, keepalive_timeout=30,

@@ -1,0 +1,53 @@
+"""`outloop doctor`: every section reported, each problem with its fix, exit 1 only when runs cannot work."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from conftest import World
+from operator_support import AuditedWorld
+
+from outloop_cli.sandbox import capabilities
+
+
+def test_doctor_reports_keyring_sandbox_paths_audit_and_versions(audited_world: AuditedWorld) -> None:
+    world = audited_world.world
+    result = world.outloop("doctor")
+    assert result.code == 0, result.out
+    for section in ("paths", "keyring", "sandbox", "audit", "versions"):
+        assert f"\n{section}\n" in f"\n{result.out}"
+    assert "PlaintextKeyring: set/get/delete of a test entry works" in result.out
+    assert f"OUTLOOP_HOME: {world.home}" in result.out
+    assert "schema 1, journal wal, quick_check ok, 21 runs" in result.out
+    report = json.loads(world.outloop("doctor", "--json").out)
+    assert report["usable"] is True and report["problems"] == 0
+    assert {"outloop", "python", "aiohttp", "keyring", "kernel"} <= set(report["versions"])
+    sandbox = {f["name"]: f for f in report["findings"] if f["section"] == "sandbox"}
+    for cap in capabilities():
+        assert sandbox[cap.name]["status"] == ("ok" if cap.available else "warn")
+        assert sandbox[cap.name]["fix"] == cap.fix
+
+
+def test_doctor_exits_1_listing_every_problem_with_its_fix(world: World) -> None:
+    with sqlite3.connect(world.audit_db) as conn:
+        conn.execute("PRAGMA user_version = 7")
+    env = {**world.env, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    result = world.outloop("doctor", env=env)
+    assert result.code == 1
+    problems = [line for line in result.out.splitlines() if "PROBLEM" in line]
+    assert any("keyring" in line or "Keyring" in line for line in problems)
+    assert any("schema 7 was written by a newer outloop" in line for line in problems)
+    assert result.out.count("fix: ") >= 2 and "2 problem(s) stop outloop here" in result.out
+    assert "Traceback" not in result.combined
+
+
+def test_a_broken_keyring_is_only_a_warning_when_no_profile_uses_it(world: World) -> None:
+    for name in ("acme", "globex", "agency"):
+        (world.profiles / f"{name}.toml").unlink()
+    world.write_profile("plain", 'version = 1\n[credentials.crm]\nsecret = "env:TOKEN"\nbase_url = "{UPSTREAM}"\n')
+    env = {**world.env, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    result = world.outloop("doctor", "--json", env=env)
+    assert result.code == 0
+    keyring = [f for f in json.loads(result.out)["findings"] if f["section"] == "keyring"]
+    assert keyring[0]["status"] == "warn" and "no profile uses" in keyring[0]["detail"]
