@@ -323,6 +323,20 @@ def run(rounds: int = 3, duration: float = 1.5, warmup: float = 0.3, concurrency
                 log(f"SKIP nginx: {exc}")
 
         configs = [SHIPPED] + (VARIANTS if variants else []) + (EXPERIMENTS if experiments else [])
+        if experiments:
+            for loop, audit in (("asyncio", "none"), ("asyncio", "runlog"), ("asyncio", "journal"),
+                                ("uvloop", "none"), ("uvloop", "runlog"), ("uvloop", "journal")):
+                name = f"raw-{loop}-{audit}"
+                (tmp / name).mkdir()
+                raw = Child(name, [PYTHON, str(BENCH_DIR / "rawproxy.py"), "--upstream-port", str(up_port),
+                                   "--dir", str(tmp / name), "--loop", loop, "--audit", audit])
+                children.append(raw)
+                ready = raw.read(30)
+                what = {"none": "no audit", "runlog": "RunLog audit", "journal": "journal-file audit (prototype)"}
+                targets.append(Target(name, f"reference: raw asyncio proxy, {loop}, {what[audit]}",
+                                      {"unix": ready["socket"]},
+                                      http_request(f"/v1/http/{CREDENTIAL}{UPSTREAM_PATH}", "localhost"),
+                                      raw.pid, "reference"))
         hosts: dict[str, Child] = {}
         for name, label, audit, loop, with_tcp, tweaks in configs:
             try:

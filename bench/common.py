@@ -162,3 +162,19 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.3, log: object = None) 
             return share
         if callable(log):
             log(f"  machine busy ({share:.0%} of a core used by others); waiting for it to settle...")
+
+
+def run_loop_choice(coro: object, choice: str) -> None:
+    """Run `coro` on uvloop when asked (or `auto` and installed), else on the stdlib loop."""
+    import asyncio
+
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise
+        else:
+            uvloop.run(coro)  # type: ignore[arg-type]
+            return
+    asyncio.run(coro)  # type: ignore[arg-type]

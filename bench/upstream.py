@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SECRET
+from common import SECRET, run_loop_choice
 
 AUTH = b"Bearer " + SECRET.encode()
 BODY = json.dumps({
@@ -118,21 +118,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     args = parser.parse_args()
-    run_loop(serve(args.port), args.loop)
-
-
-def run_loop(coro: object, choice: str) -> None:
-    """uvloop when asked (or `auto` and installed), else the stdlib loop."""
-    if choice in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise
-        else:
-            uvloop.run(coro)  # type: ignore[arg-type]
-            return
-    asyncio.run(coro)  # type: ignore[arg-type]
+    run_loop_choice(serve(args.port), args.loop)
 
 
 if __name__ == "__main__":

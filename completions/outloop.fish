@@ -5,7 +5,7 @@
 function __outloop_subcommands  # subcommands of a command path
     switch $argv[1]
         case ''
-            printf '%s\n' 'audit	Read the audit log: recent runs (this listing when no subcommand is...' 'doctor	Check the keyring backend (headless too), sandbox layers, paths,...' 'run	Run COMMAND with a stripped environment and a policy-checking...' 'secret	Store, list, remove and check secrets (keyring service...' 'workspace	List, show, choose, create and check workspace profiles.'
+            printf '%s\n' 'audit	Read the audit log.' 'doctor	Check the keyring backend (headless too), sandbox layers, paths,...' 'run	Run COMMAND with a stripped environment and a policy-checking...' 'secret	Store, list, remove and check secrets (keyring service...' 'workspace	List, show, choose, create and check workspace profiles.'
         case 'audit'
             printf '%s\n' 'events	Requests across runs, newest first, filtered by workspace,...' 'export	Write every event (all kinds, oldest first) to stdout; redirect it...' 'prune	Delete old finished runs and their events, keeping a marker per run...' 'show	One run: its header, then its events in order.' 'tail	Follow a run\'s events as they are recorded; ends when the run ends...' 'verify	Recompute hash chains and counts; exit 1 naming the run and first...'
         case 'secret'

@@ -8,7 +8,7 @@ Run `python -m outloop_cli.completion_gen completions` (or `make completions`) a
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,31 +107,54 @@ def _case_function(name: str, comment: str, arms: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _posix_data(all_nodes: list[Node], *, described: bool) -> str:
+@dataclass(frozen=True)
+class Dialect:
+    """How one shell spells the data functions: quoting, a `PATH|anything` pattern, a described word list."""
+
+    prefix: str
+    quote: Callable[[str], str]
+    function: Callable[[str, str, list[tuple[str, str]]], str]
+    words: Callable[[dict[str, str]], str]
+    any_position: Callable[[str], str]
+    otherwise: str
+
+
+def _data(all_nodes: list[Node], dialect: Dialect) -> str:
+    """The five lookup functions the drivers call, as `case`/`switch` tables over command paths."""
+    q = dialect.quote
+    subcommands = [(q(n.path), dialect.words(n.subcommands)) for n in all_nodes if n.subcommands]
+    options = [(q(n.path), dialect.words(n.options)) for n in all_nodes]
+    values = [(q(f"{n.path}|{o}"), f"echo {q(k)}") for n in all_nodes for o, k in n.values.items()]
+    positionals = [(q(f"{n.path}|{i}"), f"echo {q(k)}") for n in all_nodes for i, k in enumerate(n.positionals)]
+    for n in all_nodes:
+        if n.variadic == "command":  # the child's command name, then its arguments as files
+            positionals += [(q(f"{n.path}|0"), "echo command"), (dialect.any_position(n.path), "echo files")]
+        elif n.variadic:
+            positionals.append((dialect.any_position(n.path), f"echo {q(n.variadic)}"))
+    strict = [(q(n.path), "return 0") for n in all_nodes if not n.interspersed]
+    name = dialect.prefix
+    return "\n".join([
+        dialect.function(f"{name}_subcommands", "subcommands of a command path", subcommands),
+        dialect.function(f"{name}_options", "options of a command path", options),
+        dialect.function(f"{name}_value_kind", "what the value of PATH|OPTION is", values),
+        dialect.function(f"{name}_positional_kind", "what positional PATH|INDEX is", positionals),
+        dialect.function(f"{name}_stops_at_positional", "commands whose options end at the first argument",
+                         [*strict, (dialect.otherwise, "return 1")]),
+    ])
+
+
+def _posix_words(described: bool) -> Callable[[dict[str, str]], str]:
     def words(items: dict[str, str]) -> str:
-        if described:
+        if described:  # zsh's _describe reads NAME:DESCRIPTION
             return "printf '%s\\n' " + " ".join(_quote(f"{k}:{v.replace(':', '-')}") for k, v in items.items())
         return "echo " + _quote(" ".join(items))
 
-    subcommands = [(_quote(n.path), words(n.subcommands)) for n in all_nodes if n.subcommands]
-    options = [(_quote(n.path), words(n.options)) for n in all_nodes]
-    values = [(_quote(f"{n.path}|{o}"), f"echo {_quote(k)}") for n in all_nodes for o, k in n.values.items()]
-    positionals = [(_quote(f"{n.path}|{i}"), f"echo {_quote(k)}") for n in all_nodes
-                   for i, k in enumerate(n.positionals)]
-    for n in all_nodes:
-        if n.variadic == "command":  # the child's command name, then its arguments as files
-            positionals += [(_quote(f"{n.path}|0"), "echo command"), (_quote(n.path) + "'|'*", "echo files")]
-        elif n.variadic:
-            positionals.append((_quote(n.path) + "'|'*", f"echo {_quote(n.variadic)}"))
-    strict = [(_quote(n.path), "return 0") for n in all_nodes if not n.interspersed]
-    return "\n".join([
-        _case_function("_outloop_subcommands", "subcommands of a command path", subcommands),
-        _case_function("_outloop_options", "options of a command path", options),
-        _case_function("_outloop_value_kind", "what the value of PATH|OPTION is", values),
-        _case_function("_outloop_positional_kind", "what positional PATH|INDEX is", positionals),
-        _case_function("_outloop_stops_at_positional", "commands whose options end at the first argument",
-                       [*strict, ("*", "return 1")]),
-    ])
+    return words
+
+
+def _posix_dialect(described: bool) -> Dialect:
+    return Dialect("_outloop", _quote, _case_function, _posix_words(described),
+                   lambda path: _quote(path) + "'|'*", "*")
 
 
 # The scan both drivers share, written once for POSIX shells: walk the words before the cursor, following
@@ -253,13 +276,13 @@ fi
 
 
 def bash_script(all_nodes: list[Node]) -> str:
-    return HEADER.format(c="#", shell="bash") + "\n" + _posix_data(all_nodes, described=False) + _POSIX_SCAN \
+    return HEADER.format(c="#", shell="bash") + "\n" + _data(all_nodes, _posix_dialect(False)) + _POSIX_SCAN \
         + _BASH_DRIVER
 
 
 def zsh_script(all_nodes: list[Node]) -> str:
     return "#compdef outloop\n" + HEADER.format(c="#", shell="zsh") + "\n" \
-        + _posix_data(all_nodes, described=True) + _POSIX_SCAN + _ZSH_DRIVER
+        + _data(all_nodes, _posix_dialect(True)) + _POSIX_SCAN + _ZSH_DRIVER
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,29 +301,11 @@ def _fish_switch(name: str, comment: str, arms: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _fish_data(all_nodes: list[Node]) -> str:
-    def described(items: dict[str, str]) -> str:
-        return "printf '%s\\n' " + " ".join(_fish_quote(f"{k}\t{v}") for k, v in items.items())
+def _fish_words(items: dict[str, str]) -> str:
+    return "printf '%s\\n' " + " ".join(_fish_quote(f"{k}\t{v}") for k, v in items.items())
 
-    subcommands = [(_fish_quote(n.path), described(n.subcommands)) for n in all_nodes if n.subcommands]
-    options = [(_fish_quote(n.path), described(n.options)) for n in all_nodes]
-    values = [(_fish_quote(f"{n.path}|{o}"), f"echo {_fish_quote(k)}") for n in all_nodes for o, k in n.values.items()]
-    positionals = [(_fish_quote(f"{n.path}|{i}"), f"echo {_fish_quote(k)}") for n in all_nodes
-                   for i, k in enumerate(n.positionals)]
-    for n in all_nodes:
-        if n.variadic == "command":
-            positionals += [(_fish_quote(f"{n.path}|0"), "echo command"), (_fish_quote(f"{n.path}|*"), "echo files")]
-        elif n.variadic:
-            positionals.append((_fish_quote(f"{n.path}|*"), f"echo {_fish_quote(n.variadic)}"))
-    strict = [(_fish_quote(n.path), "return 0") for n in all_nodes if not n.interspersed]
-    return "\n".join([
-        _fish_switch("__outloop_subcommands", "subcommands of a command path", subcommands),
-        _fish_switch("__outloop_options", "options of a command path", options),
-        _fish_switch("__outloop_value_kind", "what the value of PATH|OPTION is", values),
-        _fish_switch("__outloop_positional_kind", "what positional PATH|INDEX is", positionals),
-        _fish_switch("__outloop_stops_at_positional", "commands whose options end at the first argument",
-                     [*strict, ("'*'", "return 1")]),
-    ])
+
+FISH = Dialect("__outloop", _fish_quote, _fish_switch, _fish_words, lambda path: _fish_quote(f"{path}|*"), "'*'")
 
 
 _FISH_DRIVER = r"""
@@ -377,7 +382,7 @@ complete -c outloop -f -a '(__outloop_candidates)'
 
 
 def fish_script(all_nodes: list[Node]) -> str:
-    return HEADER.format(c="#", shell="fish") + "\n" + _fish_data(all_nodes) + _FISH_DRIVER
+    return HEADER.format(c="#", shell="fish") + "\n" + _data(all_nodes, FISH) + _FISH_DRIVER
 
 
 def scripts() -> dict[str, str]:

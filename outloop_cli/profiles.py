@@ -130,7 +130,7 @@ def available_workspaces(dirs: Sequence[Path]) -> dict[str, Path]:
         if not directory.is_dir():
             continue
         for path in sorted(directory.glob("*.toml")):
-            if WORKSPACE_NAME.fullmatch(path.stem):
+            if WORKSPACE_NAME.fullmatch(path.stem) and path.is_file():  # as find_profile sees it
                 found.setdefault(path.stem, path)
     return found
 
@@ -185,6 +185,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"{path}: not valid TOML: {exc}. Fix the syntax at that line.") from None
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read profile: {exc.strerror}") from None
 

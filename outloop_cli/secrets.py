@@ -85,9 +85,11 @@ class KeyringSource:
 
 
 KEYRING_WAYS_OUT = (
-    "Ways out: run where a keyring is unlocked (a desktop session), configure a file-backed backend "
-    "(pip install keyrings.alt, then PYTHON_KEYRING_BACKEND=keyrings.alt.file.EncryptedKeyring), or use "
-    "secret = \"env:VAR\", \"file:PATH\" or \"cmd:COMMAND\" (e.g. cmd:pass show ...) in the profile."
+    "Ways out for cron and servers: use secret = \"cmd:COMMAND\" with a password manager that works "
+    "unattended (e.g. cmd:op read op://vault/item/field), \"file:PATH\" with a 0600 file, or \"env:VAR\"; "
+    "or run where a keyring is unlocked (a desktop session); or a file-backed backend (pip install "
+    "keyrings.alt; PYTHON_KEYRING_BACKEND=keyrings.alt.file.PlaintextKeyring stores values unencrypted in a "
+    "0600 file; EncryptedKeyring prompts for a password, which cron cannot answer)."
 )
 
 

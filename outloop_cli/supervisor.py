@@ -54,7 +54,7 @@ def resolve_command(argv: Sequence[str], env: Mapping[str, str]) -> str:
         raise CommandNotFound("no command given: write it after `--`, e.g. `outloop run -- python loop.py`")
     name = argv[0]
     if "/" in name:
-        candidates = [Path(name)]
+        candidates = [Path(name).absolute()]  # wrappers (bwrap, prlimit) would search PATH for "loop.sh"
     else:
         found = shutil.which(name, path=env.get("PATH", os.defpath))
         if found:

@@ -92,8 +92,8 @@ def test_events_filter_by_workspace_decision_and_time(audited_world: AuditedWorl
     denied = run_json(audited_world, "audit", "events", "--workspace", "acme", "--decision", "deny", "--since", "1h")
     assert isinstance(denied, list) and len(denied) == 20  # 10 acme runs x 2 denials
     assert {(e["workspace"], e["decision"], e["kind"]) for e in denied} == {("acme", "deny", "request")}
-    assert {(e["path"], e["reason"]) for e in denied} == {("/crm/v3/objects/contacts/1/merge", "denied_by_rule"),
-                                                          ("/crm/v3/objects/contacts/1", "no_matching_rule")}
+    reasons = {(str(e["path"]).rsplit("/contacts/", 1)[1], e["reason"]) for e in denied}
+    assert reasons == {("1/merge", "denied_by_rule"), ("1", "no_matching_rule")}
     times = [e["ts"] for e in denied]
     assert times == sorted(times, reverse=True)
     assert run_json(audited_world, "audit", "events", "--until", "1h") == []
@@ -218,7 +218,7 @@ def test_tail_of_a_killed_run_stops_and_says_so(audited_world: AuditedWorld) -> 
     result = audited_world.world.outloop("audit", "tail", audited_world.killed, timeout=20)
     assert result.code == 1
     assert "stopped without an end record" in result.err
-    assert "GET  /crm/v3/objects/contacts/99" in result.out or "/crm/v3/objects/contacts/99" in result.out
+    assert "/crm/v3/objects/contacts/99" in result.out
 
 
 # -- audit export and prune ----------------------------------------------------------------------------
@@ -232,12 +232,8 @@ def test_export_jsonl_holds_every_event_exactly(audited_world: AuditedWorld) -> 
         first_hash = conn.execute("SELECT hash FROM events ORDER BY ts, rowid LIMIT 1").fetchone()[0]
     assert result.code == 0 and len(events) == total
     assert events[0]["hash"] == first_hash and events[0]["kind"] == "run_start"
-    assert run_json_lines_sorted(events)
-
-
-def run_json_lines_sorted(events: list[dict[str, object]]) -> bool:
     stamps = [float(str(e["ts"])) for e in events]
-    return stamps == sorted(stamps)
+    assert stamps == sorted(stamps)
 
 
 def test_export_csv_has_a_header_and_respects_since(audited_world: AuditedWorld) -> None:

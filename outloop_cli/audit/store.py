@@ -5,7 +5,6 @@ Everything that knows audit.db's layout or how an event is hashed lives here, so
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import functools
@@ -20,7 +19,10 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+if TYPE_CHECKING:
+    import asyncio  # imported lazily at run time: `outloop audit` and `--help` never need an event loop
 
 from outloop_cli.errors import AuditError
 
@@ -187,7 +189,7 @@ def _column_value(name: str, value: object) -> object:
     if name in _REAL_COLUMNS:
         if not isinstance(value, int | float):
             raise TypeError(f"audit field {name} must be a number")
-        number = float(value)
+        number = float(value) + 0.0  # -0.0 + 0.0 is 0.0: SQLite hands -0.0 back as 0.0
         return number if math.isfinite(number) else None  # SQLite would turn NaN into NULL anyway
     raise TypeError(f"unknown audit field {name}")
 
@@ -338,7 +340,7 @@ class ResponseRecord:
 
 _Outcome = int | AuditError
 # Who waits for an event's commit: a thread, an asyncio task, or nobody (fire-and-forget).
-_Waiter = concurrent.futures.Future[int] | asyncio.Future[int] | None
+_Waiter: TypeAlias = "concurrent.futures.Future[int] | asyncio.Future[int] | None"
 
 
 @dataclass(frozen=True)
@@ -375,10 +377,10 @@ def _notify(outcomes: list[tuple[_Waiter, _Outcome]]) -> None:
     """Wake each waiting event loop once per batch: a wakeup per event cost more than the commit."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], _Outcome]]] = {}
     for waiter, outcome in outcomes:
-        if isinstance(waiter, asyncio.Future):
-            by_loop.setdefault(waiter.get_loop(), []).append((waiter, outcome))
-        elif waiter is not None:
+        if isinstance(waiter, concurrent.futures.Future):
             _settle(waiter, outcome)
+        elif waiter is not None:
+            by_loop.setdefault(waiter.get_loop(), []).append((waiter, outcome))
     for loop, settled in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
             loop.call_soon_threadsafe(_settle_all, settled)
@@ -562,6 +564,8 @@ class RunLog:
         return future.result()
 
     async def _wait_async(self, make: Callable[[_Waiter], _Item]) -> int:
+        import asyncio
+
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._submit(make(future))
         return await future

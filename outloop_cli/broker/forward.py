@@ -104,16 +104,20 @@ def upstream_query(raw_query: str, injector: Injector, drop_values_containing: s
 def child_response_headers(
     raw_headers: Iterable[tuple[bytes, bytes]], variants: tuple[bytes, ...], location: str | None
 ) -> CIMultiDict[str]:
+    """The upstream's headers as the child may see them, with `location` (the rewritten redirect) in place.
+
+    Names are masked as well as values, and so is the rewritten Location: an upstream that echoes a query-injected
+    key into its redirect would otherwise hand it to the child. `Outloop-*` headers are the broker's own; an
+    upstream must not be able to forge a broker decision.
+    """
     headers: CIMultiDict[str] = CIMultiDict()
     for raw_name, raw_value in raw_headers:
         name = raw_name.decode("latin-1")
         lower = name.lower()
-        if lower in NEVER_TO_CHILD:
+        if lower in NEVER_TO_CHILD or lower.startswith("outloop-"):
             continue
-        if lower == "location" and location is not None:
-            headers.add(name, location)
-            continue
-        headers.add(name, redact_text(raw_value.decode("latin-1"), variants))
+        value = location if lower == "location" and location is not None else raw_value.decode("latin-1")
+        headers.add(redact_text(name, variants), redact_text(value, variants))
     return headers
 
 

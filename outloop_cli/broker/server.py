@@ -5,6 +5,7 @@ One handler on aiohttp's low-level server: the router would decode the path befo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -36,7 +37,7 @@ from outloop_cli.broker.http_server import BrokerHTTPServer
 from outloop_cli.broker.limits import Limits
 from outloop_cli.broker.listeners import Listeners
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
-from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, secret_variants
+from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
 from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import AuditError
 from outloop_cli.policy import PathRejected, decide, normalise_path
@@ -48,6 +49,9 @@ SECRET_PREFIX = "/v1/secret/"
 MAX_REQUEST_BODY = 256 * 1024 * 1024
 MAX_AUDITED_PATH = 1024
 STREAM_CHUNK = 64 * 1024
+# close() runs once the child's tree is gone, so no one waits for an answer any more: a handler still waiting on
+# a slow upstream must not hold the run's exit (aiohttp's default is 60 s, which `--timeout` would not cover).
+SHUTDOWN_GRACE = 1.0
 
 
 class Broker:
@@ -103,7 +107,8 @@ class Broker:
 
     async def _serve(self, sock: socket.socket, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
                      ) -> None:
-        runner = web.ServerRunner(BrokerHTTPServer(handler, self._protocol_error), handle_signals=False)
+        runner = web.ServerRunner(BrokerHTTPServer(handler, self._protocol_error), handle_signals=False,
+                                  shutdown_timeout=SHUTDOWN_GRACE)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         self._runners.append(runner)
@@ -237,17 +242,23 @@ class Broker:
         try:
             path = normalise_path(upstream_path)
         except PathRejected as exc:
-            return await self._deny(request, credential, 400, "bad_request", exc.reason, str(exc))
+            return await self._deny(request, credential, 400, "bad_request", exc.reason, str(exc), path=upstream_path)
         try:
             query = upstream_query(raw_query, self._injectors[name], self.run_token)
         except BadQuery as exc:
-            return await self._deny(request, credential, 400, "bad_request", "bad_query", str(exc))
+            return await self._deny(request, credential, 400, "bad_request", "bad_query", str(exc),
+                                    path=upstream_path)
         decision = decide(request.method, path, credential.allow, credential.deny)
         if not decision.allowed:
             message = (f"{request.method} {_short(upstream_path)} is not allowed for {name!r}"
                        + (f" (denied by rule {decision.rule!r})" if decision.rule else " (no allow rule matches)"))
             return await self._deny(request, credential, 403, "denied", decision.reason, message,
-                                    rule=decision.rule)
+                                    rule=decision.rule, path=upstream_path)
+        if request.content_length is not None and request.content_length > MAX_REQUEST_BODY:
+            # Refused before anything goes upstream; a chunked body is cut at the same size while it streams.
+            return await self._deny(request, credential, 413, "bad_request", "body_too_large",
+                                    f"request body larger than {MAX_REQUEST_BODY} bytes", rule=decision.rule,
+                                    path=upstream_path)
         verdict = self.limits.admit(name)
         if not verdict.ok:
             self.stats.credential(name).rate_limited += 1
@@ -256,7 +267,7 @@ class Broker:
                        else f"max_requests reached for {scope}")
             headers = {"Retry-After": str(max(1, round(verdict.retry_after)))} if verdict.retry_after else {}
             return await self._deny(request, credential, 429, verdict.reason, verdict.reason, message,
-                                    rule=decision.rule, headers=headers)
+                                    rule=decision.rule, headers=headers, path=upstream_path)
         try:
             seq = await self._audit_request(request, credential, upstream_path, "allow", decision.reason,
                                             decision.rule, None)
@@ -279,6 +290,9 @@ class Broker:
                                 request)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             return outcome.fail(499, "client_disconnected", "the client went away", credential, request)
+        except asyncio.CancelledError:
+            outcome.error = "run_ended"  # close() cancelled it: the child's tree is gone
+            raise
         except aiohttp.ClientError as exc:
             return outcome.fail(502, "upstream_error", f"cannot reach {credential.host}: {type(exc).__name__}",
                                 credential, request)
@@ -310,7 +324,11 @@ class Broker:
         async with self._session.request(request.method, url, headers=headers, data=body,
                                          allow_redirects=False, timeout=timeout) as upstream:
             outcome.status = upstream.status
-            encoding = upstream.headers.get("Content-Encoding", "").strip().lower()
+            # One coding at most: with several (or the header twice) aiohttp decodes one of them, so the body the
+            # redactor sees, and the length the child is told, would not be what the upstream meant.
+            codings = [token.strip().lower() for value in upstream.headers.getall("Content-Encoding", ())
+                       for token in value.split(",")]
+            encoding = codings[0] if len(codings) == 1 else ("" if not codings else "multiple")
             if encoding not in DECODABLE_ENCODINGS:
                 return outcome.fail(502, "upstream_error", "upstream used a content-encoding outloop cannot "
                                     "inspect for secrets", credential, reason="unsupported_encoding")
@@ -321,8 +339,9 @@ class Broker:
                     return outcome.fail(403, "denied", "upstream redirected outside the credential's base_url; "
                                         "outloop neither follows nor returns such redirects", credential,
                                         reason="redirect_off_host")
+            reason = redact_text(upstream.reason, self._variants) if upstream.reason else None  # may echo a key
             response = web.StreamResponse(
-                status=upstream.status, reason=upstream.reason,
+                status=upstream.status, reason=reason,
                 headers=child_response_headers(upstream.raw_headers, self._variants, location))
             if encoding in ("", "identity") and upstream.content_length is not None:
                 response.content_length = upstream.content_length
@@ -368,9 +387,11 @@ class Broker:
 
     async def _deny(self, request: web.BaseRequest, credential: Credential | None, status: int, code: str,
                     reason: str, message: str, *, rule: str | None = None, asked_for: str | None = None,
-                    headers: Mapping[str, str] | None = None) -> web.Response:
+                    headers: Mapping[str, str] | None = None, path: str | None = None) -> web.Response:
+        """Audit the refusal (committed first), count it, answer it. `path` is the upstream path when known, so
+        a request is recorded under the same spelling whether it was allowed or denied."""
         name = credential.name if credential else asked_for
-        path = request.raw_path.partition("?")[0]
+        path = path if path is not None else request.raw_path.partition("?")[0]
         try:
             await self._audit_request(request, credential, path, "deny", reason, rule, status,
                                       credential_name=name)

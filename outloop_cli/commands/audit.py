@@ -37,8 +37,9 @@ from outloop_cli.timespec import format_time, parse_age, parse_point
 from outloop_cli.units import format_bytes, format_duration
 
 app = typer.Typer(
-    help="Read the audit log: recent runs (this listing when no subcommand is given), one run, events across "
-         "runs, a live run, tamper checks, export and pruning.",
+    help="Read the audit log. Without a subcommand: recent runs, newest first (NO END marks a run that never "
+         "recorded its end, e.g. after kill -9). Subcommands: one run, events across runs, a live run, tamper "
+         "checks, export and pruning.",
     rich_markup_mode=None,
 )
 RunIdArgument = Annotated[str, typer.Argument(help="A run id from `outloop audit`, or `last`.", show_default=False)]
@@ -95,7 +96,8 @@ def recent(
         note("no runs recorded yet" + (f" for workspace {workspace!r}" if workspace else ""))
         return
     print_table(("started", "run", "workspace", "command", "exit", "duration", "allowed", "denied", "sandbox",
-                 "state"), [_run_cells(item) for item in runs], right=("exit", "duration", "allowed", "denied"))
+                 "state"), [_run_cells(item) for item in runs], right=("exit", "duration", "allowed", "denied"),
+                whole=("started", "run"))
 
 
 def _run_cells(item: RunView) -> list[object]:
@@ -140,7 +142,7 @@ def show(
     sys.stdout.write("\n")
     print_table(("seq", "time", "kind", "credential", "request", "decision", "reason", "status", "ms", "in",
                  "out"), [_event_cells(e, with_run=False) for e in events],
-                right=("seq", "status", "ms", "in", "out"))
+                right=("seq", "status", "ms", "in", "out"), whole=("seq", "time"))
     if total > len(events):
         note(f"{total - len(events)} more events not shown; use --limit {total} or --json")
 
@@ -198,7 +200,7 @@ def events(
         return
     print_table(("time", "run", "workspace", "kind", "credential", "request", "decision", "reason", "status",
                  "ms", "in", "out"), [_event_cells(e, with_run=True) for e in found],
-                right=("status", "ms", "in", "out"))
+                right=("status", "ms", "in", "out"), whole=("time", "run"))
     if len(found) == limit:
         note(f"showing the newest {limit}; narrow with --since/--until or raise --limit")
 

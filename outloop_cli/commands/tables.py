@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from outloop_cli.commands.output import console, wants_plain
 
 
-def print_table(columns: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[str] = ()) -> None:
-    """`right` names the numeric columns, aligned right in both forms."""
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[str] = (),
+                whole: Sequence[str] = ()) -> None:
+    """`right` names the numeric columns, aligned right in both forms; on a narrow terminal the other columns
+    are cut short with an ellipsis, except those named in `whole` (ids people copy), which are never shortened."""
     cells = [[_text(value) for value in row] for row in rows]
     if wants_plain(sys.stdout):
         widths = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
@@ -25,8 +27,10 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[object]], *, rig
     from rich.text import Text
 
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in columns:
-        table.add_column(column, justify="right" if column in right else "left", overflow="fold")
+    for index, column in enumerate(columns):
+        widest = max([len(column), *(len(row[index]) for row in cells)])
+        table.add_column(column, justify="right" if column in right else "left", no_wrap=True,
+                         overflow="ellipsis", min_width=widest if column in whole else None)
     for row in cells:
         table.add_row(*(Text(cell) for cell in row))  # Text, not markup: values come from loops and profiles
     console().print(table)

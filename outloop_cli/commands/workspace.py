@@ -73,8 +73,8 @@ def show(workspace: WorkspaceArgument, profiles: ProfilesOption = None, as_json:
     for name, cred in credentials.items():
         owner = "" if cred["owner"] == profile.workspace else f" (from {cred['owner']})"
         sys.stdout.write(f"\n[credentials.{name}]{owner}\n")
-        state = cred["secret_state"] if not cred["secret_problem"] else f"{cred['secret_state']}: " \
-                                                                        f"{cred['secret_problem']}"
+        problem = cred["secret_problem"]
+        state = f"{cred['secret_state']}: {problem}" if problem else cred["secret_state"]
         print_pairs([("secret", f"{cred['secret']} ({state})"),
                      *((key, value) for key, value in cred.items()
                        if key not in ("owner", "secret", "secret_state", "secret_problem")
