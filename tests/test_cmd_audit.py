@@ -161,7 +161,9 @@ def test_a_killed_run_is_incomplete_not_tampered(audited_world: AuditedWorld) ->
 def test_tampering_fails_verify_naming_the_run_and_first_broken_event(
     audited_world: AuditedWorld, name: str, statement: str, seq: int, words: str
 ) -> None:
-    run_id = audited_world.finished[4]
+    run_id = next(run for run in audited_world.finished  # an acme run: it has events up to seq 10
+                  if sqlite3.connect(audited_world.world.audit_db).execute(
+                      "SELECT workspace FROM runs WHERE run_id = ?", (run,)).fetchone()[0] == "acme")
     home = copy_home(audited_world.world, name)
     tamper(home, statement.format(run=run_id))
     result = audited_world.world.outloop("audit", "verify", env=env_for(audited_world.world, home))
