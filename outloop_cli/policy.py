@@ -247,11 +247,15 @@ def _decode_segment(segment: str) -> str:
 
 
 def decide(method: str, path: NormalisedPath, allow: Sequence[Rule], deny: Sequence[Rule]) -> Decision:
-    """Deny wins and no match is deny, so a forgotten rule can only ever block, never expose."""
+    """Deny wins and no match is deny, so a forgotten rule can only ever block, never expose.
+
+    Deny rules also match the path as a lenient upstream may read it (see `_deny_matches`); allow rules stay
+    exact. Leniency can therefore only block more, never expose more.
+    """
     if not _METHOD_TOKEN.fullmatch(method):
         return Decision(allowed=False, reason="bad_method", rule=None)
     for rule in deny:
-        if _matches(rule, method, path):
+        if _deny_matches(rule, method, path):
             return Decision(allowed=False, reason="denied_by_rule", rule=rule.text)
     for rule in allow:
         if _matches(rule, method, path):
@@ -261,6 +265,26 @@ def decide(method: str, path: NormalisedPath, allow: Sequence[Rule], deny: Seque
 
 def _matches(rule: Rule, method: str, path: NormalisedPath) -> bool:
     return rule.method in ("*", method) and match_glob(rule.segments, path.segments)
+
+
+def _deny_matches(rule: Rule, method: str, path: NormalisedPath) -> bool:
+    """Exact match, or match ignoring ASCII case and one trailing slash.
+
+    Many servers route "/a/merge/" to "/a/merge" (Express, Spring) and "/A/MERGE" to "/a/merge" (ASP.NET,
+    IIS); a deny rule carved out of a wider allow must not be dodged by such a spelling.
+    """
+    if _matches(rule, method, path):
+        return True
+    if rule.method not in ("*", method):
+        return False
+    return match_glob(_folded(rule.segments), _folded(path.segments))
+
+
+def _folded(segments: tuple[str, ...]) -> tuple[str, ...]:
+    """Lower case, without a trailing empty segment (the root "/" keeps its one)."""
+    if len(segments) > 1 and segments[-1] == "":
+        segments = segments[:-1]
+    return tuple(segment.lower() for segment in segments)
 
 
 def match_glob(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:

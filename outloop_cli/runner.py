@@ -122,6 +122,7 @@ def execute(request: RunRequest) -> RunReport:
         network = request.network or profile.run.network
         for name, cred in profile.credentials.items():
             resolved_secrets[name] = resolve_secret(cred.owner, name, cred.secret_ref, environ)
+        refuse_secrets_in_child_env(profile, environ, resolved_secrets)
         return asyncio.run(_execute(request, home, profile, resolved_secrets, timeout, network), debug=False)
     except _StartFailed as failure:
         raise failure.error from None
@@ -131,6 +132,29 @@ def execute(request: RunRequest) -> RunReport:
     finally:
         for secret in resolved_secrets.values():
             secret.wipe()
+
+
+MIN_SUBSTRING_SECRET = 8  # shorter secrets are only refused as a whole value: "abc" may well occur in a PATH
+
+
+def refuse_secrets_in_child_env(profile: Profile, environ: Mapping[str, str], secrets: Mapping[str, Secret]) -> None:
+    """The child never holds a secret, even where the profile's author put one in its reach by mistake: a key
+    pasted into env_set or child_env, or an env_keep glob passing a variable that holds a key (ProfileError, 125).
+
+    The message names the variable and the credential, never the value.
+    """
+    values = dict(child_environment(environ, profile.run.env_keep, profile.run.env_set, {}))
+    for credential in profile.credentials.values():
+        values.update(credential.child_env)
+    for name, secret in secrets.items():
+        value = secret.reveal()
+        if not value:
+            continue
+        for variable, text in values.items():
+            if text == value or (len(value) >= MIN_SUBSTRING_SECRET and value in text):
+                raise ProfileError(
+                    f"{profile.path}: the child's environment variable {variable} would hold the secret of "
+                    f"credential {name!r}; remove it from run.env_keep, run.env_set or child_env")
 
 
 class _StartFailed(Exception):
@@ -167,7 +191,7 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
     base_url_mode = any(cred.child_env for cred in profile.credentials.values())
     relay_socket = run_dir / "loopback.sock" if base_url_mode else None
     plan = sandbox.plan(profile, network, home=home, run_dir=run_dir, environ=request.environ,
-                        relay_socket=relay_socket)
+                        relay_socket=relay_socket, profile_dirs=profile_dirs(request.profiles_dir, request.environ))
     run_token = "outloop-" + token_source.token_urlsafe(24)
     outloop_vars = {"OUTLOOP_SOCKET": str(socket_path), "OUTLOOP_RUN_ID": run_id,
                     "OUTLOOP_WORKSPACE": profile.workspace}

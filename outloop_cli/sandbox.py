@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import site
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -174,8 +175,23 @@ def _classify(paths: Iterable[Path]) -> tuple[list[str], list[str]]:
     return covered, files
 
 
+def readonly_dirs(profile_dirs: Iterable[Path], hidden: Sequence[str]) -> list[str]:
+    """Dirs the child may read but not change: the profile lookup path (so it cannot rewrite or shadow the rules
+    of the next run) and outloop's own installation (the code, and the interpreter's start-up files, that will
+    hold the next run's secrets). Dirs already hidden, or inside one, need nothing.
+    """
+    package = Path(__file__).resolve().parent
+    candidates = [*profile_dirs, package, Path(sys.prefix), Path(site.getusersitepackages())]
+    found = sorted({os.path.realpath(path) for path in candidates if os.path.isdir(path)}, key=len)
+    chosen: list[str] = []
+    for path in found:
+        if path != "/" and not any(path == top or path.startswith(top + "/") for top in [*hidden, *chosen]):
+            chosen.append(path)
+    return chosen
+
+
 def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: Mapping[str, str],
-         relay_socket: Path | None) -> Plan:
+         relay_socket: Path | None, profile_dirs: Sequence[Path] = ()) -> Plan:
     """Choose the layers for this run; raise SandboxError (exit 125) when the profile requires one we lack."""
     layers = {"environment": "stripped", "supervision": "process group + subreaper"}
     layers["broker_memory"] = "dumpable (PR_SET_DUMPABLE unavailable)" if is_dumpable() else "not dumpable"
@@ -198,13 +214,14 @@ def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: 
         layers["hidden_paths"] = "NOT hidden (no mount namespace)"
     else:
         dirs, files = hidden_paths(profile, home, environ)
-        layers["hidden_paths"] = f"{len(dirs) + len(files)} paths masked"
+        readonly = readonly_dirs(profile_dirs, dirs)
+        layers["hidden_paths"] = f"{len(dirs) + len(files)} paths masked, {len(readonly)} read-only"
         if backend == "bwrap":
-            wrapper = _bubblewrap(dirs, files, run_dir, isolate)
+            wrapper = _bubblewrap(dirs, files, run_dir, isolate, readonly)
             if relay_port is not None:
                 wrapper += _init(relay=(relay_port, relay_socket))
         else:
-            wrapper = _init(unshare=(dirs, files, run_dir, isolate),
+            wrapper = _init(unshare=(dirs, files, run_dir, isolate), readonly=readonly,
                             relay=(relay_port, relay_socket) if relay_port is not None else None)
     limits = _limits(profile)
     if limits:
@@ -218,12 +235,14 @@ def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: 
                 wrapper_persists=backend == "bwrap" or relay_port is not None)
 
 
-def _bubblewrap(dirs: list[str], files: list[str], run_dir: Path, isolate: bool) -> list[str]:
+def _bubblewrap(dirs: list[str], files: list[str], run_dir: Path, isolate: bool, readonly: list[str]) -> list[str]:
     argv = [str(bubblewrap_path()), "--dev-bind", "/", "/", "--die-with-parent"]
     if isolate:
         argv.append("--unshare-net")
     if os.geteuid() == 0:
         argv += ["--cap-drop", "ALL"]  # root in the sandbox must not be able to unmount the masks
+    for directory in readonly:  # first: the masks below go on top of these binds, never under them
+        argv += ["--ro-bind", directory, directory]
     for directory in dirs:
         argv += ["--tmpfs", directory]
     for file in files:
@@ -232,7 +251,7 @@ def _bubblewrap(dirs: list[str], files: list[str], run_dir: Path, isolate: bool)
     return argv
 
 
-def _init(*, unshare: tuple[list[str], list[str], Path, bool] | None = None,
+def _init(*, unshare: tuple[list[str], list[str], Path, bool] | None = None, readonly: Sequence[str] = (),
           relay: tuple[int | None, Path | None] | None = None) -> list[str]:
     argv = [sys.executable, "-m", "outloop_cli.sandbox_init"]
     if unshare is not None:
@@ -240,6 +259,8 @@ def _init(*, unshare: tuple[list[str], list[str], Path, bool] | None = None,
         argv.append("--unshare")
         if not isolate:
             argv.append("--share-network")
+        for directory in readonly:
+            argv += ["--readonly-dir", directory]
         for directory in dirs:
             argv += ["--hide-dir", directory]
         for file in files:

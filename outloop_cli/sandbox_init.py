@@ -30,8 +30,13 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_RELATIME = 1 << 21
 MS_PRIVATE = 1 << 18
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -82,6 +87,22 @@ def _bring_loopback_up() -> None:
         request = struct.pack("16sH", b"lo", 0)
         flags = struct.unpack("16sH", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | IFF_UP))
+
+
+def make_readonly(dirs: list[str]) -> None:
+    """Bind each dir onto itself, then remount that bind read-only (before the masks, which go on top).
+
+    In a user namespace the remount must repeat the flags the kernel locked on the original mount (nosuid,
+    nodev, noexec, atime), or it is refused; statvfs says which are set.
+    """
+    for path in dirs:
+        _check(_libc.mount(path.encode(), path.encode(), None, MS_BIND | MS_REC, None), f"read-only {path}")
+        flags = os.statvfs(path).f_flag
+        kept = flags & (MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        kept |= (MS_NOATIME if flags & os.ST_NOATIME else 0) | (MS_NODIRATIME if flags & os.ST_NODIRATIME else 0)
+        kept |= MS_RELATIME if flags & os.ST_RELATIME else 0
+        _check(_libc.mount(None, path.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, None),
+               f"read-only {path}")
 
 
 def hide_paths(dirs: list[str], files: list[str], keep: list[str]) -> None:
@@ -165,6 +186,7 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--hide-dir", action="append", default=[])
     parser.add_argument("--hide-file", action="append", default=[])
     parser.add_argument("--keep-dir", action="append", default=[])
+    parser.add_argument("--readonly-dir", action="append", default=[])
     parser.add_argument("--relay", nargs=2, metavar=("PORT", "SOCKET"))
     parser.add_argument("command", nargs=argparse.REMAINDER)
     options = parser.parse_args(args)
@@ -174,6 +196,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         if options.unshare:
             unshare_namespaces(isolate_network=not options.share_network)
+            make_readonly(options.readonly_dir)
             hide_paths(options.hide_dir, options.hide_file, options.keep_dir)
             drop_root_capabilities()
     except (SandboxSetupError, OSError) as exc:

@@ -59,7 +59,8 @@ rule_lists = st.lists(rule_texts.map(parse_rule), max_size=4)
 accepted_paths = st.builds(
     lambda segments, trailing: "/" + "/".join(segments) + ("/" if trailing and segments else ""),
     st.lists(
-        st.lists(st.sampled_from(["a", "b", "ab", "x", "%C3%A9", "%3A", "%20"]), min_size=1, max_size=2).map(
+        st.lists(st.sampled_from(["a", "b", "ab", "x", "A", "aB", "%C3%A9", "%3A", "%20"]), min_size=1,
+                 max_size=2).map(
             "".join
         ),
         max_size=5,
@@ -95,9 +96,20 @@ def _reference_matches(rule: Rule, method: str, raw: str) -> bool:
     return method_ok and _reference_glob_regex(rule.text).fullmatch(decoded) is not None
 
 
+def _reference_deny_matches(rule: Rule, method: str, raw: str) -> bool:
+    """Deny rules also catch the path as a lenient upstream reads it: any ASCII case, one trailing slash."""
+    decoded = unquote(raw, errors="strict").lower()
+    if len(decoded) > 1 and decoded.endswith("/"):
+        decoded = decoded[:-1]
+    method_ok = rule.text.split(" ", 1)[0] in ("*", method)
+    text = rule.text.lower()
+    lowered = _reference_glob_regex(text[:-1] if text.endswith("/") and not text.endswith(" /") else text)
+    return _reference_matches(rule, method, raw) or (method_ok and lowered.fullmatch(decoded) is not None)
+
+
 def _reference_decide(method: str, raw: str, allow: list[Rule], deny: list[Rule]) -> Decision:
     for rule in deny:
-        if _reference_matches(rule, method, raw):
+        if _reference_deny_matches(rule, method, raw):
             return Decision(False, "denied_by_rule", rule.text)
     for rule in allow:
         if _reference_matches(rule, method, raw):
@@ -167,6 +179,32 @@ def test_a_matching_deny_rule_always_wins(method: str, raw: str, allow: list[Rul
         decision = decide(method, path, allow_all, [*deny, deny_rule])
         assert decision.allowed is False
         assert decision.reason == "denied_by_rule"
+
+
+def _lenient_spellings(raw: str) -> list[str]:
+    """The path as a case-folding or slash-forgiving upstream would treat as the same: ASCII letters outside
+    percent-escapes swapped in case, with and without a trailing slash."""
+    swapped = "".join(
+        piece if piece.startswith("%") else piece.swapcase()
+        for piece in re.split(r"(%[0-9A-Fa-f]{2})", raw)
+    )
+    spellings = [swapped]
+    if raw != "/":
+        spellings += [raw + "/" if not raw.endswith("/") else raw[:-1] + "/", swapped + "/"]
+    return [spelling for spelling in spellings if "//" not in spelling and _normalised_or_none(spelling)]
+
+
+@settings(max_examples=300)
+@given(request_methods, accepted_paths, rule_lists, rule_lists)
+def test_a_deny_rule_also_catches_case_and_trailing_slash_spellings(
+    method: str, raw: str, allow: list[Rule], deny: list[Rule]
+) -> None:
+    path = normalise_path(raw)
+    allow_all = [*allow, parse_rule("* /**")]
+    for deny_rule in _deny_rules_matching(method, path):
+        for spelling in _lenient_spellings(raw):
+            decision = decide(method, normalise_path(spelling), allow_all, [*deny, deny_rule])
+            assert decision.allowed is False, (deny_rule.text, spelling)
 
 
 @settings(max_examples=300)

@@ -733,7 +733,7 @@ class EventRow:
     hash: str
 
 
-def _loads(text: object) -> object:
+def loads_lenient(text: object) -> object:
     # A tampered cell must not crash the commands that would show it; verify reports the tampering.
     if not isinstance(text, str):
         return text
@@ -749,16 +749,16 @@ _EVENT_SELECT: Final = f"SELECT {', '.join((*EVENT_COLUMNS, 'hash'))} FROM event
 
 def _run_row(row: tuple[object, ...]) -> RunRow:
     values = dict(zip(_RUN_COLUMNS, row, strict=True))
-    command = _loads(values["command"])
+    command = loads_lenient(values["command"])
     values["command"] = command if isinstance(command, list) else [str(command)]
-    values["sandbox"] = _loads(values["sandbox"])
+    values["sandbox"] = loads_lenient(values["sandbox"])
     return RunRow(**values, incomplete=values["ended_at"] is None)  # type: ignore[arg-type]
 
 
 def _event_row(row: tuple[object, ...]) -> EventRow:
     values = dict(zip((*EVENT_COLUMNS, "hash"), row, strict=True))
     if values["detail"] is not None:
-        detail = _loads(values["detail"])
+        detail = loads_lenient(values["detail"])
         values["detail"] = detail if isinstance(detail, dict) else {"unparsable": values["detail"]}
     return EventRow(**values)  # type: ignore[arg-type]
 

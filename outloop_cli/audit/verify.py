@@ -5,12 +5,11 @@ This is what turns "the log says so" into evidence: an edited, deleted or trunca
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from outloop_cli.audit.store import EVENT_COLUMNS, GENESIS_HASH, event_hash, snapshot
+from outloop_cli.audit.store import EVENT_COLUMNS, GENESIS_HASH, event_hash, loads_lenient, snapshot
 from outloop_cli.errors import UsageError
 
 
@@ -69,7 +68,7 @@ def _walk(rows: Iterable[tuple[object, ...]]) -> _Chain:
                 chain.allowed += 1
             else:
                 chain.denied += 1
-        detail = _json(fields["detail"])
+        detail = loads_lenient(fields["detail"])
         if kind == "run_start":
             chain.start = {**fields, "detail": detail if isinstance(detail, dict) else {}}
         elif kind == "run_end":
@@ -111,7 +110,7 @@ def _compare_run(run: dict[str, object], chain: _Chain) -> tuple[str, int] | Non
     assert isinstance(start_detail, dict)
     if (run["workspace"], run["started_at"]) != (start["workspace"], start["ts"]):
         return "the runs row's workspace or start time does not match run_start", 0
-    recorded_start = (_json(run["command"]), _json(run["sandbox"]))
+    recorded_start = (loads_lenient(run["command"]), loads_lenient(run["sandbox"]))
     if recorded_start != (start_detail.get("command"), start_detail.get("sandbox")):
         return "the runs row's command or sandbox does not match run_start", 0
     if end is not None:
@@ -121,15 +120,6 @@ def _compare_run(run: dict[str, object], chain: _Chain) -> tuple[str, int] | Non
         if recorded_end != (end["ts"], end_detail.get("exit_code"), end_detail.get("duration")):
             return "the runs row's end time, exit code or duration does not match run_end", last
     return None
-
-
-def _json(text: object) -> object:
-    if not isinstance(text, str):
-        return text
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 _RUN_FIELDS = ("workspace", "command", "started_at", "ended_at", "exit_code", "duration", "allowed",

@@ -1,8 +1,8 @@
 """Raw HTTP/1.1 over the broker's Unix socket, for hostile loops: no client library tidies the attack up first.
 
 Standard library only: tests copy this file next to the loop script, which imports it inside `outloop run`.
-Every byte the broker sends back is also appended to `wire.log` in the working directory, so the session's
-canary collector sees exactly what the child saw.
+Every byte the broker sends back is also appended to a `wire-*.log` in the working directory (one per thread, so
+a response is never interleaved with another), and the session's canary collector sees exactly what the child saw.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
-WIRE_LOG = "wire.log"
 # Sent after an attack on the same connection: its answer (or its absence) shows how many requests the
 # broker read out of the attack's bytes, without waiting for an idle timeout.
 SENTINEL = b"GET /v1/run HTTP/1.1\r\nHost: broker\r\nConnection: close\r\n\r\n"
@@ -63,17 +63,17 @@ def connect(path: str | None = None, timeout: float = 10.0) -> socket.socket:
 
 def _log(data: bytes) -> None:
     if data:
-        with open(WIRE_LOG, "ab") as handle:
+        with open(f"wire-{os.getpid()}-{threading.get_native_id()}.log", "ab") as handle:
             handle.write(data)
 
 
-def parse_one(data: bytes, head_request: bool = False) -> tuple[Answer, bytes] | None:
+def parse_one(data: bytes, *, head_request: bool = False, at_eof: bool = False) -> tuple[Answer, bytes] | None:
     """One complete response from the front of `data`, or None when more bytes are needed."""
     end = data.find(b"\r\n\r\n")
     if end < 0:
         return None
     lines = data[:end].decode("latin-1").split("\r\n")
-    _, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+    _, status, reason = [*lines[0].split(" ", 2), ""][:3]
     headers = [(name.strip(), value.strip()) for name, _, value in (line.partition(":") for line in lines[1:])]
     rest = data[end + 4:]
     lookup = {name.lower(): value for name, value in headers}
@@ -98,7 +98,38 @@ def parse_one(data: bytes, head_request: bool = False) -> tuple[Answer, bytes] |
         if len(rest) < length:
             return None
         return Answer(code, reason, headers, rest[:length]), rest[length:]
-    return None  # read-until-close body: complete only at EOF
+    return (Answer(code, reason, headers, rest), b"") if at_eof else None  # body framed by the close
+
+
+def read_answers(sock: socket.socket, result: Exchange, *, timeout: float, want: int | None = None,
+                 head: bool = False) -> None:
+    """Read until the broker closes (or `want` answers arrived, or `timeout`), parsing answers as they come."""
+    buffer = result.leftover
+    deadline = time.monotonic() + timeout
+    while want is None or len(result.answers) < want:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            chunk = b""
+        except TimeoutError:
+            break
+        _log(chunk)
+        if not chunk:
+            result.closed = True
+        buffer += chunk
+        while buffer:
+            parsed = parse_one(buffer, head_request=head and not result.answers, at_eof=result.closed)
+            if parsed is None:
+                break
+            answer, buffer = parsed
+            result.answers.append(answer)
+        if result.closed:
+            break
+    result.leftover = buffer
 
 
 def exchange(payload: bytes | list[bytes], *, sock: socket.socket | None = None, gap: float = 0.0,
@@ -112,7 +143,6 @@ def exchange(payload: bytes | list[bytes], *, sock: socket.socket | None = None,
     sock = sock or connect(timeout=timeout)
     pieces = payload if isinstance(payload, list) else [payload]
     result = Exchange()
-    buffer = b""
     try:
         for index, piece in enumerate(pieces):
             if index and gap:
@@ -122,37 +152,9 @@ def exchange(payload: bytes | list[bytes], *, sock: socket.socket | None = None,
             sock.sendall(SENTINEL)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the broker hung up mid-attack: what it sent before that is still readable
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            chunk = b""
-        except TimeoutError:
-            break
-        _log(chunk)
-        if not chunk:
-            result.closed = True
-            break
-        buffer += chunk
+    read_answers(sock, result, timeout=timeout, head=head)
     if own:
         sock.close()
-    while buffer:
-        parsed = parse_one(buffer, head_request=head and not result.answers)
-        if parsed is None:
-            break
-        answer, buffer = parsed
-        result.answers.append(answer)
-    if buffer and result.closed:
-        # A body framed by connection close is complete now.
-        try:
-            end = buffer.index(b"\r\n\r\n")
-            first = buffer[:end].decode("latin-1").split("\r\n")
-            result.answers.append(Answer(int(first[0].split(" ")[1]), "", [], buffer[end + 4:]))
-            buffer = b""
-        except (ValueError, IndexError):
-            pass
-    result.leftover = buffer
     return result
 
 
