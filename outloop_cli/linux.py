@@ -6,7 +6,6 @@ Kept apart so the supervisor, the sandbox and `outloop doctor` ask the kernel th
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 PR_GET_DUMPABLE = 3
@@ -21,7 +20,7 @@ def _prctl(option: int, arg: int = 0) -> int:
     if not sys.platform.startswith("linux"):
         return -1
     if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc = ctypes.CDLL(None, use_errno=True)  # libc is already loaded; find_library would spawn ldconfig
     return int(_libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0))
 
 

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import signal
@@ -47,7 +46,7 @@ CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 RELAY_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 EXIT_SANDBOX_FAILED = 125
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is already loaded; find_library would spawn ldconfig
 
 
 class SandboxSetupError(Exception):

@@ -27,6 +27,7 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
                      signal.SIGUSR2)
 KILL_GRACE_SECONDS = 5.0
 STRAY_GRACE_SECONDS = 1.0
+MEMORY_SAMPLE_SECONDS = 0.25
 
 
 class CommandNotFound(OutloopError):
@@ -97,6 +98,7 @@ class Supervisor:
         self._tree_empty = threading.Event()
         self._terminal_fd: int | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
+        self._peak_rss = 0
 
     def spawn(self, executable: str) -> int:
         set_child_subreaper()
@@ -120,9 +122,11 @@ class Supervisor:
         for sig in FORWARDED_SIGNALS:
             loop.add_signal_handler(sig, self._forward, sig)
         timer = loop.call_later(self.timeout, self._on_timeout) if self.timeout else None
+        sampler = asyncio.ensure_future(self._sample_memory())
         try:
             await self._exited.wait()
         finally:
+            sampler.cancel()
             for handle in (timer, self._kill_timer):
                 if handle is not None:
                     handle.cancel()
@@ -133,6 +137,13 @@ class Supervisor:
         return self._result(strays)
 
     # ----- internals -------------------------------------------------------------------------------------
+
+    async def _sample_memory(self) -> None:
+        """Peak of the tree's summed high-water marks. getrusage's ru_maxrss cannot serve: a child spawned by
+        a Python process inherits the parent's RSS as its own high-water mark until it execs."""
+        while True:
+            self._peak_rss = max(self._peak_rss, sum(_high_water(p.pid) for p in _descendants()))
+            await asyncio.sleep(MEMORY_SAMPLE_SECONDS)
 
     def _reap_forever(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reap every child, including adopted orphans, until the tree is empty (ECHILD)."""
@@ -201,7 +212,7 @@ class Supervisor:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         return ChildResult(
             exit_code=code, signal=sig, timed_out=self._timed_out, strays_killed=strays,
-            peak_rss_bytes=usage.ru_maxrss * 1024,
+            peak_rss_bytes=self._peak_rss,
             cpu_seconds=usage.ru_utime + usage.ru_stime - self._cpu_before,
             duration=time.monotonic() - self._started,
         )
@@ -222,6 +233,18 @@ class Supervisor:
                 os.tcsetpgrp(self._terminal_fd, os.getpgrp())
         finally:
             signal.signal(signal.SIGTTOU, previous)
+
+
+def _high_water(pid: int) -> int:
+    """VmHWM of one process in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _descendants() -> list[psutil.Process]:

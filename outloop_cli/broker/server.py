@@ -185,6 +185,10 @@ class Broker:
         if path == "/v1/run":
             if request.method != "GET":
                 return await self._deny(request, None, 400, "bad_request", "bad_method", "use GET /v1/run")
+            try:  # every broker request is an event, this harmless one too, so counts reconcile
+                await self._audit_request(request, None, "/v1/run", "allow", "run_info", None, 200)
+            except AuditError:
+                return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
             return web.json_response(self.run_info())
         return await self._deny(request, None, 400, "bad_request", "unknown_route",
                                 "routes: GET /v1/run, ANY /v1/http/<credential>/<path>, "

@@ -118,8 +118,8 @@ def _rich_summary(report: RunReport) -> None:
     header.add_row("duration", format_duration(report.duration))
     header.add_row("child", f"peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                    f"strays killed {report.strays_killed}")
-    sandbox_text = ", ".join(
-        f"[red]{k}: {v}[/]" if "NOT" in v else f"{k}: {v}" for k, v in report.sandbox.items())
+    sandbox_text = "\n".join(
+        f"[bold red]{k}: {v}[/]" if "NOT" in v else f"{k}: {v}" for k, v in report.sandbox.items())
     header.add_row("sandbox", sandbox_text)
     header.add_row("audit", f"{report.audit_events} events, head {report.audit_head[:16]}")
     table = Table(title=None, expand=False)
