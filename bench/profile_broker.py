@@ -22,7 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from broker import BENCH_DIR, PYTHON, Child, broker_targets, start_broker
-from common import REPO, short_tmpdir
+from common import REPO, fmt, short_tmpdir
 
 OUT_DIR = REPO / ".bench"
 
@@ -86,15 +86,18 @@ def run_profile(seconds: float, clients: int, audit: str, loop: str, native: boo
         spy_raw = subprocess.Popen([*base, "--format", "raw", "-o", str(raw)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)
+        cpu_before = _thread_cpu(host.pid)
         result = loadgen.ask({"cmd": "load", "target": target.address, "request": target.request,
                               "clients": clients, "duration": seconds, "warmup": 0.0, "watch": host.pid},
                              seconds + 60)
+        cpu_after = _thread_cpu(host.pid)
+        cpu = {tid: cpu_after[tid] - cpu_before.get(tid, 0.0) for tid in cpu_after}
         _, err = spy_raw.communicate(timeout=seconds + 60)
         if not raw.exists():
             raise SystemExit(f"py-spy wrote nothing: {err.strip()[-500:]}")
         svg_ok = _flamegraph(raw, svg)
         return {"load": result, "raw": str(raw), "svg": str(svg) if svg_ok else None,
-                "summary": summarise(raw.read_text())}
+                "summary": summarise(raw.read_text(), cpu)}
     finally:
         for child in reversed(children):
             child.stop(timeout=10)
@@ -120,50 +123,91 @@ def _frames(stack: str) -> list[str]:
     return out
 
 
-def summarise(text: str) -> dict[str, Any]:
-    threads: collections.Counter[str] = collections.Counter()
-    inclusive: collections.Counter[str] = collections.Counter()
-    leaf: collections.Counter[str] = collections.Counter()
-    total = 0
+# Leaf frames where a thread sits blocked (py-spy cannot always tell a blocked C call from work): dropped, and
+# each thread's share of the process's CPU comes from the kernel's per-thread counters (psutil) instead.
+WAIT_LEAVES = re.compile(r"^(RunLog\._loop \(outloop_cli/audit|serve\.<locals>\.watch_stdin|EpollSelector\.select"
+                         r"|Condition\.wait|Event\.wait|Thread\._wait_for_tstate_lock|SimpleQueue\.get)")
+
+
+def _thread_cpu(pid: int) -> dict[int, float]:
+    import psutil
+
+    try:
+        return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+    except psutil.Error:
+        return {}
+
+
+def summarise(text: str, cpu: dict[int, float] | None = None) -> dict[str, Any]:
+    """Per thread: busy samples, inclusive code paths and self-time leaves; weighted by the thread's real CPU."""
     compiled = [(label, re.compile(pattern)) for label, pattern in PATHS]
+    records = []  # (tid, thread label, frames, bare frames, count)
     for line in text.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
-        count = int(count_text)
         frames = _frames(stack)
-        thread = next((f for f in frames[:2] if f.startswith("thread")), "thread ?")
+        thread = next((f for f in frames[:2] if f.startswith("thread")), "thread (0)")
+        match = re.search(r"\((\d+)\)", thread)
         code = [f for f in frames if not f.startswith(("process", "thread"))]
         bare = [re.sub(r"^[\w<>]+\.(?=\w+ \()", "", f) for f in code]  # "Class.method (" -> "method ("
-        is_writer = any(f.startswith("_loop (outloop_cli/audit/store") for f in bare)
-        is_main = "MainThread" in thread
-        threads["audit writer thread" if is_writer else "event loop thread" if is_main else thread] += count
-        total += count
+        records.append((match[1] if match else "0", thread, code, bare, int(count_text)))
+    roles: dict[str, str] = {}
+    for tid, thread, _, bare, _ in records:
+        if any(f.startswith("_loop (outloop_cli/audit/store") for f in bare):
+            roles[tid] = "audit writer thread"
+        elif tid not in roles:
+            roles[tid] = ("event loop thread" if "MainThread" in thread else
+                          "bench helper (stdin watcher)" if "watch_stdin" in thread else
+                          thread.split(": ", 1)[-1])
+    busy: collections.Counter[str] = collections.Counter()
+    waiting: collections.Counter[str] = collections.Counter()
+    paths: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    leaves: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for tid, _, code, bare, count in records:
+        if not code or WAIT_LEAVES.match(code[-1]):
+            waiting[tid] += count
+            continue
+        busy[tid] += count
         for label, pattern in compiled:
             if any(pattern.search(f) for f in bare):
-                inclusive[label] += count
-        if code:
-            leaf[re.sub(r":\d+\)$", ")", code[-1])] += count
-    return {"total": total, "threads": dict(threads.most_common()),
-            "inclusive": [(label, inclusive[label]) for label, _ in PATHS],
-            "leaf": leaf.most_common(30)}
+                paths[tid][label] += count
+        leaves[tid][re.sub(r":\d+\)$", ")", code[-1])] += count
+    cpu = cpu or {}
+    total_cpu = sum(cpu.values()) or 0.0
+    threads = []
+    for tid in sorted(set(busy) | set(waiting), key=lambda t: -(cpu.get(int(t), 0.0) or busy[t])):
+        seconds = cpu.get(int(tid))
+        share = (seconds / total_cpu) if seconds is not None and total_cpu else None
+        threads.append({"tid": tid, "role": roles[tid], "cpu_s": seconds, "cpu_share": share,
+                        "busy_samples": busy[tid], "wait_samples": waiting[tid],
+                        "paths": [(label, paths[tid][label] / busy[tid]) for label, _ in PATHS
+                                  if busy[tid] and paths[tid][label]],
+                        "leaves": [(frame, n / busy[tid]) for frame, n in leaves[tid].most_common(12)]})
+    return {"threads": threads, "total_cpu_s": total_cpu}
 
 
 def render(profile: dict[str, Any], header: str) -> str:
     summary = profile["summary"]
-    total = summary["total"] or 1
     load = profile["load"]
     lines = [f"### {header}", "",
              f"Load during the profile: {load['rps']:,.0f} req/s, p50 {load['p50_ms']:.2f} ms, "
-             f"broker CPU {load.get('proxy_cpu_pct') or 0:.0f}%, {load.get('proxy_cpu_us_per_req') or 0:.0f} µs "
-             f"CPU/request. {total:,} samples (non-idle). Raw stacks: `{profile['raw']}`"
-             + (f", flame graph: `{profile['svg']}`." if profile.get("svg") else "."), "",
-             "| thread | share of samples |", "|---|---:|"]
-    lines += [f"| {name} | {count / total:.1%} |" for name, count in summary["threads"].items()]
-    lines += ["", "| code path (inclusive) | share of all broker samples |", "|---|---:|"]
-    lines += [f"| {label} | {count / total:.1%} |" for label, count in summary["inclusive"] if count]
-    lines += ["", "| top self-time frames | share |", "|---|---:|"]
-    lines += [f"| `{frame}` | {count / total:.1%} |" for frame, count in summary["leaf"][:20]]
+             f"broker CPU {load.get('proxy_cpu_pct') or 0:.0f}% of a core, "
+             f"{load.get('proxy_cpu_us_per_req') or 0:.0f} µs CPU/request (py-spy pauses the process to sample, "
+             f"so it runs slower than unprofiled). Raw stacks: `{Path(profile['raw']).relative_to(REPO)}`.", "",
+             "| thread | CPU s (kernel) | share of broker CPU | busy samples |", "|---|---:|---:|---:|"]
+    for t in summary["threads"]:
+        lines.append(f"| {t['role']} | {fmt(t['cpu_s'] if t['cpu_s'] is not None else float('nan'), 2)} | "
+                     f"{fmt((t['cpu_share'] or float('nan')) * 100, 1)}% | {t['busy_samples']:,} |")
+    for t in summary["threads"]:
+        if not t["busy_samples"] or t["role"].startswith("bench helper") or (t["cpu_share"] or 0) < 0.03:
+            continue
+        weight = t["cpu_share"] if t["cpu_share"] is not None else float("nan")
+        lines += ["", f"**{t['role']}** ({fmt(weight * 100, 0)}% of broker CPU): code paths, inclusive", "",
+                  "| code path | share of this thread's busy samples | ≈ share of broker CPU |", "|---|---:|---:|"]
+        lines += [f"| {label} | {share:.1%} | {fmt(share * weight * 100, 1)}% |" for label, share in t["paths"]]
+        lines += ["", "| top self-time frames in this thread | share of its busy samples |", "|---|---:|"]
+        lines += [f"| `{frame}` | {share:.1%} |" for frame, share in t["leaves"]]
     return "\n".join(lines)
 
 

@@ -84,9 +84,14 @@ class World:
         return path
 
     def set_keyring(self, workspace: str, credential: str, value: str) -> None:
-        code = "import keyring, sys; keyring.set_password(sys.argv[1], sys.argv[2], sys.stdin.read())"
-        subprocess.run([PYTHON, "-c", code, f"outloop/{workspace}", credential], input=value, text=True,
-                       env=self.env, check=True)
+        self.set_keyrings([(workspace, credential, value)])
+
+    def set_keyrings(self, entries: Sequence[tuple[str, str, str]]) -> None:
+        """(workspace, credential, value) entries, stored by one process: each start of Python costs ~0.2 s."""
+        code = ("import json, keyring, sys\n"
+                "for workspace, credential, value in json.load(sys.stdin):\n"
+                "    keyring.set_password('outloop/' + workspace, credential, value)\n")
+        subprocess.run([PYTHON, "-c", code], input=json.dumps(list(entries)), text=True, env=self.env, check=True)
 
     def outloop(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60,
                 stdin: str | None = None) -> Result:
@@ -234,10 +239,8 @@ def make_world() -> Iterator[World]:
         w.write_profile("agency", AGENCY_PROFILE)
         w.write_profile("acme", ACME_PROFILE)
         w.write_profile("globex", GLOBEX_PROFILE)
-        w.set_keyring("acme", "crm", canaries["acme"])
-        w.set_keyring("globex", "crm", canaries["globex"])
-        w.set_keyring("globex", "billing", canaries["globex"] + "-billing")
-        w.set_keyring("agency", "llm", canaries["agency"])
+        w.set_keyrings([("acme", "crm", canaries["acme"]), ("globex", "crm", canaries["globex"]),
+                        ("globex", "billing", canaries["globex"] + "-billing"), ("agency", "llm", canaries["agency"])])
         yield w
     shutil.rmtree(base, ignore_errors=True)
 

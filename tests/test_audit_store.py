@@ -619,3 +619,19 @@ def test_details_are_json_only(db: Path) -> None:
     with pytest.raises(AuditError, match="not JSON-serialisable"):
         log.finish(exit_code=0, duration=0.1, detail={"s": {1, 2}})
     assert json.loads(json.dumps([v.status for v in verify_all(open_readonly(db))])) == ["incomplete"]
+
+
+def test_commits_never_checkpoint_and_the_log_checkpoints_off_the_commit_path(db: Path, tmp_path: Path) -> None:
+    log = start(db)
+    assert log._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for _ in range(300):
+        log.record_request(allow())
+    log.finish(exit_code=0, duration=1.0, detail={})
+    # The main database file alone (no WAL) already holds every event: the checkpointer copied them.
+    alone = tmp_path / "alone.db"
+    alone.write_bytes(db.read_bytes())
+    copy = sqlite3.connect(alone)
+    try:
+        assert copy.execute("SELECT COUNT(*) FROM events").fetchone()[0] == 302
+    finally:
+        copy.close()

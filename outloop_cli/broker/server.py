@@ -84,6 +84,7 @@ class Broker:
         self._peer_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.BaseRunner] = []
+        self._in_flight: set[asyncio.Task[Any]] = set()  # forwards under way, so close() can end and audit them
 
     def _all_secret_forms(self) -> list[str]:
         forms = []
@@ -124,6 +125,12 @@ class Broker:
     async def close(self) -> None:
         for runner in self._runners:
             await runner.cleanup()
+        # aiohttp stops waiting for a handler after SHUTDOWN_GRACE but leaves it running; a forward still waiting
+        # on its upstream is cancelled here, so its outcome is audited before the run's log is closed.
+        pending = [task for task in self._in_flight if not task.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         for secret in self._secrets.values():
@@ -285,6 +292,9 @@ class Broker:
                        seq: int) -> web.StreamResponse:
         """Stream the request up and the answer back; the outcome is audited whatever happens."""
         outcome = _Outcome(started=time.perf_counter())
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
         try:
             return await self._exchange(request, credential, path, query, outcome)
         except BodyTooLarge as exc:
@@ -301,6 +311,8 @@ class Broker:
             return outcome.fail(502, "upstream_error", f"cannot reach {credential.host}: {type(exc).__name__}",
                                 credential, request)
         finally:
+            if task is not None:
+                self._in_flight.discard(task)
             stats = self.stats.credential(credential.name)
             stats.bytes_in += outcome.received[0]
             stats.bytes_out += outcome.sent

@@ -55,6 +55,7 @@ class CanaryCollector:
         self.canaries: dict[bytes, str] = {}  # every form searched for -> "test: name"
         self.haystacks: list[tuple[str, bytes]] = []
         self.audit_copies: list[Path] = []
+        self.verified_runs = 0
 
     def add_canary(self, value: str, label: str) -> None:
         assert value.startswith(CANARY_PREFIX), "canaries start with cnry- so the scan can find them fast"
@@ -154,15 +155,21 @@ def canary_collector(request: pytest.FixtureRequest) -> Iterator[CanaryCollector
     yield collector
     try:
         problems = collector.finish()
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            size = sum(len(data) for _, data in collector.haystacks)
-            reporter.write_line(
-                f"\ncanary collector: {len(collector.canaries)} canary forms searched in {len(collector.haystacks)} "
-                f"haystacks ({size / 1e6:.1f} MB); audit verify over {getattr(collector, 'verified_runs', 0)} runs")
+        size = sum(len(data) for _, data in collector.haystacks)
+        SUMMARY.append(f"canary collector: {len(collector.canaries)} canary forms searched in "
+                       f"{len(collector.haystacks)} haystacks ({size / 1e6:.1f} MB), "
+                       f"{len(problems)} problems; `outloop audit verify` over {collector.verified_runs} runs")
         assert problems == [], "\n".join(problems)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+SUMMARY: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    for line in SUMMARY:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture

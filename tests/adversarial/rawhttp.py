@@ -31,8 +31,8 @@ class Answer:
 
     def error(self) -> str | None:
         """The broker's error code when the broker itself answered (Outloop-Decision: deny)."""
-        if (self.header("outloop-decision") or "").lower() != "deny":
-            return None
+        if (self.header("outloop-decision") or "").lower() != "deny" or not self.body:
+            return None  # the upstream's answer, or a HEAD answer (no body to carry the code)
         try:
             parsed = json.loads(self.body)
         except ValueError:

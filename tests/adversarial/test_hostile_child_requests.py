@@ -18,7 +18,7 @@ ATTEMPT_LOOP = """
     import rawhttp
     for method, target in json.load(open(sys.argv[1])):
         line = f"{method} {target} HTTP/1.1\\r\\nHost: broker\\r\\n\\r\\n".encode("latin-1")
-        exchange = rawhttp.exchange(line, timeout=10)
+        exchange = rawhttp.exchange(line, timeout=10, head=method == "HEAD")
         print(json.dumps(exchange.summary()), flush=True)
 """
 
@@ -85,7 +85,7 @@ ATTEMPTS: list[tuple[tuple[str, str], int, str | None, set[str]]] = [
     (("TRACE", f"{C}/1"), 403, "denied", {"no_matching_rule"}),
     (("PURGE", f"{C}/1"), 403, "denied", {"no_matching_rule"}),
     (("DELETE", f"{C}/1"), 403, "denied", {"no_matching_rule"}),
-    (("G%45T", f"{C}/1"), 403, "denied", {"no_matching_rule"}),
+    (("G%45T", f"{C}/1"), 400, "bad_request", {"malformed_http"}),
     (("POST", "/v1/run"), 400, "bad_request", {"bad_method"}),
     # Reveal is off for every spelling.
     (("GET", "/v1/secret/crm"), 403, "denied", {"reveal_not_allowed"}),
@@ -114,11 +114,10 @@ def test_every_name_path_and_method_trick_gets_its_documented_answer_and_one_aud
         expected_status = None if status == 200 else status  # allowed rows carry no broker status
         if got[:2] != (status, error) or got[2] not in reasons or got[3] != expected_status:
             wrong.append((attempt, got))
-        elif status != 400 or reasons != {"malformed_http"}:
-            # The connection stayed in step: the sentinel behind the attempt was answered too.
-            if len(answers) != 2 or answers[1]["status"] != 200:
-                wrong.append((attempt, "sentinel not answered", answers))
-    assert wrong == []
+        elif reasons != {"malformed_http"} and (len(answers) != 2 or answers[1]["status"] != 200):
+            # Unless the request was unparseable, the connection stayed in step: the sentinel was answered too.
+            wrong.append((attempt, "sentinel not answered", answers))
+    assert wrong == [], "\n".join(map(str, wrong))
     # Only the two controls went out, each with its own credential's secret and nothing else's.
     crm, llm = world.upstream.requests
     assert (crm.path, crm.header("Authorization")) == ("/crm/v3/objects/contacts/1",
@@ -126,3 +125,98 @@ def test_every_name_path_and_method_trick_gets_its_documented_answer_and_one_aud
     assert (llm.path, llm.header("X-Api-Key"), llm.header("Authorization")) == (
         "/llm/v1/models", world.canaries["agency"], None)
     assert world.other.requests == []
+
+
+PROPERTY_LOOP = """
+    import json, sys
+    from urllib.parse import quote
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    import rawhttp
+    import policy_properties as props
+    from outloop_cli.policy import REJECTION_REASONS, PathRejected, normalise_path, parse_rule
+
+    allow = [parse_rule(text) for text in json.loads(sys.argv[1])]
+    deny = [parse_rule(text) for text in json.loads(sys.argv[2])]
+    state = {"sock": None}
+    outcomes = []
+
+    def ask(method, target):
+        for _ in range(2):
+            if state["sock"] is None:
+                state["sock"] = rawhttp.connect()
+            request = f"{method} {target} HTTP/1.1\\r\\nHost: broker\\r\\n\\r\\n".encode("ascii")
+            result = rawhttp.Exchange()
+            try:
+                state["sock"].sendall(request)
+                rawhttp.read_answers(state["sock"], result, timeout=10, want=1)
+            except OSError:
+                pass
+            if result.answers:
+                if result.closed:
+                    state["sock"].close()
+                    state["sock"] = None
+                return result.answers[0]
+            state["sock"].close()  # the broker closed an idle connection: once more on a new one
+            state["sock"] = None
+        raise SystemExit("no answer for " + target)
+
+    @settings(max_examples=int(sys.argv[3]), derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(["GET", "POST", "DELETE"]), st.one_of(props.tricky_paths, props.accepted_paths))
+    def check(method, raw):
+        # Only bytes a request line can carry are sent raw; the rest are percent-encoded first.
+        raw = quote(raw, safe="".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "?#%")
+                    + "%")
+        answer = ask(method, "/v1/http/p" + raw)
+        body = json.loads(answer.body) if answer.body else {}
+        try:
+            normalise_path(raw)
+        except PathRejected as rejected:
+            expected = (400, "bad_request", f"request path refused: {REJECTION_REASONS[rejected.reason]}")
+            got = (answer.status, answer.error(), body.get("message"))
+            outcomes.append(["refused", raw, got == expected, got])
+            return
+        decision = props._reference_decide(method, raw, allow, deny)
+        if decision.allowed:
+            got = (answer.status, body.get("path"))
+            outcomes.append(["allowed", raw, got == (200, "/p" + raw), got])
+        else:
+            got = (answer.status, answer.error())
+            outcomes.append(["denied", raw, got == (403, "denied"), got])
+
+    check()
+    print(json.dumps(outcomes))
+"""
+PROPERTY_PROFILE = """
+    version = 1
+    [credentials.p]
+    secret = "keyring"
+    base_url = "{UPSTREAM}/p"
+    allow = %s
+    deny = %s
+"""
+PROPERTY_ALLOW = ["GET /**", "POST /a/*", "POST /ab/**", "DELETE /b", "DELETE /é/*"]
+PROPERTY_DENY = ["* /a/b/**", "GET /x/**", "* /é/a", "POST /ab/x", "GET /b/"]
+
+
+def test_policy_properties_hold_through_a_live_broker(world: World) -> None:
+    """tests/test_policy_properties.py's strategies and reference matcher, run against the real broker: every
+    path the normaliser refuses gets 400 with its reason, every other path gets the reference decision, and an
+    allowed path reaches the upstream byte for byte as it was matched."""
+    import shutil
+    from pathlib import Path
+
+    world.write_profile("acme", PROPERTY_PROFILE % (json.dumps(PROPERTY_ALLOW), json.dumps(PROPERTY_DENY)))
+    world.set_keyring("acme", "p", world.canaries["acme"])
+    shutil.copy(Path(__file__).parent.parent / "test_policy_properties.py", world.work / "policy_properties.py")
+    result = run_hostile(world, PROPERTY_LOOP, json.dumps(PROPERTY_ALLOW), json.dumps(PROPERTY_DENY), "400")
+    assert result.code == 0, result.err
+    outcomes = json.loads(result.out.splitlines()[-1])
+    wrong = [outcome for outcome in outcomes if not outcome[2]]
+    assert wrong == [], "\n".join(map(str, wrong))
+    kinds = {kind: sum(1 for outcome in outcomes if outcome[0] == kind) for kind in ("refused", "allowed", "denied")}
+    assert min(kinds.values()) >= 20, kinds  # every branch of the property was exercised
+    allowed = ["/p" + raw for kind, raw, _, _ in outcomes if kind == "allowed"]
+    assert [request.path for request in world.upstream.requests] == allowed
+    assert len(world.events()) == len(outcomes)
+

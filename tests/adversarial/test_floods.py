@@ -1,0 +1,178 @@
+"""Hostile child, volume: floods past `rate` and `max_requests`, denial floods, connection floods, slow clients.
+
+Limits count only requests policy allowed, are checked on the broker's event loop (no race between threads),
+and every refused request is still one audit row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from conftest import World
+
+from adversarial.conftest import json_lines, run_hostile
+
+FLOOD_PROFILE = """
+    version = 1
+    [run]
+    max_requests = 20
+    [credentials.r]
+    secret = "keyring"
+    base_url = "{UPSTREAM}"
+    allow = ["GET /r/**"]
+    rate = "3/s"
+    [credentials.b]
+    secret = "keyring"
+    base_url = "{UPSTREAM}"
+    allow = ["GET /b/**"]
+    max_requests = 10
+    [credentials.c]
+    secret = "keyring"
+    base_url = "{UPSTREAM}"
+    allow = ["GET /c/**"]
+"""
+
+FLOOD_LOOP = """
+    import json, threading, time
+    from concurrent.futures import ThreadPoolExecutor
+    from outloop_cli.client import Outloop
+    client = Outloop()
+    bodies = []
+
+    def flood(credential, path, count):
+        barrier = threading.Barrier(count)
+        def one(n):
+            barrier.wait()  # all at once
+            response = client.request(credential, "GET", f"{path}/{n}")
+            bodies.append(response.body)  # for the session's canary collector
+            return [response.status, (response.error or {}).get("error"), response.headers.get("retry-after")]
+        started = time.monotonic()
+        with ThreadPoolExecutor(count) as pool:
+            answers = list(pool.map(one, range(count)))
+        return {"answers": answers, "seconds": time.monotonic() - started}
+
+    print(json.dumps({"phase": "denied", **flood("b", "/not-allowed", 30)}), flush=True)
+    print(json.dumps({"phase": "rate", **flood("r", "/r", 12)}), flush=True)
+    print(json.dumps({"phase": "credential budget", **flood("b", "/b", 24)}), flush=True)
+    print(json.dumps({"phase": "run budget", **flood("c", "/c", 12)}), flush=True)
+    with open("wire-client.log", "wb") as handle:
+        handle.write(b"\n".join(bodies))
+"""
+
+
+def _count(answers: list[list[object]], status: int, error: str | None = None) -> int:
+    return sum(1 for answer in answers if answer[0] == status and answer[1] == error)
+
+
+def test_floods_stop_exactly_at_rate_and_budgets_and_denials_spend_nothing(world: World) -> None:
+    world.write_profile("acme", FLOOD_PROFILE)
+    world.set_keyrings([("acme", name, world.canaries["acme"]) for name in ("r", "b", "c")])
+    result = run_hostile(world, FLOOD_LOOP, flags=["--summary-json", str(world.work / "summary.json")])
+    assert result.code == 0, result.err
+    lines = {line["phase"]: line for line in json_lines(result.out)}
+    phases = {phase: line["answers"] for phase, line in lines.items()}
+
+    denied = phases["denied"]
+    assert _count(denied, 403, "denied") == 30  # refused by policy: no budget spent
+
+    rate = phases["rate"]
+    rate_allowed = _count(rate, 200)
+    # The bucket holds 3 and refills 3 a second, so a burst lasting t seconds may get 3 + 3t through, no more.
+    burst = lines["rate"]["seconds"]
+    assert isinstance(burst, float)
+    assert 3 <= rate_allowed <= 3 + int(3 * burst), (rate, burst)
+    assert _count(rate, 429, "rate_limited") == 12 - rate_allowed
+    assert all(answer[2] is not None for answer in rate if answer[0] == 429)  # Retry-After on every 429
+
+    credential_budget = phases["credential budget"]
+    assert _count(credential_budget, 200) == 10  # exactly max_requests, though 24 raced for it
+    assert _count(credential_budget, 429, "budget_exhausted") == 14
+
+    run_budget = phases["run budget"]
+    left = 20 - rate_allowed - 10
+    assert _count(run_budget, 200) == left
+    assert _count(run_budget, 429, "budget_exhausted") == 12 - left
+
+    allowed = rate_allowed + 10 + left
+    assert len(world.upstream.requests) == allowed == 20
+    events = world.events()
+    assert len(events) == 30 + 12 + 24 + 12
+    assert sum(1 for e in events if e["decision"] == "allow") == allowed
+    assert sorted({e["reason"] for e in events if e["decision"] == "deny"}) == [
+        "budget_exhausted", "no_matching_rule", "rate_limited"]
+    summary = json.loads((world.work / "summary.json").read_text())
+    assert summary["credentials"]["r"]["rate_limited"] == 12 - rate_allowed
+
+
+CONNECTION_FLOOD_LOOP = """
+    import json, socket
+    import rawhttp
+    socks = [rawhttp.connect() for _ in range(300)]  # all open at once
+    for sock in socks:
+        sock.sendall(b"GET /v1/run HTTP/1.1\\r\\nHost: broker\\r\\nConnection: close\\r\\n\\r\\n")
+    statuses = []
+    for sock in socks:
+        exchange = rawhttp.Exchange()
+        rawhttp.read_answers(sock, exchange, timeout=20)
+        statuses.append(exchange.answers[0].status if exchange.answers else None)
+        sock.close()
+    print(json.dumps({"statuses": statuses}))
+"""
+
+
+def test_a_connection_flood_is_served_in_full(world: World) -> None:
+    result = run_hostile(world, CONNECTION_FLOOD_LOOP)
+    assert json_lines(result.out)[0]["statuses"] == [200] * 300, result.err
+    assert len(world.events()) == 300
+
+
+SLOW_LOOP = """
+    import json, threading, time
+    import rawhttp
+
+    trickled = {}
+    def trickle():
+        # A complete request, one byte every 20 ms: slow, but a request, so it is served and audited once.
+        sock = rawhttp.connect(timeout=30)
+        raw = b"GET /v1/http/crm/crm/v3/objects/contacts/slow HTTP/1.1\\r\\nHost: broker\\r\\n\\r\\n"
+        for byte in raw:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.02)
+        exchange = rawhttp.Exchange()
+        rawhttp.read_answers(sock, exchange, timeout=10, want=1)
+        trickled["status"] = exchange.answers[0].status
+    slow = threading.Thread(target=trickle)
+    slow.start()
+
+    # Half a request head, never finished: it is not a request, and it must not hold anything up.
+    stuck = rawhttp.connect()
+    stuck.sendall(b"GET /v1/http/crm/crm/v3/objects/contacts/never HTTP/1.1\\r\\nHost: br")
+
+    latencies = []
+    sock = rawhttp.connect()
+    while slow.is_alive():
+        started = time.monotonic()
+        sock.sendall(b"GET /v1/http/crm/crm/v3/objects/contacts/fast HTTP/1.1\\r\\nHost: broker\\r\\n\\r\\n")
+        exchange = rawhttp.Exchange()
+        rawhttp.read_answers(sock, exchange, timeout=10, want=1)
+        latencies.append([exchange.answers[0].status, time.monotonic() - started])
+    print(json.dumps({"trickled": trickled, "latencies": latencies}), flush=True)
+    # Exit with the stuck connection still open: the run must end at once anyway.
+"""
+
+
+def test_a_slow_client_holds_only_its_own_connection(world: World) -> None:
+    started = time.monotonic()
+    result = run_hostile(world, SLOW_LOOP)
+    took = time.monotonic() - started
+    (report,) = json_lines(result.out)
+    assert report["trickled"] == {"status": 200}
+    latencies = report["latencies"]
+    assert isinstance(latencies, list) and len(latencies) >= 10
+    assert all(status == 200 for status, _ in latencies)
+    assert max(latency for _, latency in latencies) < 1.0  # served while the slow client dribbled
+    assert took < 15, took  # the half-sent request did not keep the run alive
+    paths = [r.path.rsplit("/", 1)[1] for r in world.upstream.requests]
+    assert paths.count("slow") == 1 and "never" not in paths
+    assert len(world.events()) == len(paths)  # the unfinished head is no request: no row, nothing upstream

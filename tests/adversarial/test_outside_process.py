@@ -1,0 +1,134 @@
+"""Another local process or user, outside the run's tree: the broker's sockets, the relay's socket, and the
+base-URL listener on the host's loopback.
+
+The same-user process on $OUTLOOP_SOCKET is covered in tests/test_sandbox.py and token replay in
+tests/test_base_url_mode.py (both named in THREATS.md); these add another user, the relay socket, and a
+process that knows the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import World
+from sandbox_support import require_layer, unprivileged_user
+
+from adversarial.conftest import run_hostile
+
+WAITING_LOOP = """
+    import json, os, sys, time
+    keys = ("OUTLOOP_SOCKET", "OUTLOOP_URL", "OUTLOOP_TOKEN")
+    with open(sys.argv[1] + ".tmp", "w") as handle:
+        json.dump({key: os.environ.get(key) for key in keys}, handle)
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.02)
+"""
+
+BASE_URL_PROFILE = """
+    version = 1
+    [credentials.crm]
+    secret = "keyring"
+    base_url = "{UPSTREAM}"
+    allow = ["GET /**"]
+    child_env = { CRM_URL = "{url}", CRM_KEY = "{token}" }
+"""
+
+
+@contextlib.contextmanager
+def running(world: World, flags: tuple[str, ...] = ()) -> Iterator[dict[str, str]]:
+    """A run whose child waits; yields what the child can see of the broker (socket path, URL, token)."""
+    info, release = world.work / "info.json", world.work / "release"
+    runner = threading.Thread(target=run_hostile, args=(world, WAITING_LOOP, str(info), str(release)),
+                              kwargs={"flags": flags}, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 20
+    while not info.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield json.loads(info.read_text())
+    finally:
+        release.touch()
+        runner.join(timeout=30)
+
+
+def _http(sock: socket.socket, request: bytes) -> int:
+    sock.settimeout(10)
+    sock.sendall(request)
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ")[1]) if data else 0
+
+
+def test_another_user_cannot_open_the_broker_socket(world: World) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as a second user")
+    if not Path("/usr/bin/python3").exists():
+        message = "/usr/bin/python3 is missing: the second user needs a world-readable Python"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    user = unprivileged_user()
+    probe = ("import socket, sys\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n    s.connect(sys.argv[1]); print('CONNECTED')\n"
+             "except OSError as exc:\n    print(type(exc).__name__)\n")
+    runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+    with running(world) as info:
+        socket_path = Path(info["OUTLOOP_SOCKET"])
+        for directory in (world.home.parent, world.home, world.home / "run"):
+            directory.chmod(0o755)  # only the run dir (0700) and the socket (0600) stand in the way
+        outcomes = []
+        for lax in (False, True):
+            if lax:
+                socket_path.parent.chmod(0o755)  # even a run dir opened up: the socket itself is 0600
+            outcomes.append(subprocess.run(
+                [runuser, "-u", user.pw_name, "--", "/usr/bin/python3", "-c", probe, str(socket_path)],
+                capture_output=True, text=True, timeout=20).stdout.strip())
+    assert outcomes == ["PermissionError", "PermissionError"]
+    assert world.events() == []  # nothing reached the broker at all
+
+
+def test_outside_process_on_the_relay_socket_is_refused_even_with_the_token(world: World) -> None:
+    require_layer("network_isolation")
+    world.write_profile("acme", BASE_URL_PROFILE)
+    with running(world) as info:
+        relay = Path(info["OUTLOOP_SOCKET"]).with_name("loopback.sock")
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(relay))
+            status = _http(sock, f"GET /v1/http/crm/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                 f"{info['OUTLOOP_TOKEN']}\r\n\r\n".encode())
+    assert status == 401
+    (event,) = world.events()
+    assert (event["reason"], event["status"]) == ("peer_not_in_run", 401)
+    assert world.upstream.requests == []
+
+
+def test_loopback_listener_answers_only_this_runs_token(world: World) -> None:
+    world.write_profile("acme", BASE_URL_PROFILE)
+    with running(world, flags=("--network", "open")) as info:
+        host, port = info["OUTLOOP_URL"].removeprefix("http://").split(":")
+        statuses = []
+        for header in ("", "Authorization: Bearer outloop-guess\r\n", "X-Api-Key: " + info["OUTLOOP_TOKEN"][:-1]
+                       + "\r\n", "Authorization: Bearer " + info["OUTLOOP_TOKEN"] + "\r\n"):
+            with socket.create_connection((host, int(port))) as sock:
+                statuses.append(_http(sock, f"GET /v1/http/crm/x HTTP/1.1\r\nHost: x\r\n{header}\r\n".encode()))
+    # Without a network namespace the token is the only boundary: whoever holds it may use the run's broker.
+    assert statuses == [401, 401, 401, 200]
+    assert [e["reason"] for e in world.events()] == ["bad_token"] * 3 + ["allowed"]
+    (request,) = world.upstream.requests
+    assert request.header("Authorization") == f"Bearer {world.canaries['acme']}"  # the token never goes upstream
