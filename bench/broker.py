@@ -242,18 +242,17 @@ VARIANTS: list[Config] = [
     ("uvloop", "outloop (audit on, uvloop)", "real", "uvloop", False, ()),
     ("noaudit-uvloop", "outloop (audit OFF, uvloop)", "noop", "uvloop", False, ()),
 ]
-ALL_TWEAKS = ("coalesce", "no-autocheckpoint", "fewer-indexes", "switch-interval")
+ALL_TWEAKS = ("coalesce", "fewer-indexes", "switch-interval")
 EXPERIMENTS: list[Config] = [
     ("x-floor-server", "reference: aiohttp server alone (canned 200)", "noop", "asyncio", False, ("floor-server",)),
     ("x-floor-proxy", "reference: aiohttp server + client, no outloop logic", "noop", "asyncio", False,
      ("floor-proxy",)),
     ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
     ("x-coalesce", "what-if: head+body in one send", "real", "asyncio", False, ("coalesce",)),
-    ("x-nockpt", "what-if: checkpoint off the commit path", "real", "asyncio", False, ("no-autocheckpoint",)),
     ("x-fewidx", "what-if: 4 fewer event indexes", "real", "asyncio", False, ("fewer-indexes",)),
     ("x-switch", "what-if: GIL switch interval 0.5 ms", "real", "asyncio", False, ("switch-interval",)),
-    ("x-all", "what-if: all four", "real", "asyncio", False, ALL_TWEAKS),
-    ("x-all-uvloop", "what-if: all four + uvloop", "real", "uvloop", False, ALL_TWEAKS),
+    ("x-all", "what-if: all three", "real", "asyncio", False, ALL_TWEAKS),
+    ("x-all-uvloop", "what-if: all three + uvloop", "real", "uvloop", False, ALL_TWEAKS),
 ]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import os
 import secrets as token_source
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SECRET_ENV, WORKSPACE
 
 from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.broker.server import Broker
 from outloop_cli.home import audit_db_path, ensure_private_dir, profile_dirs
 from outloop_cli.profiles import load_profile
@@ -68,7 +68,6 @@ class NoAudit:
 # makes it in outloop_cli. None of them is a product option.
 TWEAKS = {
     "coalesce": "send the response head with the first body chunk (one send() instead of two)",
-    "no-autocheckpoint": "no WAL checkpoint inside COMMIT; a side thread checkpoints (PASSIVE) every 0.5 s",
     "fewer-indexes": "events keep only the primary key and (ts): 4 fewer B-trees per commit",
     "switch-interval": "sys.setswitchinterval(0.0005): faster GIL hand-off to the audit writer thread",
     # References rather than fixes: the same process and server with outloop's handler replaced.
@@ -129,18 +128,6 @@ def apply_tweaks(tweaks: list[str], audit: Any, home: Path) -> None:
         for index in ("events_by_workspace", "events_by_workspace_decision", "events_by_credential",
                       "events_by_decision"):
             conn.execute(f"DROP INDEX IF EXISTS {index}")
-    if "no-autocheckpoint" in tweaks:
-        import sqlite3
-
-        conn.execute("PRAGMA wal_autocheckpoint=0")
-
-        def checkpoint() -> None:
-            side = sqlite3.connect(audit_db_path(home), timeout=5, isolation_level=None)
-            while True:
-                time.sleep(0.5)
-                side.execute("PRAGMA wal_checkpoint(PASSIVE)")
-
-        threading.Thread(target=checkpoint, daemon=True, name="bench-checkpointer").start()
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -160,24 +147,13 @@ async def serve(args: argparse.Namespace) -> None:
                              command=["bench"], detail={"sandbox": {"bench": "none"}, "pid": os.getpid()})
     else:
         audit = NoAudit()
-    # The broker's constructor has changed shape while the run path settles: pass the token either way.
-    params = inspect.signature(Broker).parameters
-    token_kwargs: dict[str, Any] = ({"run_token": run_token} if "run_token" in params
-                                    else {"credential_tokens": {name: run_token for name in profile.credentials}})
-    broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit, **token_kwargs)
+    broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit, run_token=run_token)
     apply_tweaks(args.tweak, audit, home)
     replace_handler(broker, args.tweak)
     broker.child_pid = args.child_pid
-    listeners = None
-    if hasattr(broker, "serve"):  # sockets bound first, then served (the run path since start-up work)
-        from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
-
-        listeners = Listeners(broker=bind_unix(socket_path), loopback=bind_loopback())
-        port = listeners.loopback_port
-        await broker.serve(listeners)
-    else:  # the earlier API
-        await broker.start_unix(socket_path)  # type: ignore[attr-defined]
-        port = await broker.start_loopback()  # type: ignore[attr-defined]
+    listeners = Listeners(broker=bind_unix(socket_path), loopback=bind_loopback())
+    port = listeners.loopback_port
+    await broker.serve(listeners)
     started = time.monotonic()
 
     loop = asyncio.get_running_loop()
@@ -196,8 +172,7 @@ async def serve(args: argparse.Namespace) -> None:
           flush=True)
     await stop.wait()
     await broker.close()
-    if listeners is not None:
-        listeners.close()
+    listeners.close()
     _, count = audit.finish(exit_code=0, duration=time.monotonic() - started, detail={"bench": True})
     print(json.dumps({"audit_events": count, **COMMITS}), flush=True)
 

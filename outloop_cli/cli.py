@@ -5,30 +5,44 @@ This is the only place errors become output; commands and core raise, they never
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Sequence
 
 import typer
 
 from outloop_cli import __version__
-from outloop_cli.commands import audit as audit_command
-from outloop_cli.commands import complete as complete_command
-from outloop_cli.commands import doctor as doctor_command
-from outloop_cli.commands import run as run_command
-from outloop_cli.commands import secret as secret_command
-from outloop_cli.commands import workspace as workspace_command
 from outloop_cli.errors import EXIT_OUTLOOP_FAILED, OutloopError
 
-app = typer.Typer(
-    name="outloop",
-    help="Run unattended agent loops that never hold a key: a per-run broker checks each API call against "
-         "the workspace profile, injects the secret, and audits it.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-for _group in (run_command, audit_command, workspace_command, secret_command, doctor_command, complete_command):
-    _group.register(app)
+# Command name -> the module that registers it. Only the invoked group is imported (a cron job running
+# `outloop run` every minute should not pay for the audit, secret and doctor modules); help loads them all.
+COMMAND_MODULES = {
+    "run": "outloop_cli.commands.run",
+    "audit": "outloop_cli.commands.audit",
+    "workspace": "outloop_cli.commands.workspace",
+    "secret": "outloop_cli.commands.secret",
+    "doctor": "outloop_cli.commands.doctor",
+    "__complete": "outloop_cli.commands.complete",
+}
+
+
+def build_app(argv: Sequence[str] = ()) -> typer.Typer:
+    """The app with the command group `argv` asks for, or with every group when it names none."""
+    app = typer.Typer(
+        name="outloop",
+        help="Run unattended agent loops that never hold a key: a per-run broker checks each API call against "
+             "the workspace profile, injects the secret, and audits it.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+    app.callback()(main_options)
+    requested = next((arg for arg in argv if not arg.startswith("-")), None)
+    names = [requested] if requested in COMMAND_MODULES else list(COMMAND_MODULES)
+    for name in names:
+        importlib.import_module(COMMAND_MODULES[name]).register(app)
+    return app
 
 
 def _version(value: bool) -> None:
@@ -37,7 +51,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def main_options(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
@@ -48,7 +61,7 @@ def main_options(
 def main() -> None:
     try:
         # Non-standalone click returns the code of typer.Exit instead of raising it.
-        code = app(standalone_mode=False)
+        code = build_app(sys.argv[1:])(standalone_mode=False)
     except OutloopError as exc:
         print(f"outloop: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)

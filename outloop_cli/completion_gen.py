@@ -16,7 +16,7 @@ from typing import Any
 import typer.core
 import typer.main
 
-from outloop_cli.cli import app
+from outloop_cli.cli import build_app
 from outloop_cli.profiles import NETWORK_MODES
 
 PROG = "outloop"
@@ -89,7 +89,7 @@ def _first_line(text: str | None) -> str:
 
 
 def nodes() -> list[Node]:
-    return list(walk(typer.main.get_command(app)))
+    return list(walk(typer.main.get_command(build_app())))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -227,7 +227,12 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
         child = asyncio.ensure_future(supervisor.wait())
         # The broker stack (aiohttp: ~150 ms to import) loads only once a connection is waiting, so a loop that
         # never calls it, or exits at once, never pays for it; connections wait in the backlog meanwhile.
-        if await _before_exit(child, _first_connection(listeners)):
+        waiter = _ConnectionWaiter(listeners)
+        try:
+            connected = await _before_exit(child, waiter.future)
+        finally:
+            waiter.stop()
+        if connected:
             server_module = _import_in_background("outloop_cli.broker.server")
             if await _before_exit(child, server_module):
                 broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved,
@@ -282,22 +287,29 @@ async def _before_exit(child: asyncio.Future[Any], event: asyncio.Future[Any]) -
     return False
 
 
-def _first_connection(listeners: Listeners) -> asyncio.Future[None]:
-    """Resolves when any listener has a connection waiting to be accepted."""
-    loop = asyncio.get_running_loop()
-    waiting: asyncio.Future[None] = loop.create_future()
-    sockets = [sock for sock in (listeners.broker, listeners.relay, listeners.loopback) if sock is not None]
+class _ConnectionWaiter:
+    """`future` resolves when any listener has a connection waiting to be accepted.
 
-    def ready() -> None:
-        for sock in sockets:
-            loop.remove_reader(sock.fileno())  # aiohttp adds its own reader when it starts serving
-        if not waiting.done():
-            waiting.set_result(None)
+    `stop()` removes its readers; call it before the sockets are closed or handed to aiohttp (which adds
+    readers of its own).
+    """
 
-    for sock in sockets:
-        loop.add_reader(sock.fileno(), ready)
-    waiting.add_done_callback(lambda _: [loop.remove_reader(sock.fileno()) for sock in sockets])
-    return waiting
+    def __init__(self, listeners: Listeners) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[None] = self._loop.create_future()
+        self._fds = [sock.fileno() for sock in (listeners.broker, listeners.relay, listeners.loopback)
+                     if sock is not None]
+        for fd in self._fds:
+            self._loop.add_reader(fd, self._ready)
+
+    def _ready(self) -> None:
+        self.stop()
+        if not self.future.done():
+            self.future.set_result(None)
+
+    def stop(self) -> None:
+        while self._fds:
+            self._loop.remove_reader(self._fds.pop())
 
 
 def _import_in_background(module: str) -> asyncio.Future[ModuleType]:

@@ -239,3 +239,15 @@ def test_runs_that_never_start_are_still_recorded_with_their_reason(world: World
     conn.close()
     assert [row[0] for row in rows] == [127, 0]
     assert "command not found" in detail[0][0]
+
+
+@pytest.mark.parametrize("network", ["auto", "open"])
+def test_quiet_run_prints_nothing_of_its_own(world: World, network: str) -> None:
+    """Nothing but the child's output: no warnings, no tracebacks, whether the broker was needed or not."""
+    quick = world.run("true", flags=["-q", "--network", network])
+    busy = world.run_loop("""
+        from outloop_cli.client import Outloop
+        print(Outloop().request("crm", "GET", "/crm/v3/objects/contacts").status)
+    """, flags=["-q", "--network", network])
+    assert (quick.code, quick.out, quick.err) == (0, "", "")
+    assert (busy.code, busy.out, busy.err) == (0, "200\n", "")

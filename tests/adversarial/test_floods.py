@@ -57,7 +57,7 @@ FLOOD_LOOP = """
     print(json.dumps({"phase": "credential budget", **flood("b", "/b", 24)}), flush=True)
     print(json.dumps({"phase": "run budget", **flood("c", "/c", 12)}), flush=True)
     with open("wire-client.log", "wb") as handle:
-        handle.write(b"\n".join(bodies))
+        handle.write(b"\\n".join(bodies))
 """
 
 

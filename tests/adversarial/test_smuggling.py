@@ -42,7 +42,6 @@ REFUSED = [
     ("TE xchunked", POST + "Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"),
     ("TE space before colon", POST + "Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n"),
     ("TE vertical tab", POST + "Transfer-Encoding:\x0bchunked\r\n\r\n0\r\n\r\n"),
-    ("TE on HTTP/1.0", POST.replace("HTTP/1.1", "HTTP/1.0") + "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
     ("chunk size overflow", POST + "Transfer-Encoding: chunked\r\n\r\nfffffffffffffffff1\r\nabcd\r\n0\r\n\r\n"),
     ("chunk size negative", POST + "Transfer-Encoding: chunked\r\n\r\n-4\r\nabcd\r\n0\r\n\r\n"),
     ("chunk size 0x", POST + "Transfer-Encoding: chunked\r\n\r\n0x4\r\nabcd\r\n0\r\n\r\n"),
@@ -54,7 +53,8 @@ REFUSED = [
     ("bad version", "GET /v1/http/crm/crm/v3/objects/contacts HTTP/1.2.3\r\nHost: x\r\n\r\n"),
 ]
 BODY_WITH_A_REQUEST = INNER * 2
-# name, bytes, upstream bodies expected: each is accepted as exactly these requests, never more.
+# name, bytes, upstream bodies expected: each is accepted as exactly these requests, never more. After each the
+# sentinel must be answered too (the connection stayed in step), except after HTTP/1.0, which closes it.
 ACCEPTED = [
     ("body holding a request", POST + f"Content-Length: {len(BODY_WITH_A_REQUEST)}\r\n\r\n" + BODY_WITH_A_REQUEST,
      [BODY_WITH_A_REQUEST]),
@@ -67,11 +67,15 @@ ACCEPTED = [
     ("pipelined allowed, denied, allowed",
      POST + "Content-Length: 1\r\n\r\n1" + INNER_BROKER + POST + "Content-Length: 1\r\n\r\n2", ["1", "2"]),
     ("expect 100-continue", POST + "Expect: 100-continue\r\nContent-Length: 3\r\n\r\nabc", ["abc"]),
+    # Chunked on HTTP/1.0 is read as chunked, re-framed upstream, and the connection closes behind it.
+    ("TE on HTTP/1.0", POST.replace("HTTP/1.1", "HTTP/1.0") + "Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+     ["ok"]),
 ]
 
 
 def test_ambiguous_framing_is_refused_and_the_upstream_sees_exactly_what_was_allowed(world: World) -> None:
-    attacks = [(name, raw, True) for name, raw in REFUSED] + [(name, raw, True) for name, raw, _ in ACCEPTED]
+    attacks = [(name, raw, True) for name, raw in REFUSED] + [(name, raw, "HTTP/1.0" not in raw)
+                                                               for name, raw, _ in ACCEPTED]
     (world.work / "attacks.json").write_text(json.dumps(attacks))
     result = run_hostile(world, SMUGGLE_LOOP, str(world.work / "attacks.json"))
     assert result.code == 0, result.err
@@ -86,7 +90,7 @@ def test_ambiguous_framing_is_refused_and_the_upstream_sees_exactly_what_was_all
         answers = seen[name]["answers"]
         assert isinstance(answers, list)
         statuses = [a["status"] for a in answers]
-        expected = [200] * len(bodies) + [200]  # each allowed request, then the sentinel
+        expected = [200] * len(bodies) + ([] if "HTTP/1.0" in name else [200])  # each allowed one, the sentinel
         if "denied" in name or "request behind" in name:
             expected.insert(1, 403)  # the smuggled request was read as a request, and judged
         if statuses != expected:
