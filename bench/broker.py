@@ -9,6 +9,7 @@ traffic stays on 127.0.0.1 and Unix sockets. It reports; it never asserts.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import selectors
@@ -236,11 +237,13 @@ def http_request(path: str, host: str, extra: Sequence[str] = ()) -> str:
 
 # name, label, audit, event loop, also measure base-URL TCP, bench-only tweaks (see broker_host.TWEAKS)
 Config = tuple[str, str, str, str, bool, tuple[str, ...]]
-SHIPPED: Config = ("outloop", "outloop (audit on, asyncio)", "real", "asyncio", True, ())
+# The run path uses uvloop when the `fast` extra is installed (`make` installs it), else asyncio.
+SHIPPED_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+SHIPPED: Config = ("outloop", f"outloop as shipped (audit on, {SHIPPED_LOOP})", "real", SHIPPED_LOOP, True, ())
 VARIANTS: list[Config] = [
-    ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
-    ("uvloop", "outloop (audit on, uvloop)", "real", "uvloop", False, ()),
     ("noaudit-uvloop", "outloop (audit OFF, uvloop)", "noop", "uvloop", False, ()),
+    ("asyncio", "outloop (audit on, asyncio)", "real", "asyncio", False, ()),
+    ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
 ]
 ALL_TWEAKS = ("coalesce", "fewer-indexes", "switch-interval")
 EXPERIMENTS: list[Config] = [

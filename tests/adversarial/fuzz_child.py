@@ -13,7 +13,8 @@ the broker and the generator disagree on where a message ends, and is reported.
 A message that may end its connection is always the last of its batch: bytes behind it in the same read make
 aiohttp's parser refuse the read as a whole ("data after close"), and whether the first message was already
 served then depends on how the kernel split the reads. Both outcomes are audited, but they make exact counts
-depend on timing, so the generator does not go there.
+depend on timing, so the generator does not go there. And CONNECT never carries a body: the bytes after its head
+are the tunnel, which the broker reads (and judges) as the next request.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class Message:
 class Tally:
     sent: int = 0
     answered: int = 0
-    discarded: int = 0  # sent behind a message the broker refused as malformed, on a connection it then closed
+    discarded: int = 0  # sent behind a message whose answer closed the connection: never read by the broker
     stalled: int = 0
     closed_unanswered: int = 0
     connections: int = 0

@@ -9,6 +9,7 @@ base64 of the value alone); an upstream that transforms it deliberately is out o
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import re
@@ -44,24 +45,27 @@ class ScriptedUpstream:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # the broker may drop a pooled connection at any point
+            self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
         buffer = b""
-        with conn:
-            while True:
-                while b"\r\n\r\n" not in buffer:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                head, _, buffer = buffer.partition(b"\r\n\r\n")
-                self.received.append(head)
-                match = re.search(rb"(?im)^authorization: bearer (\S+)|[?&]key=([^& ]+)", head)
-                secret = (match.group(1) or match.group(2)) if match else b"none"
-                path = head.split(b" ")[1].split(b"?")[0].decode()
-                response = self.routes.get(path, lambda _: b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")(
-                    secret)
-                conn.sendall(response)
-                if b"connection: close" in response.split(b"\r\n\r\n")[0].lower():
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                data = conn.recv(65536)
+                if not data:
                     return
+                buffer += data
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            self.received.append(head)
+            match = re.search(rb"(?im)^authorization: bearer (\S+)|[?&]key=([^& ]+)", head)
+            secret = (match.group(1) or match.group(2)) if match else b"none"
+            path = head.split(b" ")[1].split(b"?")[0].decode()
+            response = self.routes.get(path, lambda _: b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")(
+                secret)
+            conn.sendall(response)
+            if b"connection: close" in response.split(b"\r\n\r\n")[0].lower():
+                return
 
     def close(self) -> None:
         self.sock.close()
