@@ -139,6 +139,44 @@ def write_doc(generated: str) -> None:
                        "same run. Method and scripts: `bench/README.md`.\n\n" + block + "\n" + ANALYSIS_STUB)
 
 
+README = REPO / "README.md"
+README_BEGIN = "<!-- bench:start (make bench rewrites this block) -->"
+README_END = "<!-- bench:end -->"
+
+
+def readme_block(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[str, Any] | None) -> str:
+    """The README's short version: where and when, the targets, and what each sandbox layer costs at start-up."""
+    lines = [f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores), commit {info['commit']}; "
+             "medians of interleaved rounds, references measured in the same run. Full tables: "
+             "[docs/BENCHMARKS.md](docs/BENCHMARKS.md).", "",
+             "| target | goal | measured | verdict |", "|---|---|---:|---|",
+             *[f"| {name} | {goal} | {value} | {ok} |" for name, goal, value, ok in targets(broker, startup)]]
+    rows = broker["summary"] if broker else []
+    picked = [(r["label"], r) for key in ("direct", "nginx", "outloop-unix", "outloop-tcp")
+              if (r := _row(rows, key, 8)) is not None]
+    if picked:
+        lines += ["", "| 8 clients | req/s | vs nginx | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
+        for label, row in picked:
+            ratio = row.get("vs_nginx")
+            shown = f"{ratio * 100:.0f}%" if isinstance(ratio, float) and ratio == ratio else "-"
+            lines.append(f"| {label} | {fmt(row['rps'], 0)} | {shown} | {fmt(row['p50_ms'], 3)} | "
+                         f"{fmt(row['p99_ms'], 3)} |")
+    if startup:
+        lines += ["", "| start-up (sandbox layers) | median ms | over bare `true` |", "|---|---:|---:|"]
+        lines += [f"| {r['label']} | {fmt(r['median_ms'], 0)} | {fmt(r['over_true_ms'], 0)} |"
+                  for r in startup["rows"] if r["label"].startswith(("`outloop run", "bare"))]
+    return "\n".join(lines)
+
+
+def write_readme(block: str) -> None:
+    text = README.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return
+    head, _, rest = text.partition(README_BEGIN)
+    _, _, tail = rest.partition(README_END)
+    README.write_text(f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}")
+
+
 def load_average() -> str:
     try:
         return " / ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -194,9 +232,10 @@ def main() -> int:
     if not args.no_write:
         try:
             write_doc(text)
-            log(f"wrote {DOC}")
+            write_readme(readme_block(info, broker, startup))
+            log(f"wrote {DOC} and the README's results block")
         except OSError as exc:
-            log(f"could not write {DOC}: {exc}")
+            log(f"could not write the results: {exc}")
     print(text)
     return 0
 
