@@ -17,8 +17,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psutil
+if TYPE_CHECKING:
+    import psutil
 
 from outloop_cli.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, OutloopError
 from outloop_cli.linux import set_child_subreaper
@@ -142,7 +144,7 @@ class Supervisor:
         """Peak of the tree's summed high-water marks. getrusage's ru_maxrss cannot serve: a child spawned by
         a Python process inherits the parent's RSS as its own high-water mark until it execs."""
         while True:
-            self._peak_rss = max(self._peak_rss, sum(_high_water(p.pid) for p in _descendants()))
+            self._peak_rss = max(self._peak_rss, sum(_high_water(pid) for pid in _tree_pids()))
             await asyncio.sleep(MEMORY_SAMPLE_SECONDS)
 
     def _reap_forever(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -162,10 +164,10 @@ class Supervisor:
 
     def _forward(self, sig: int) -> None:
         if self.wrapped:
-            for process in _descendants():
-                if process.pid != self.pid:
-                    with contextlib.suppress(psutil.Error):
-                        process.send_signal(sig)
+            for pid in _tree_pids():
+                if pid != self.pid:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
@@ -179,12 +181,16 @@ class Supervisor:
     def _signal_tree(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, sig)
-        for process in _descendants():
-            with contextlib.suppress(psutil.Error):
-                process.send_signal(sig)
+        for pid in _tree_pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
 
     def _kill_strays(self) -> int:
         """Kill whatever the child left behind: TERM, a short grace, then KILL; return how many there were."""
+        if _descendant_pids() == []:
+            return 0  # the common case, answered without loading psutil
+        import psutil
+
         strays = _descendants()
         seen = {process.pid for process in strays} | set(_descendant_pids() or ())
         if not seen:
@@ -248,10 +254,17 @@ def _high_water(pid: int) -> int:
 
 
 def _descendants() -> list[psutil.Process]:
+    import psutil  # loaded only when strays need it: a clean run never does
+
     try:
         return psutil.Process().children(recursive=True)
     except psutil.Error:
         return []
+
+
+def _tree_pids() -> list[int]:
+    pids = _descendant_pids()
+    return pids if pids is not None else [process.pid for process in _descendants()]
 
 
 def _descendant_pids() -> list[int] | None:
@@ -292,8 +305,8 @@ def _kill_until_gone(deadline: float) -> None:
         pids = _descendant_pids()
         if pids is None:  # no children files (not Linux): one psutil sweep is the best there is
             for process in _descendants():
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(process.pid, signal.SIGKILL)
             return
         if not pids:
             return
