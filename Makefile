@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 bench: $(STAMP)
+	@bash bench/setup.sh
 	$(BIN)/python bench/run_all.py
 
 completions: $(STAMP)
