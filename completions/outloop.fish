@@ -36,7 +36,7 @@ function __outloop_options  # options of a command path
         case 'doctor'
             printf '%s\n' '--json	Print JSON instead of text.' '--help	Show help and exit.'
         case 'run'
-            printf '%s\n' '-w	Workspace profile to use.' '--workspace	Workspace profile to use.' '--profiles	Directory of profiles.' '--timeout	Kill the run after DUR (e.g. 30m).' '--network	auto | broker-only | open' '--summary-json	Also write the summary as JSON.' '--quiet	No summary on stderr.' '-q	No summary on stderr.' '--help	Show help and exit.'
+            printf '%s\n' '-w	Workspace profile to use.' '--workspace	Workspace profile to use.' '--profiles	Directory of profiles.' '--timeout	Kill the run after DUR (e.g. 30m).' '--network	Network isolation for this run.' '--summary-json	Also write the summary as JSON.' '--quiet	No summary on stderr.' '-q	No summary on stderr.' '--help	Show help and exit.'
         case 'secret'
             printf '%s\n' '--help	Show help and exit.'
         case 'secret check'

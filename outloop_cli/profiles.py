@@ -151,7 +151,8 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
     version = raw.get("version")
     if type(version) is not int or version != SCHEMA_VERSION:  # `true` and `1.0` equal 1 in Python
         raise ProfileError(
-            f"{path}: version: expected `version = {SCHEMA_VERSION}` at the top of the file, found {version!r}"
+            f"{path}: version: expected `version = {SCHEMA_VERSION}` at the top of the file, "
+            + (f"found {version!r}" if "version" in raw else "but the key is missing")
         )
     description = reader.string("description", raw.get("description", ""))
     extends = raw.get("extends")

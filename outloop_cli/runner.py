@@ -29,7 +29,7 @@ from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
-from outloop_cli.profiles import Profile, load_profile
+from outloop_cli.profiles import Profile, check_workspace_name, load_profile
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
 
@@ -92,10 +92,10 @@ def new_run_id(now: float | None = None) -> str:
 
 def resolve_workspace(requested: str | None, environ: Mapping[str, str]) -> str:
     if requested:
-        return requested
+        return check_workspace_name(requested)  # before anything is recorded under that name
     chosen = current_workspace(outloop_home(environ), environ)
     if chosen:
-        return chosen
+        return check_workspace_name(chosen)
     raise ProfileError("no workspace chosen: pass -w WORKSPACE, set OUTLOOP_WORKSPACE, "
                        "or run `outloop workspace use WORKSPACE`")
 
@@ -236,7 +236,8 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
             server_module = _import_in_background("outloop_cli.broker.server")
             if await _before_exit(child, server_module):
                 broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved,
-                                                       audit=audit, run_token=run_token if base_url_mode else None)
+                                                       audit=audit, run_token=run_token if base_url_mode else None,
+                                                       timeout=timeout)
                 broker.child_pid = child_pid
                 await broker.serve(listeners)
         result = await child

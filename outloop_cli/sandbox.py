@@ -214,8 +214,9 @@ def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: 
         layers["hidden_paths"] = "NOT hidden (no mount namespace)"
     else:
         dirs, files = hidden_paths(profile, home, environ)
+        _refuse_hidden_cwd(dirs)
         readonly = readonly_dirs(profile_dirs, dirs)
-        layers["hidden_paths"] = f"{len(dirs) + len(files)} paths masked, {len(readonly)} read-only"
+        layers["hidden_paths"] = f"{len(dirs) + len(files)} masked; profile and code dirs read-only: {len(readonly)}"
         if backend == "bwrap":
             wrapper = _bubblewrap(dirs, files, run_dir, isolate, readonly)
             if relay_port is not None:
@@ -233,6 +234,15 @@ def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: 
         layers["limits"] = limits[1]
     return Plan(layers=layers, wrapper=wrapper, network_isolated=isolate, relay_port=relay_port,
                 wrapper_persists=backend == "bwrap" or relay_port is not None)
+
+
+def _refuse_hidden_cwd(dirs: list[str]) -> None:
+    """The loop would start in an empty mask and fail as if it were its own fault: say so before it starts."""
+    cwd = os.path.realpath(os.getcwd())
+    hiding = next((d for d in dirs if cwd == d or cwd.startswith(d + "/")), None)
+    if hiding is not None:
+        raise SandboxError(f"the current directory {cwd} is inside {hiding}, which the sandbox hides from the "
+                           "child; cd to the loop's own directory and run again")
 
 
 def _bubblewrap(dirs: list[str], files: list[str], run_dir: Path, isolate: bool, readonly: list[str]) -> list[str]:

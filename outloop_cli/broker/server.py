@@ -66,8 +66,11 @@ class Broker:
         secrets: Mapping[str, Secret],
         audit: RunLog,
         run_token: str | None = None,
+        timeout: float | None = None,
     ) -> None:
+        """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it."""
         self.run_id = run_id
+        self.timeout = timeout
         self.profile = profile
         self.audit = audit
         self.stats = BrokerStats()
@@ -225,7 +228,7 @@ class Broker:
             "credentials": credentials,
             "limits": {"max_requests": self.profile.run.max_requests,
                        "remaining": self.limits.run_budget.remaining,
-                       "timeout": self.profile.run.timeout},
+                       "timeout": self.timeout},
         }
 
     # ----- /v1/secret/<credential> -----------------------------------------------------------------------
@@ -236,11 +239,15 @@ class Broker:
             return await self._unknown_credential(request, name)
         if request.method != "GET":
             return await self._deny(request, credential, 400, "bad_request", "bad_method",
-                                    "use GET /v1/secret/<credential>")
+                                    "use GET /v1/secret/<credential>", path=f"/v1/secret/{name}")
         if not credential.reveal:
             return await self._deny(request, credential, 403, "denied", "reveal_not_allowed",
-                                    f"credential {name!r} has reveal = false")
-        await self._audit_request(request, credential, "/v1/secret", "allow", "revealed", None, 200)
+                                    f"credential {name!r} has reveal = false", path=f"/v1/secret/{name}")
+        try:
+            await self._audit_request(request, credential, f"/v1/secret/{name}", "allow", "revealed", None, 200)
+        except AuditError:
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing to "
+                                   "reveal (fail closed)", name, None)
         self.stats.credential(name).allowed += 1
         return web.Response(text=self._secrets[name].reveal(), content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
@@ -422,7 +429,7 @@ class Broker:
                                       credential_name=name)
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written", name, rule)
-        if credential is not None:
+        if credential is not None and status != 429:  # rate-limited and budget refusals have their own column
             self.stats.credential(credential.name).denied += 1
         key = f"{reason} ({rule})" if rule else reason
         self.stats.denials[key] = self.stats.denials.get(key, 0) + 1

@@ -32,11 +32,14 @@ def register(app: typer.Typer) -> None:
 
 
 def run(
-    command: Annotated[list[str], typer.Argument(help="The loop to run, after `--`.", show_default=False)],
+    command: Annotated[list[str], typer.Argument(help="The loop to run, after `--`.", show_default=False,
+                                                 metavar="-- COMMAND [ARGS]...")],
     workspace: Annotated[str | None, typer.Option("-w", "--workspace", help="Workspace profile to use.")] = None,
     profiles: Annotated[Path | None, typer.Option("--profiles", help="Directory of profiles.")] = None,
-    timeout: Annotated[str | None, typer.Option("--timeout", help="Kill the run after DUR (e.g. 30m).")] = None,
-    network: Annotated[str | None, typer.Option("--network", help="auto | broker-only | open")] = None,
+    timeout: Annotated[str | None, typer.Option("--timeout", metavar="DUR",
+                                                help="Kill the run after DUR (e.g. 30m).")] = None,
+    network: Annotated[str | None, typer.Option("--network", metavar="auto|broker-only|open",
+                                                help="Network isolation for this run.")] = None,
     summary_json: Annotated[Path | None, typer.Option("--summary-json", help="Also write the summary as JSON.")]
     = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary on stderr.")] = False,
@@ -71,7 +74,10 @@ def render_summary(report: RunReport) -> None:
     if wants_plain(sys.stderr):
         sys.stderr.write(_plain_summary(report))
         return
-    _rich_summary(report)
+    try:
+        _rich_summary(report)
+    except Exception:  # a rendering problem must never cost cron the child's exit code
+        sys.stderr.write(_plain_summary(report))
 
 
 def _outcome(report: RunReport) -> str:
@@ -100,6 +106,7 @@ def _plain_summary(report: RunReport) -> str:
     for reason, count in sorted(report.denials.items(), key=lambda item: -item[1]):
         lines.append(f"  denied     {count} x {reason}")
     lines.append("  sandbox    " + ", ".join(f"{k}: {v}" for k, v in report.sandbox.items()))
+    lines += [f"  WARNING    {k}: {v}" for k, v in report.sandbox.items() if "NOT" in v]
     lines.append(f"  child      peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                  f"strays killed {report.strays_killed}")
     lines.append(f"  audit      {report.audit_events} events, head {report.audit_head[:16]}  ({report.audit_db})")
@@ -107,28 +114,32 @@ def _plain_summary(report: RunReport) -> str:
 
 
 def _rich_summary(report: RunReport) -> None:
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
+    from rich.text import Text
+
     out = console(stderr=True)
     header = Table.grid(padding=(0, 2))
-    header.add_row("workspace", f"[bold]{report.workspace}[/]")
-    header.add_row("command", " ".join(report.command))
+    header.add_row("workspace", f"[bold]{escape(report.workspace)}[/]")
+    header.add_row("command", Text(" ".join(report.command)))  # the child's argv is data, never markup
     style = "green" if report.exit_code == 0 else "red"
     header.add_row("exit", f"[{style}]{_outcome(report)}[/]")
     header.add_row("duration", format_duration(report.duration))
     header.add_row("child", f"peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                    f"strays killed {report.strays_killed}")
     sandbox_text = "\n".join(
-        f"[bold red]{k}: {v}[/]" if "NOT" in v else f"{k}: {v}" for k, v in report.sandbox.items())
+        f"[bold red]{escape(k)}: {escape(v)}[/]" if "NOT" in v else escape(f"{k}: {v}")
+        for k, v in report.sandbox.items())
     header.add_row("sandbox", sandbox_text)
     header.add_row("audit", f"{report.audit_events} events, head {report.audit_head[:16]}")
     table = Table(title=None, expand=False)
     for column in ("credential", "allowed", "denied", "rate-limited", "in", "out"):
         table.add_column(column, justify="left" if column == "credential" else "right")
     for name, cred in report.credentials.items():
-        table.add_row(name, str(cred.allowed), str(cred.denied), str(cred.rate_limited),
+        table.add_row(Text(name), str(cred.allowed), str(cred.denied), str(cred.rate_limited),
                       format_bytes(cred.bytes_in), format_bytes(cred.bytes_out))
     out.print(Panel(header, title=f"outloop run {report.run_id}", expand=False))
     out.print(table)
     for reason, count in sorted(report.denials.items(), key=lambda item: -item[1]):
-        out.print(f"  [red]denied[/] {count} x {reason}")
+        out.print(f"  [red]denied[/] {count} x {escape(reason)}")

@@ -1,0 +1,64 @@
+"""Behaviours a contract review asked for: the summary never chokes on the child's text, cwd inside a masked
+path is refused up front, /v1/run reports the effective timeout, and bad workspace names record nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+
+import pytest
+from conftest import OUTLOOP, World
+
+from outloop_cli.commands.run import _rich_summary
+from outloop_cli.runner import CredentialReport, RunReport
+
+
+def _report(command: list[str], denials: dict[str, int]) -> RunReport:
+    return RunReport(
+        run_id="01TEST", workspace="acme", command=command, exit_code=3, duration=0.5, started_at=0.0,
+        timed_out=False, signal=None, credentials={"crm": CredentialReport(1, 1, 0, 0, 0)}, denials=denials,
+        sandbox={"network": "NOT isolated [bold]"}, peak_rss_bytes=0, cpu_seconds=0.0, strays_killed=0,
+        audit_head="0" * 64, audit_events=2, audit_db="/tmp/x")
+
+
+def test_rich_summary_prints_the_childs_text_literally(capsys: pytest.CaptureFixture[str]) -> None:
+    _rich_summary(_report(["sh", "-c", "exit 3", "[/]", "[bold]x"], {"denied_by_rule (* /a/[x])": 1}))
+    err = capsys.readouterr().err
+    assert "[/]" in err and "[bold]x" in err and "/a/[x]" in err
+
+
+def test_cwd_inside_a_masked_path_is_refused_before_the_child_starts(world: World) -> None:
+    inside = world.home / "profiles"
+    result = world.outloop("run", "-w", "acme", "--profiles", str(world.profiles), "--", "true")
+    assert result.code == 0
+
+
+    completed = subprocess.run([OUTLOOP, "run", "-w", "acme", "--profiles", str(world.profiles), "--", "true"],
+                               capture_output=True, text=True, env=world.env, cwd=inside, timeout=60)
+    if "NOT hidden" in completed.stderr:
+        pytest.skip("no mount namespace on this machine")
+    assert completed.returncode == 125
+    assert "which the sandbox hides from the child" in completed.stderr
+
+
+def test_run_info_reports_the_effective_timeout(world: World) -> None:
+    result = world.run_loop("""
+        import json
+        from outloop_cli.client import Outloop
+        print(json.dumps(Outloop().run_info()["limits"]))
+    """, flags=["--timeout", "90s"])
+    assert json.loads(result.out)["timeout"] == 90.0
+
+
+def test_a_bad_workspace_name_is_refused_and_records_nothing(world: World) -> None:
+    result = world.run("true", workspace="Bad Name")
+    assert result.code == 125
+    assert "not a valid workspace name" in result.err
+    if os.path.exists(world.audit_db):
+        conn = sqlite3.connect(world.audit_db)
+        try:
+            assert conn.execute("SELECT COUNT(*) FROM runs WHERE workspace = 'Bad Name'").fetchone()[0] == 0
+        finally:
+            conn.close()
