@@ -17,8 +17,8 @@ ProfilesOption = Annotated[
                  show_default=False),
 ]
 WorkspaceArgument = Annotated[str, typer.Argument(help="Workspace name (its profile is <name>.toml).",
-                                                  show_default=False)]
+                                                  show_default=False, metavar="WORKSPACE")]
 CredentialArgument = Annotated[str, typer.Argument(help="Credential name, as in [credentials.<name>].",
-                                                   show_default=False)]
+                                                   show_default=False, metavar="CREDENTIAL")]
 WorkspaceFilter = Annotated[str | None, typer.Option("--workspace", "-w", help="Only this workspace.",
                                                      show_default=False)]
