@@ -117,14 +117,15 @@ def execute(request: RunRequest) -> RunReport:
     workspace = resolve_workspace(request.workspace, environ)
     resolved_secrets: dict[str, Secret] = {}
     try:
-        profile = load_profile(workspace, profile_dirs(request.profiles_dir, environ))
+        dirs = profile_dirs(request.profiles_dir, environ)
+        profile = load_profile(workspace, dirs)
         timeout = request.timeout if request.timeout is not None else profile.run.timeout
         network = request.network or profile.run.network
         for name, cred in profile.credentials.items():
             resolved_secrets[name] = resolve_secret(cred.owner, name, cred.secret_ref, environ)
         refuse_secrets_in_child_env(profile, environ, resolved_secrets)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
-            return loop_runner.run(_execute(request, home, profile, resolved_secrets, timeout, network))
+            return loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network))
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
@@ -185,8 +186,8 @@ def _record_failed_start(home: Path, workspace: str, command: Sequence[str], err
         pass
 
 
-async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: Mapping[str, Secret],
-                   timeout: float | None, network: str) -> RunReport:
+async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: Profile,
+                   resolved: Mapping[str, Secret], timeout: float | None, network: str) -> RunReport:
     run_id = new_run_id()
     started_at = time.time()
     ensure_private_dir(home)
@@ -201,7 +202,7 @@ async def _execute(request: RunRequest, home: Path, profile: Profile, resolved: 
     base_url_mode = any(cred.child_env for cred in profile.credentials.values())
     relay_socket = run_dir / "loopback.sock" if base_url_mode else None
     plan = sandbox.plan(profile, network, home=home, run_dir=run_dir, environ=request.environ,
-                        relay_socket=relay_socket, profile_dirs=profile_dirs(request.profiles_dir, request.environ))
+                        relay_socket=relay_socket, profile_dirs=dirs)
     run_token = "outloop-" + token_source.token_urlsafe(24)
     outloop_vars = {"OUTLOOP_SOCKET": str(socket_path), "OUTLOOP_RUN_ID": run_id,
                     "OUTLOOP_WORKSPACE": profile.workspace}

@@ -74,8 +74,14 @@ def start_run(world: World, source: str, workspace: str = "acme") -> subprocess.
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll `condition`; a database that exists before its schema does (a run just starting) counts as "not yet"."""
     deadline = time.monotonic() + timeout
-    while not condition():
+    while True:
+        try:
+            if condition():
+                return
+        except sqlite3.OperationalError:
+            pass
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.05)
 

@@ -12,11 +12,16 @@ import socket
 import struct
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from outloop_cli.sandbox import capabilities
+
+if TYPE_CHECKING:
+    from conftest import World
 
 TEST_USER = "outloop-test"
 
@@ -43,6 +48,38 @@ def unprivileged_user() -> pwd.struct_passwd:
             pytest.fail("useradd is missing: install the passwd package")
         subprocess.run([useradd, "--no-create-home", "--shell", "/bin/sh", TEST_USER], check=True)
         return pwd.getpwnam(TEST_USER)
+
+
+@dataclass(frozen=True)
+class OtherUser:
+    """A world handed to an unprivileged account: its `outloop`, its python, and the environment to run them."""
+
+    account: pwd.struct_passwd
+    bin_dir: Path
+    env: dict[str, str]
+
+    def command(self, argv: list[str]) -> list[str]:
+        """`argv` run as the account (through runuser when the tests run as root)."""
+        if os.geteuid() != 0:
+            return argv
+        return [shutil.which("runuser") or "/usr/sbin/runuser", "-u", self.account.pw_name, "--", *argv]
+
+
+def as_other_user(world: World) -> OtherUser:
+    """Give `world` to the unprivileged test account, with an acme profile whose secret it can read (env:)."""
+    account = unprivileged_user()
+    world.write_profile("acme", """
+        version = 1
+        [credentials.crm]
+        secret = "env:ACME_CRM_TOKEN"
+        base_url = "{UPSTREAM}"
+        allow = ["GET /**"]
+    """)
+    bin_dir = runtime_for_other_users(world.home.parent / "rt")
+    world.home.parent.chmod(0o755)
+    give_to(account, world.home, world.work)
+    env = {**world.env, "HOME": str(world.work), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    return OtherUser(account, bin_dir, env)
 
 
 def give_to(user: pwd.struct_passwd, *paths: Path) -> None:

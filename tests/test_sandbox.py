@@ -4,23 +4,15 @@ layer off, so a pass means the layer worked, not that the setup was broken)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import subprocess
+import textwrap
 import threading
 import time
 
 import pytest
 from conftest import PYTHON, World
-from sandbox_support import (
-    DNS_QUERY_LOOP,
-    DnsResponder,
-    give_to,
-    require_layer,
-    runtime_for_other_users,
-    unprivileged_user,
-)
+from sandbox_support import DNS_QUERY_LOOP, DnsResponder, as_other_user, require_layer
 
 pytestmark = pytest.mark.sandbox
 
@@ -136,8 +128,6 @@ def test_child_cannot_read_outloop_home_keyring_file_secrets_or_hidden_paths(wor
     targets = [str(world.audit_db), str(world.profiles / "acme.toml"), str(keyring_file), str(secret_file),
                str(private / "notes.txt")]
     script = world.work / "read.py"
-    import textwrap
-
     script.write_text(textwrap.dedent(READ_LOOP))
     world.outloop("run", "-w", "acme", "--profiles", str(world.profiles), "--", "true")  # audit.db exists now
     result = world.run(PYTHON, str(script), *targets)
@@ -205,30 +195,15 @@ PROC_LOOP = """
 
 def test_non_root_child_cannot_read_broker_memory_or_environ(world: World) -> None:
     require_layer("dumpable")
-    user = unprivileged_user()
+    other = as_other_user(world)
     script = world.work / "proc.py"
-    import textwrap
-
     script.write_text(textwrap.dedent(PROC_LOOP))
-    world.write_profile("acme", """
-        version = 1
-        [credentials.crm]
-        secret = "env:ACME_CRM_TOKEN"
-        base_url = "{UPSTREAM}"
-        allow = ["GET /**"]
-    """)
-    bin_dir = runtime_for_other_users(world.home.parent / "rt")
-    world.home.parent.chmod(0o755)
-    give_to(user, world.home, world.work)
-    env = {**world.env, "HOME": str(world.work), "PATH": f"{bin_dir}:/usr/bin:/bin"}
-    command = [str(bin_dir / "outloop"), "run", "-w", "acme", "--profiles", str(world.profiles), "--",
-               str(bin_dir / "python"), str(script)]
-    if os.geteuid() == 0:
-        command = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", user.pw_name, "--", *command]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, cwd=world.work)
+    command = other.command([str(other.bin_dir / "outloop"), "run", "-w", "acme", "--profiles", str(world.profiles),
+                             "--", str(other.bin_dir / "python"), str(script)])
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=60, env=other.env, cwd=world.work)
     assert completed.returncode == 0, completed.stderr
     seen = json.loads(completed.stdout)
-    assert seen["uid"] == user.pw_uid != 0
+    assert seen["uid"] == other.account.pw_uid != 0
     assert seen["environ"] != "READ" and seen["mem"] != "READ", seen
     assert seen["ptrace"] != "ATTACHED", seen
     assert world.canaries["env"] not in completed.stdout + completed.stderr

@@ -10,13 +10,12 @@ namespace (non-root) or holds capabilities the child dropped (root).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 
 import pytest
 from conftest import OUTLOOP, PYTHON, World
-from sandbox_support import give_to, require_layer, runtime_for_other_users, unprivileged_user
+from sandbox_support import OtherUser, as_other_user, require_layer
 
 from adversarial.conftest import RAWHTTP
 
@@ -50,15 +49,16 @@ SCAN_LOOP = """
 CRON_MARKER = "cron-like-parent"
 
 
-def _scan(world: World, outloop: str, python: str, env: dict[str, str], user: str | None = None) -> dict[str, object]:
+def _scan(world: World, outloop: str, python: str, env: dict[str, str], other: OtherUser | None = None
+          ) -> dict[str, object]:
     """Start outloop the way cron does, from a shell that stays alive holding the operator's environment."""
     script = world.work / "scan.py"
     script.write_text(SCAN_LOOP.replace("\n    ", "\n").strip() + "\n")
     shutil.copy(RAWHTTP, world.work / "rawhttp.py")
     command = ["/bin/sh", "-c", f'"$@"; status=$?; : {CRON_MARKER}; exit $status', "sh", outloop, "run", "-w",
                "acme", "--profiles", str(world.profiles), "--", python, str(script)]
-    if user is not None:
-        command = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", user, "--", *command]
+    if other is not None:
+        command = other.command(command)
     completed = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, cwd=world.work)
     world.seen_output.append(completed.stdout + completed.stderr)
     assert completed.returncode == 0, completed.stderr
@@ -95,19 +95,7 @@ def test_child_finds_no_secret_in_any_environment_it_can_see(world: World, backe
 
 def test_non_root_child_finds_no_secret_in_any_environment_it_can_see(world: World) -> None:
     require_layer("hidden_paths")
-    user = unprivileged_user()
-    world.write_profile("acme", """
-        version = 1
-        [credentials.crm]
-        secret = "env:ACME_CRM_TOKEN"
-        base_url = "{UPSTREAM}"
-        allow = ["GET /**"]
-    """)
-    bin_dir = runtime_for_other_users(world.home.parent / "rt")
-    world.home.parent.chmod(0o755)
-    give_to(user, world.home, world.work)
-    env = {**world.env, "HOME": str(world.work), "PATH": f"{bin_dir}:/usr/bin:/bin"}
-    report = _scan(world, str(bin_dir / "outloop"), str(bin_dir / "python"), env,
-                   user=user.pw_name if os.geteuid() == 0 else None)
-    assert report["uid"] == user.pw_uid
+    other = as_other_user(world)
+    report = _scan(world, str(other.bin_dir / "outloop"), str(other.bin_dir / "python"), other.env, other)
+    assert report["uid"] == other.account.pw_uid
     _assert_nothing_found(report)
