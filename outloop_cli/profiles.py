@@ -33,7 +33,7 @@ CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
 
 NetworkMode = Literal["auto", "broker-only", "open"]
 
-TOP_KEYS = ("version", "description", "extends", "run", "credentials")
+TOP_KEYS = ("version", "description", "extends", "run", "credentials", "tags", "guard")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
             "cpu_seconds")
 CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
@@ -41,6 +41,11 @@ CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 120.0  # longest silence between upstream bytes; LLM streams pause while "thinking"
 INJECT_KEYS = ("header", "value", "query", "basic")
+GUARD_KEYS = ("identifiers", "responses", "max_body")
+GUARD_RESPONSES = ("flag", "deny")
+DEFAULT_GUARD_MAX_BODY = 4 * 1024 * 1024
+# Shorter identifiers would match inside ordinary words and ids, refusing the workspace's own traffic.
+MIN_IDENTIFIER_LENGTH = 3
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,16 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class GuardSettings:
+    """`[guard]`: this client's identifiers (never inherited: they name one client's data) and how this
+    workspace's own runs treat other clients' identifiers (inherited like `[run]`)."""
+
+    identifiers: tuple[str, ...] = ()
+    responses: Literal["flag", "deny"] = "flag"
+    max_body: int = DEFAULT_GUARD_MAX_BODY
+
+
+@dataclass(frozen=True)
 class Profile:
     workspace: str
     path: Path
@@ -96,6 +111,8 @@ class Profile:
     run: RunSettings
     credentials: Mapping[str, Credential]
     sources: tuple[Path, ...]  # this file and every file it extends, nearest first
+    tags: tuple[str, ...] = ()  # this file's own, for `run --each @TAG`; not inherited
+    guard: GuardSettings = GuardSettings()
 
 
 def check_workspace_name(name: str) -> str:
@@ -177,7 +194,45 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
         run=run,
         credentials=credentials,
         sources=(path, *(parent.sources if parent else ())),
+        tags=_parse_tags(reader, raw.get("tags", [])),
+        guard=_parse_guard(reader, raw.get("guard", {}), parent.guard if parent else GuardSettings()),
     )
+
+
+def read_guard_identifiers(path: Path) -> tuple[str, ...]:
+    """Another workspace's `guard.identifiers`, read without loading the rest of its profile.
+
+    A run guards against every other client's identifiers, so another profile's unrelated mistake must not stop
+    it; a `[guard]` table that cannot be read does (the guard fails closed).
+    """
+    return _parse_guard(_Reader(path), _read_toml(path).get("guard", {}), GuardSettings()).identifiers
+
+
+def _parse_tags(reader: _Reader, value: Any) -> tuple[str, ...]:
+    tags = reader.string_list("tags", value)
+    for tag in tags:
+        if not WORKSPACE_NAME.fullmatch(tag):
+            raise reader.fail("tags", f"{tag!r} is not a valid tag: use lower-case letters, digits, '-' and '_'")
+    return tags
+
+
+def _parse_guard(reader: _Reader, value: Any, inherited: GuardSettings) -> GuardSettings:
+    table = reader.table("guard", value)
+    reader.check_keys("guard.", table, GUARD_KEYS)
+    identifiers = reader.string_list("guard.identifiers", table.get("identifiers", []))
+    for index, identifier in enumerate(identifiers):
+        if len(identifier.strip()) < MIN_IDENTIFIER_LENGTH or identifier != identifier.strip():
+            raise reader.fail(f"guard.identifiers[{index}]", f"{identifier!r}: an identifier is at least "
+                              f"{MIN_IDENTIFIER_LENGTH} characters without leading or trailing blanks, so it "
+                              "cannot match inside ordinary text")
+    responses: str = inherited.responses
+    if "responses" in table:
+        responses = reader.string("guard.responses", table["responses"])
+        if responses not in GUARD_RESPONSES:
+            raise reader.fail("guard.responses", f"expected one of {', '.join(GUARD_RESPONSES)}, got {responses!r}")
+    max_body = (reader.converted("guard.max_body", table["max_body"], parse_size) if "max_body" in table
+                else inherited.max_body)
+    return GuardSettings(identifiers=identifiers, responses=responses, max_body=max_body)  # type: ignore[arg-type]
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

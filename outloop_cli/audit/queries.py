@@ -74,9 +74,10 @@ def view(conn: sqlite3.Connection, run: RunRow) -> RunView:
     return RunView(run, run_state(conn, run), sandbox_status(run.sandbox))
 
 
-def recent_runs(conn: sqlite3.Connection, *, limit: int, workspace: str | None = None) -> list[RunView]:
+def recent_runs(conn: sqlite3.Connection, *, limit: int, workspace: str | None = None,
+                batch_id: str | None = None) -> list[RunView]:
     """Newest first, each with its state; liveness is probed only for runs without an end record."""
-    return [view(conn, run) for run in list_runs(conn, limit=limit, workspace=workspace)]
+    return [view(conn, run) for run in list_runs(conn, limit=limit, workspace=workspace, batch_id=batch_id)]
 
 
 def find_run(conn: sqlite3.Connection, run_id: str) -> RunView:
@@ -171,3 +172,10 @@ def live_or_next_run(
                  if run.started_at >= since and run.run_id not in seen]
         if fresh:
             return fresh[-1]  # the oldest of the new ones, so none is skipped when several start at once
+
+
+def run_errors(conn: sqlite3.Connection, run_id: str) -> int:
+    """Allowed requests that ended in an error (upstream unreachable, timeout, cut off...), for batch summaries."""
+    row = conn.execute("SELECT count(*) FROM events WHERE run_id = ? AND kind = 'response' AND error IS NOT NULL",
+                       (run_id,)).fetchone()
+    return int(row[0])

@@ -47,7 +47,7 @@ _RESERVED_KINDS: Final = frozenset({"run_start", "run_end", "request", "response
 _COLUMN_KEYWORDS: Final = _TEXT_COLUMNS | _INT_COLUMNS | _REAL_COLUMNS
 _RUN_COLUMNS: Final = (
     "run_id", "workspace", "command", "started_at", "ended_at", "exit_code", "duration", "allowed",
-    "denied", "sandbox", "head_hash", "event_count",
+    "denied", "sandbox", "head_hash", "event_count", "batch_id", "policy_hash",
 )  # fmt: skip
 
 _SCHEMA_V1: Final = (
@@ -115,8 +115,18 @@ def _migrate_to_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _migrate_batches_and_policy(conn: sqlite3.Connection) -> None:
+    """Runs of one `run --each` share a batch id; every run names the hash of the policy it ran under.
+
+    Both are also in the run_start event's detail, so the chain covers them; these columns are for lookups.
+    """
+    conn.execute("ALTER TABLE runs ADD COLUMN batch_id TEXT")
+    conn.execute("ALTER TABLE runs ADD COLUMN policy_hash TEXT")
+    conn.execute("CREATE INDEX runs_by_batch ON runs (batch_id, started_at) WHERE batch_id IS NOT NULL")
+
+
 # Applied in order from the database's user_version; append, never edit, once released.
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migrate_to_v1,)
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migrate_to_v1, _migrate_batches_and_policy)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -412,8 +422,12 @@ class RunLog:
         command: list[str],
         sandbox: object,
         busy_timeout: float,
+        batch_id: str | None = None,
+        policy_hash: str | None = None,
     ) -> None:
         self.db_path = db_path
+        self.batch_id = batch_id
+        self.policy_hash = policy_hash
         self.run_id = run_id
         self.workspace = workspace
         self._conn = conn
@@ -449,11 +463,12 @@ class RunLog:
     ) -> RunLog:
         """Open the database and commit the run's row and run_start event (seq 0) before returning.
 
-        ``detail`` is stored on run_start (its ``sandbox`` entry also on the runs row); the command is
-        added to it so the runs row can be checked against the chain.
+        ``detail`` is stored on run_start (its ``sandbox``, ``batch_id`` and ``policy_hash`` entries also on the
+        runs row); the command is added to it so the runs row can be checked against the chain.
         """
         start_detail = {**_json_object(detail, "run detail"), "command": list(command)}
         conn = _open_rw(db_path, busy_timeout)
+        batch_id, policy_hash = start_detail.get("batch_id"), start_detail.get("policy_hash")
         log = cls(
             conn,
             db_path=db_path,
@@ -462,6 +477,8 @@ class RunLog:
             command=list(command),
             sandbox=start_detail.get("sandbox"),
             busy_timeout=busy_timeout,
+            batch_id=batch_id if isinstance(batch_id, str) else None,
+            policy_hash=policy_hash if isinstance(policy_hash, str) else None,
         )
         started: concurrent.futures.Future[int] = concurrent.futures.Future()
         log._commit([_Item("run_start", _now(), {"detail": start_detail}, started)])
@@ -633,8 +650,10 @@ class RunLog:
             try:
                 if saved[0] == 0:
                     self._conn.execute(
-                        "INSERT INTO runs (run_id, workspace, command, started_at, sandbox) VALUES (?, ?, ?, ?, ?)",
-                        (self.run_id, self.workspace, self._command, rows[0]["ts"], self._sandbox),
+                        "INSERT INTO runs (run_id, workspace, command, started_at, sandbox, batch_id, policy_hash) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (self.run_id, self.workspace, self._command, rows[0]["ts"], self._sandbox, self.batch_id,
+                         self.policy_hash),
                     )
                 self._conn.executemany(_INSERT_EVENT, rows)
                 self._conn.execute(
@@ -732,6 +751,8 @@ class RunRow:
     sandbox: object
     head_hash: str | None
     event_count: int | None
+    batch_id: str | None
+    policy_hash: str | None
     incomplete: bool
 
 
@@ -792,9 +813,13 @@ def _event_row(row: tuple[object, ...]) -> EventRow:
     return EventRow(**values)  # type: ignore[arg-type]
 
 
-def list_runs(conn: sqlite3.Connection, *, limit: int = 20, workspace: str | None = None) -> list[RunRow]:
+def list_runs(conn: sqlite3.Connection, *, limit: int = 20, workspace: str | None = None,
+              batch_id: str | None = None) -> list[RunRow]:
     """Newest runs first."""
-    where, params = ("WHERE workspace = ?", [workspace]) if workspace is not None else ("", [])
+    filters = [(column, value) for column, value in (("workspace", workspace), ("batch_id", batch_id))
+               if value is not None]
+    where = ("WHERE " + " AND ".join(f"{column} = ?" for column, _ in filters)) if filters else ""
+    params: list[object] = [value for _, value in filters]
     rows = conn.execute(
         f"{_RUN_SELECT} {where} ORDER BY started_at DESC, run_id DESC LIMIT ?", [*params, limit]
     ).fetchall()

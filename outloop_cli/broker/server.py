@@ -40,6 +40,7 @@ from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
 from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import AuditError
+from outloop_cli.guard import Guard
 from outloop_cli.policy import PathRejected, decide, normalise_path
 from outloop_cli.profiles import Credential, Profile
 from outloop_cli.secrets import Secret
@@ -67,9 +68,13 @@ class Broker:
         audit: RunLog,
         run_token: str | None = None,
         timeout: float | None = None,
+        guard: Guard | None = None,
     ) -> None:
-        """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it."""
+        """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it.
+
+        `guard` holds the other workspaces' identifiers; None when nobody declared any."""
         self.run_id = run_id
+        self.guard = guard
         self.timeout = timeout
         self.profile = profile
         self.audit = audit

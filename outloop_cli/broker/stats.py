@@ -20,6 +20,7 @@ class BrokerStats:
 
     per_credential: dict[str, CredentialStats] = field(default_factory=dict)
     denials: dict[str, int] = field(default_factory=dict)  # "reason (rule)" -> count
+    flagged: dict[str, int] = field(default_factory=dict)  # responses the guard flagged: "reason (rule)" -> count
 
     def credential(self, name: str) -> CredentialStats:
         return self.per_credential.setdefault(name, CredentialStats())

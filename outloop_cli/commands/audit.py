@@ -82,18 +82,22 @@ def recent(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N runs.")] = 20,
     workspace: WorkspaceFilter = None,
+    batch: Annotated[str | None, typer.Option("--batch", metavar="ID", help="Only the runs of this `run --each` "
+                                              "batch (its id is in the batch summary).", show_default=False)]
+    = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recent runs, newest first; NO END marks a run that never recorded its end (killed, e.g. kill -9)."""
     if ctx.invoked_subcommand is not None:
         return
     with _database() as conn:
-        runs = recent_runs(conn, limit=limit, workspace=workspace)
+        runs = recent_runs(conn, limit=limit, workspace=workspace, batch_id=batch)
     if as_json:
         print_json([run_record(item) for item in runs])
         return
     if not runs:
-        note("no runs recorded yet" + (f" for workspace {workspace!r}" if workspace else ""))
+        note("no runs recorded yet" + (f" for workspace {workspace!r}" if workspace else "")
+             + (f" in batch {batch!r}" if batch else ""))
         return
     print_table(("started", "run", "workspace", "command", "exit", "duration", "allowed", "denied", "sandbox",
                  "state"), [_run_cells(item) for item in runs], right=("exit", "duration", "allowed", "denied"),
@@ -138,6 +142,7 @@ def show(
         ("sandbox", ", ".join(f"{k}: {v}" for k, v in run.sandbox.items()) if isinstance(run.sandbox, dict)
          else run.sandbox),
         ("events", f"{total}, head {(run.head_hash or '')[:16]}"),
+        ("policy", run.policy_hash), ("batch", run.batch_id),
     ])
     sys.stdout.write("\n")
     print_table(("seq", "time", "kind", "credential", "request", "decision", "reason", "status", "ms", "in",

@@ -27,7 +27,9 @@ def register(app: typer.Typer) -> None:
         context_settings={"allow_interspersed_args": False, "ignore_unknown_options": False},
         help="Run COMMAND with a stripped environment and a policy-checking broker; exit with its code.\n\n"
              "Exit codes: the child's own; 128+N if killed by signal N; 124 timeout; 125 outloop failed "
-             "(bad profile, missing secret, sandbox unavailable); 126 not executable; 127 not found.",
+             "(bad profile, missing secret, sandbox unavailable); 126 not executable; 127 not found.\n\n"
+             "With --each, one separate run per workspace; the batch exits 0 when every run succeeded, else "
+             "with the number of workspaces that did not (at most 100), or 125 when the selection is bad.",
     )(run)
 
 
@@ -43,8 +45,16 @@ def run(
     summary_json: Annotated[Path | None, typer.Option("--summary-json", help="Also write the summary as JSON.")]
     = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary on stderr.")] = False,
+    each: Annotated[str | None, typer.Option("--each", metavar="W1,W2|@TAG|all",
+                                             help="Run once per workspace, each run separate: names, a profile "
+                                                  "tag, or every workspace.", show_default=False)] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, metavar="N",
+                                          help="With --each: run up to N workspaces side by side.")] = 1,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="With --each: stop the other runs (and start no "
+                                                                "more) once one fails.")] = False,
+    batch_id: Annotated[str | None, typer.Option("--batch-id", hidden=True)] = None,
 ) -> None:
-    from outloop_cli.runner import RunRequest, execute  # the broker stack loads only for `run`
+    from outloop_cli.runner import RunRequest, execute, new_run_id  # the broker stack loads only for `run`
 
     try:
         timeout_seconds = parse_duration(timeout) if timeout is not None else None
@@ -52,8 +62,25 @@ def run(
         raise OutloopError(f"--timeout: {exc}") from None
     if network is not None and network not in NETWORK_CHOICES:
         raise OutloopError(f"--network: expected one of {', '.join(NETWORK_CHOICES)}, got {network!r}")
+    if each is not None:
+        if workspace is not None:
+            raise OutloopError("-w and --each exclude each other: name one workspace, or several with --each")
+        from outloop_cli.batch import BatchRequest, run_batch
+        from outloop_cli.commands.batch_summary import render_batch_summary
+
+        batch = run_batch(BatchRequest(selection=each, command=command, batch_id=new_run_id(), profiles_dir=profiles,
+                                       timeout=timeout, network=network, parallel=parallel, fail_fast=fail_fast,
+                                       environ=dict(os.environ)))
+        if summary_json is not None:
+            _write_json(summary_json, batch.to_json())
+        if not quiet:
+            render_batch_summary(batch)
+        raise typer.Exit(batch.exit_code)
+    if parallel != 1 or fail_fast:
+        raise OutloopError("--parallel and --fail-fast go with --each")
     report = execute(RunRequest(command=command, workspace=workspace, profiles_dir=profiles,
-                                timeout=timeout_seconds, network=network, environ=dict(os.environ)))
+                                timeout=timeout_seconds, network=network, environ=dict(os.environ),
+                                batch_id=batch_id))
     if summary_json is not None:
         _write_json(summary_json, report.to_json())
     if not quiet:
