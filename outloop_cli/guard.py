@@ -38,7 +38,7 @@ class Guard:
     def __init__(self, identifiers: Sequence[Identifier], settings: GuardSettings) -> None:
         self.settings = settings
         self.identifiers = tuple(identifiers)
-        self.longest = max((len(item.text) for item in identifiers), default=0)
+        self.longest = max((len(fold(item.text)) for item in identifiers), default=0)
         self._automaton = ahocorasick.Automaton()
         for item in identifiers:
             key = fold(item.text)

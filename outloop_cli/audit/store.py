@@ -347,6 +347,8 @@ class ResponseRecord:
     bytes_in: int
     bytes_out: int
     error: str | None = None
+    reason: str | None = None  # e.g. foreign_identifier_flagged: delivered, but marked
+    rule: str | None = None  # what marked or withheld it (a guard identifier rule), never the data itself
 
 
 _CHECKPOINT_SECONDS = 1.0
@@ -590,7 +592,7 @@ class RunLog:
     def _response_item(self, rec: ResponseRecord, waiter: _Waiter) -> _Item:
         fields = {
             name: _column_value(name, getattr(rec, name))
-            for name in ("request_seq", "status", "latency_ms", "bytes_in", "bytes_out", "error")
+            for name in ("request_seq", "status", "latency_ms", "bytes_in", "bytes_out", "error", "reason", "rule")
         }
         return _Item("response", _now(), fields, waiter)
 
