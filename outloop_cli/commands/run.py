@@ -132,10 +132,13 @@ def _plain_summary(report: RunReport) -> str:
                      f"out {format_bytes(cred.bytes_out)}")
     for reason, count in sorted(report.denials.items(), key=lambda item: -item[1]):
         lines.append(f"  denied     {count} x {reason}")
+    for reason, count in sorted(report.flagged.items(), key=lambda item: -item[1]):
+        lines.append(f"  flagged    {count} x {reason}")
     lines.append("  sandbox    " + ", ".join(f"{k}: {v}" for k, v in report.sandbox.items()))
     lines += [f"  WARNING    {k}: {v}" for k, v in report.sandbox.items() if "NOT" in v]
     lines.append(f"  child      peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                  f"strays killed {report.strays_killed}")
+    lines.append(f"  policy     {report.policy_hash[:23]}" + (f"  batch {report.batch_id}" if report.batch_id else ""))
     lines.append(f"  audit      {report.audit_events} events, head {report.audit_head[:16]}  ({report.audit_db})")
     return "\n".join(lines) + "\n"
 
@@ -159,6 +162,8 @@ def _rich_summary(report: RunReport) -> None:
         f"[bold red]{escape(k)}: {escape(v)}[/]" if "NOT" in v else escape(f"{k}: {v}")
         for k, v in report.sandbox.items())
     header.add_row("sandbox", sandbox_text)
+    batch = f"  batch {report.batch_id}" if report.batch_id else ""
+    header.add_row("policy", escape(report.policy_hash[:23]) + batch)
     header.add_row("audit", f"{report.audit_events} events, head {report.audit_head[:16]}")
     table = Table(title=None, expand=False)
     for column in ("credential", "allowed", "denied", "rate-limited", "in", "out"):
@@ -170,3 +175,5 @@ def _rich_summary(report: RunReport) -> None:
     out.print(table)
     for reason, count in sorted(report.denials.items(), key=lambda item: -item[1]):
         out.print(f"  [red]denied[/] {count} x {escape(reason)}")
+    for reason, count in sorted(report.flagged.items(), key=lambda item: -item[1]):
+        out.print(f"  [yellow]flagged[/] {count} x {escape(reason)}")
