@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "workspace": "outloop_cli.commands.workspace",
     "secret": "outloop_cli.commands.secret",
     "doctor": "outloop_cli.commands.doctor",
+    "policy": "outloop_cli.commands.policy",
     "__complete": "outloop_cli.commands.complete",
 }
 
