@@ -157,8 +157,16 @@ def load_profile(workspace: str, dirs: Sequence[Path]) -> Profile:
     return _load(workspace, dirs, chain=())
 
 
-def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profile:
-    path = find_profile(workspace, dirs)
+def load_draft(path: Path, workspace: str, dirs: Sequence[Path]) -> Profile:
+    """A profile file that is not (yet) on the lookup path, read as `workspace`'s: `policy replay --profile`
+    judges past requests by a draft before it goes live. Its `extends` resolve along `dirs` as usual."""
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile file")
+    return _load(workspace, dirs, chain=(), path=path)
+
+
+def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...], path: Path | None = None) -> Profile:
+    path = path or find_profile(workspace, dirs)
     if workspace in chain:
         cycle = " -> ".join((*chain, workspace))
         raise ProfileError(f"{path}: extends: cycle {cycle}. Remove one of the `extends` keys.")

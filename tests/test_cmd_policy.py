@@ -85,3 +85,48 @@ def test_suggest_never_offers_a_rule_a_deny_rule_overrides(world: World) -> None
     assert result["rules"] == []
     assert {item["why"] for item in result["skipped"]} == {
         "deny rule 'GET /crm/v3/objects/contacts/**' matches it: deny wins"}
+
+
+def test_replay_reports_what_a_draft_would_decide_differently_and_the_recorded_policy(world: World) -> None:
+    _initech(world)
+    assert world.run_loop(DENIED_LOOP, workspace="initech").code == 0
+    unchanged = world.outloop("policy", "replay", "initech", "--since", "1h", "--profiles", str(world.profiles))
+    assert unchanged.code == 0, unchanged.combined
+    assert "replayed        3 requests" in unchanged.out
+    recorded = json.loads(world.outloop("audit", "show", "last", "--json").out)["policy_hash"]
+    assert f"{recorded[:23]} (1 runs)" in unchanged.out
+    draft = world.work / "initech-draft.toml"
+    draft.write_text((world.profiles / "initech.toml").read_text().replace(
+        '"GET /crm/v3/objects/companies/*",', '"GET /crm/v3/objects/contacts/*",'))
+    changed = world.outloop("policy", "replay", "initech", "--since", "1h", "--profile", str(draft),
+                            "--profiles", str(world.profiles), "--json")
+    assert changed.code == 1, changed.combined
+    result = json.loads(changed.out)
+    assert [(c["request"], c["count"]) for c in result["now_allowed"]] == [
+        ("GET /crm/v3/objects/contacts/123", 1), ("GET /crm/v3/objects/contacts/456", 1)]
+    assert [(c["request"], c["after"]) for c in result["now_denied"]] == [
+        ("GET /crm/v3/objects/companies/7", "deny: no_matching_rule")]
+    assert result["policy_hash"] != recorded
+
+
+def test_lint_finds_shadowed_unused_and_over_broad_rules_and_hints_at_deletes(world: World) -> None:
+    world.write_profile("wide", """
+        version = 1
+        [credentials.crm]
+        secret = "keyring"
+        base_url = "https://api.hubapi.com"
+        allow = ["* /**", "POST /crm/**", "GET /crm/v3/objects/contacts/*/merge", "GET /crm/v3/objects/*"]
+        deny = ["* /crm/v3/objects/contacts/*/merge"]
+    """)
+    linted = world.outloop("policy", "lint", "wide", "--json")
+    assert linted.code == 1, linted.combined
+    result = json.loads(linted.out)
+    assert result["unused_checked"] is False
+    assert [(f["kind"], f["rule"]) for f in result["findings"]] == [
+        ("shadowed", "GET /crm/v3/objects/contacts/*/merge"),
+        ("over_broad", "* /**"), ("over_broad", "POST /crm/**"),
+        ("hint", None)]
+    assert world.run_loop(DENIED_LOOP, workspace="acme").code == 0
+    acme = json.loads(world.outloop("policy", "lint", "acme", "--json").out)
+    unused = {f["rule"] for f in acme["findings"] if f["kind"] == "unused"}
+    assert "GET /crm/v3/objects/contacts/**" not in unused and "GET /sse" in unused

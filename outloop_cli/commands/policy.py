@@ -178,3 +178,97 @@ def suggest_command(
         added = apply_rules(profile, rules, dirs)
         count = sum(len(texts) for texts in added.values())
         note(f"added {count} allow rules to {profile.path}" if count else f"{profile.path} already has these rules")
+
+
+# --------------------------------------------------------------------------------------------------
+# policy replay
+
+
+@app.command("replay")
+def replay_command(
+    workspace: WorkspaceArgument,
+    since: Annotated[str, typer.Option("--since", help="Replay requests from this window: \"7d\" (ago) or a date.")]
+    = "7d",
+    profile_file: Annotated[Path | None, typer.Option("--profile", metavar="FILE", show_default=False,
+                                                      help="Judge by this draft profile instead of the live one.")]
+    = None,
+    profiles: ProfilesOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Judge the audit's past requests by the current profile (or a draft): what would now be decided differently.
+
+    Exit 1 when any decision would change.
+    """
+    from outloop_cli.policytools.replay import replay
+    from outloop_cli.profiles import load_draft, load_profile
+    from outloop_cli.timespec import parse_point
+
+    dirs = profile_dirs(profiles)
+    profile = load_draft(profile_file, workspace, dirs) if profile_file else load_profile(workspace, dirs)
+    with _database() as conn:
+        result = replay(conn, profile, since=parse_point("--since", since))
+    changes = (*result.now_denied, *result.now_allowed, *result.changed_rule)
+    if as_json:
+        print_json({"policy_hash": result.policy_hash, "replayed": result.replayed,
+                    "not_replayable": result.not_replayable, "recorded_policies": result.recorded_policies,
+                    "now_denied": [vars(c) for c in result.now_denied],
+                    "now_allowed": [vars(c) for c in result.now_allowed],
+                    "changed_rule": [vars(c) for c in result.changed_rule]})
+    else:
+        recorded = ", ".join(f"{digest[:23]} ({runs} runs)" for digest, runs in result.recorded_policies.items())
+        print_pairs([("policy", f"{result.policy_hash[:23]} ({profile_file or profile.path})"),
+                     ("recorded under", recorded or "no runs in the window"),
+                     ("replayed", f"{result.replayed} requests since {since} ({result.not_replayable} not "
+                                  "replayable: limits, sizes, guard, unparsable)"),
+                     ("now denied", len(result.now_denied)), ("now allowed", len(result.now_allowed)),
+                     ("other rule", len(result.changed_rule))])
+        if changes:
+            sys.stdout.write("\n")
+            print_table(("count", "credential", "request", "before", "after"),
+                        [[c.count, c.credential, c.request, c.before, c.after] for c in changes],
+                        right=("count",))
+    if changes:
+        raise typer.Exit(EXIT_PROBLEMS_FOUND)
+
+
+# --------------------------------------------------------------------------------------------------
+# policy lint
+
+
+@app.command("lint")
+def lint_command(
+    workspace: WorkspaceArgument,
+    since: Annotated[str, typer.Option("--since", help="Audit window for unused rules: \"30d\" (ago) or a date.")]
+    = "30d",
+    profiles: ProfilesOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Shadowed allow rules, rules unmatched in the audit window, over-broad rules; hints for destructive methods.
+
+    Exit 1 on any finding; hints alone exit 0.
+    """
+    from outloop_cli.errors import AuditError
+    from outloop_cli.policytools.lint import lint, rule_usage
+    from outloop_cli.profiles import load_profile
+    from outloop_cli.timespec import parse_point
+
+    profile = load_profile(workspace, profile_dirs(profiles))
+    usage = None
+    try:
+        with _database() as conn:
+            usage = rule_usage(conn, workspace, parse_point("--since", since))
+    except AuditError:
+        pass  # no audit yet: the unused check is skipped, and said so below
+    findings = lint(profile, usage)
+    if as_json:
+        print_json({"unused_checked": usage is not None, "findings": [vars(f) for f in findings]})
+    else:
+        for finding in findings:
+            where = f"{finding.credential}: {finding.rule}" if finding.rule else finding.credential
+            sys.stdout.write(f"{finding.kind:<10} {where}: {finding.message}\n")
+        if usage is None:
+            note(f"no run of {workspace} in the last {since}: unused rules not checked")
+        warnings = sum(1 for f in findings if f.kind != "hint")
+        sys.stdout.write(f"{warnings} findings, {len(findings) - warnings} hints\n")
+    if any(finding.kind != "hint" for finding in findings):
+        raise typer.Exit(EXIT_PROBLEMS_FOUND)
