@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import ahocorasick
+import ahocorasick_rs
 
 from outloop_cli.profiles import GuardSettings, Profile, available_workspaces, read_guard_identifiers
 
@@ -29,29 +29,28 @@ class Identifier:
 
 
 class Guard:
-    """Finds any of many literal identifiers in text, ignoring case, in one pass (Aho-Corasick).
+    """Finds any of many literal identifiers in text, ignoring case, in one pass (Aho-Corasick, as a DFA).
 
     With hundreds of identifiers a regex alternation or a loop of `in` tests costs time per identifier for every
-    request; the automaton's cost grows with the text only (docs/BENCHMARKS.md has the numbers).
+    request; the automaton's cost grows with the text only. ahocorasick-rs was measured against pyahocorasick
+    and the alternatives (docs/CHOICES.md, docs/BENCHMARKS.md).
     """
 
     def __init__(self, identifiers: Sequence[Identifier], settings: GuardSettings) -> None:
         self.settings = settings
         self.identifiers = tuple(identifiers)
-        self.longest = max((len(fold(item.text)) for item in identifiers), default=0)
-        self._automaton = ahocorasick.Automaton()
+        # The same text declared twice: the first declaration names it.
+        first: dict[str, Identifier] = {}
         for item in identifiers:
-            key = fold(item.text)
-            if key not in self._automaton:  # the same text declared twice: the first declaration names it
-                self._automaton.add_word(key, item)
-        self._automaton.make_automaton()
+            first.setdefault(fold(item.text), item)
+        self._named = list(first.values())
+        self.longest = max((len(key) for key in first), default=0)
+        self._automaton = ahocorasick_rs.AhoCorasick(list(first), implementation=ahocorasick_rs.Implementation.DFA)
 
     def find(self, text: str) -> Identifier | None:
         """The first identifier in `text`, or None; `text` must already be folded with `fold`."""
-        for _end, item in self._automaton.iter(text):
-            found: Identifier = item
-            return found
-        return None
+        matches = self._automaton.find_matches_as_indexes(text)
+        return self._named[matches[0][0]] if matches else None
 
     def search(self, texts: Iterable[str]) -> Identifier | None:
         for text in texts:
