@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -25,13 +26,22 @@ WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 CREDENTIAL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENV_GLOB = re.compile(r"[A-Za-z0-9_*?]+")
-NETWORK_MODES = ("auto", "broker-only", "open")
 DEFAULT_ENV_KEEP = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TERM")
 DEFAULT_INJECT_HEADER = "Authorization"
 DEFAULT_INJECT_VALUE = "Bearer {secret}"
 CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
 
-NetworkMode = Literal["auto", "broker-only", "open"]
+
+
+class NetworkMode(StrEnum):
+    """`run.network` and `--network`: spelt once, here."""
+
+    auto = "auto"
+    broker_only = "broker-only"
+    open = "open"
+
+
+NETWORK_MODES = tuple(mode.value for mode in NetworkMode)
 
 TOP_KEYS = ("version", "description", "extends", "run", "credentials", "tags", "guard")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
@@ -85,7 +95,7 @@ class RunSettings:
     max_requests: int | None = None
     env_keep: tuple[str, ...] = DEFAULT_ENV_KEEP
     env_set: Mapping[str, str] = field(default_factory=dict)
-    network: NetworkMode = "auto"
+    network: NetworkMode = NetworkMode.auto
     hide: tuple[str, ...] = ()
     memory: int | None = None
     processes: int | None = None
@@ -348,7 +358,7 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
         network = reader.string("run.network", table["network"])
         if network not in NETWORK_MODES:
             raise reader.fail("run.network", f"expected one of {', '.join(NETWORK_MODES)}, got {network!r}")
-        updates["network"] = network
+        updates["network"] = NetworkMode(network)
     if "hide" in table:
         updates["hide"] = (*base.hide, *reader.string_list("run.hide", table["hide"]))
     return RunSettings(**{**base.__dict__, **updates})

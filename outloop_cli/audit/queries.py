@@ -6,14 +6,16 @@ killed before it could record its end, and how was it sandboxed.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from outloop_cli.audit.store import EventRow, RunRow, get_run, list_runs, run_events
+from outloop_cli.audit.store import EventRow, RunRow, get_run, list_runs, open_readonly, run_events
 from outloop_cli.errors import UsageError
+from outloop_cli.home import audit_db_path, outloop_home
 from outloop_cli.timespec import iso_time
 
 RunState = Literal["ended", "live", "no end"]
@@ -179,3 +181,13 @@ def run_errors(conn: sqlite3.Connection, run_id: str) -> int:
     row = conn.execute("SELECT count(*) FROM events WHERE run_id = ? AND kind = 'response' AND error IS NOT NULL",
                        (run_id,)).fetchone()
     return int(row[0])
+
+
+@contextlib.contextmanager
+def operator_database() -> Iterator[sqlite3.Connection]:
+    """$OUTLOOP_HOME/audit.db, read-only, for the operator commands."""
+    conn = open_readonly(audit_db_path(outloop_home()))
+    try:
+        yield conn
+    finally:
+        conn.close()

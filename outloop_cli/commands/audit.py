@@ -5,11 +5,8 @@ Every subcommand opens audit.db read-only (except `prune`) and prints; the queri
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import sys
-from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated
 
@@ -23,10 +20,11 @@ from outloop_cli.audit.queries import (
     find_run,
     follow,
     live_or_next_run,
+    operator_database,
     recent_runs,
     run_record,
 )
-from outloop_cli.audit.store import EventRow, iter_events, open_readonly, prune, query_events, run_events
+from outloop_cli.audit.store import EventRow, iter_events, prune, query_events, run_events
 from outloop_cli.audit.verify import RunVerdict, verify_all, verify_run
 from outloop_cli.commands.options import JsonFlag, WorkspaceFilter
 from outloop_cli.commands.output import print_json
@@ -64,15 +62,6 @@ def register(root: typer.Typer) -> None:
     root.add_typer(app, name="audit")
 
 
-@contextlib.contextmanager
-def _database() -> Iterator[sqlite3.Connection]:
-    conn = open_readonly(audit_db_path(outloop_home()))
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
 # --------------------------------------------------------------------------------------------------
 # audit (recent runs)
 
@@ -90,7 +79,7 @@ def recent(
     """Recent runs, newest first; NO END marks a run that never recorded its end (killed, e.g. kill -9)."""
     if ctx.invoked_subcommand is not None:
         return
-    with _database() as conn:
+    with operator_database() as conn:
         runs = recent_runs(conn, limit=limit, workspace=workspace, batch_id=batch)
     if as_json:
         print_json([run_record(item) for item in runs])
@@ -125,7 +114,7 @@ def show(
     as_json: JsonFlag = False,
 ) -> None:
     """One run: its header, then its events in order."""
-    with _database() as conn:
+    with operator_database() as conn:
         item = find_run(conn, run_id)
         events = run_events(conn, item.run.run_id, limit=limit)
         total = count_events(conn, item.run.run_id)
@@ -193,7 +182,7 @@ def events(
     """Requests across runs, newest first, filtered by workspace, credential, decision and time."""
     since_ts = parse_point("--since", since) if since else None
     until_ts = parse_point("--until", until) if until else None
-    with _database() as conn:
+    with operator_database() as conn:
         found = query_events(conn, workspace=workspace, credential=credential,
                              decision=decision.value if decision else None, since=since_ts, until=until_ts,
                              limit=limit)
@@ -224,7 +213,7 @@ def tail(
     as_json: JsonFlag = False,
 ) -> None:
     """Follow a run's events as they are recorded; ends when the run ends (or is found killed)."""
-    with _database() as conn:
+    with operator_database() as conn:
         if run_id is not None:
             run = find_run(conn, run_id).run
         else:
@@ -266,7 +255,7 @@ def verify(
 
     A run with no end record whose chain holds is reported as incomplete (killed or still live), not broken.
     """
-    with _database() as conn:
+    with operator_database() as conn:
         verdicts = [verify_run(conn, find_run(conn, run_id).run.run_id)] if run_id else verify_all(conn)
     counts = {status: sum(1 for v in verdicts if v.status == status)
               for status in ("ok", "incomplete", "pruned", "broken")}
@@ -311,7 +300,7 @@ def export(
     """Write every event (all kinds, oldest first) to stdout; redirect it to a file."""
     since_ts = parse_point("--since", since) if since else None
     until_ts = parse_point("--until", until) if until else None
-    with _database() as conn:
+    with operator_database() as conn:
         count = write_events(iter_events(conn, workspace=workspace, since=since_ts, until=until_ts), sys.stdout,
                              fmt.value)
     if sys.stderr.isatty():

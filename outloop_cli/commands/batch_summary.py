@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 from outloop_cli.batch import BatchReport, BatchRun
-from outloop_cli.commands.output import console, wants_plain
+from outloop_cli.commands.output import console, render_to_stderr
 from outloop_cli.units import format_duration
 
 COLUMNS = ("workspace", "run", "state", "exit", "duration", "allowed", "denied", "errors", "flagged", "chain")
 
 
 def render_batch_summary(report: BatchReport) -> None:
-    if wants_plain(sys.stderr):
-        sys.stderr.write(plain_batch_summary(report))
-        return
-    try:
-        _rich(report)
-    except Exception:  # a rendering problem must never cost cron the batch's exit code
-        sys.stderr.write(plain_batch_summary(report))
+    render_to_stderr(lambda: plain_batch_summary(report), lambda: _rich(report))
 
 
 def _cells(run: BatchRun) -> list[str]:

@@ -5,10 +5,7 @@ Parsing and printing only; outloop_cli.policytools does the work.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +15,7 @@ from outloop_cli.commands.options import JsonFlag, ProfilesOption, WorkspaceArgu
 from outloop_cli.commands.output import print_json
 from outloop_cli.commands.tables import note, print_pairs, print_table
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, UsageError
-from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
+from outloop_cli.home import profile_dirs
 
 app = typer.Typer(help="Test requests against a workspace's policy, draft allow rules from denials, replay the "
                        "audit against a draft, and lint the rules.", no_args_is_help=True, rich_markup_mode=None)
@@ -31,17 +28,6 @@ SinceOption = Annotated[str | None, typer.Option("--since", help="Audit window: 
 
 def register(root: typer.Typer) -> None:
     root.add_typer(app, name="policy")
-
-
-@contextlib.contextmanager
-def _database() -> Iterator[sqlite3.Connection]:
-    from outloop_cli.audit.store import open_readonly
-
-    conn = open_readonly(audit_db_path(outloop_home()))
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +125,7 @@ def suggest_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Draft allow rules from `no_matching_rule` denials; prints TOML to review (or --apply it)."""
-    from outloop_cli.audit.queries import find_run
+    from outloop_cli.audit.queries import find_run, operator_database
     from outloop_cli.policytools.apply import apply_rules
     from outloop_cli.policytools.suggest import denied_requests, render_toml, suggest
     from outloop_cli.profiles import load_profile
@@ -149,7 +135,7 @@ def suggest_command(
         raise UsageError("give --from RUN|last or --since DUR (e.g. 7d)")
     dirs = profile_dirs(profiles)
     profile = load_profile(workspace, dirs)
-    with _database() as conn:
+    with operator_database() as conn:
         run_id = None
         if from_run is not None:
             run = find_run(conn, from_run).run
@@ -199,13 +185,14 @@ def replay_command(
 
     Exit 1 when any decision would change.
     """
+    from outloop_cli.audit.queries import operator_database
     from outloop_cli.policytools.replay import replay
     from outloop_cli.profiles import load_draft, load_profile
     from outloop_cli.timespec import parse_point
 
     dirs = profile_dirs(profiles)
     profile = load_draft(profile_file, workspace, dirs) if profile_file else load_profile(workspace, dirs)
-    with _database() as conn:
+    with operator_database() as conn:
         result = replay(conn, profile, since=parse_point("--since", since))
     changes = (*result.now_denied, *result.now_allowed, *result.changed_rule)
     if as_json:
@@ -247,6 +234,7 @@ def lint_command(
 
     Exit 1 on any finding; hints alone exit 0.
     """
+    from outloop_cli.audit.queries import operator_database
     from outloop_cli.errors import AuditError
     from outloop_cli.policytools.lint import lint, rule_usage
     from outloop_cli.profiles import load_profile
@@ -255,7 +243,7 @@ def lint_command(
     profile = load_profile(workspace, profile_dirs(profiles))
     usage = None
     try:
-        with _database() as conn:
+        with operator_database() as conn:
             usage = rule_usage(conn, workspace, parse_point("--since", since))
     except AuditError:
         pass  # no audit yet: the unused check is skipped, and said so below

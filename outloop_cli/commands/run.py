@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from outloop_cli.commands.output import console, wants_plain
+from outloop_cli.commands.output import console, render_to_stderr
 from outloop_cli.errors import OutloopError
+from outloop_cli.profiles import NetworkMode
 from outloop_cli.units import format_bytes, format_duration, parse_duration
 
 if TYPE_CHECKING:
     from outloop_cli.runner import RunReport
-
-NETWORK_CHOICES = ("auto", "broker-only", "open")
 
 
 def register(app: typer.Typer) -> None:
@@ -40,8 +38,8 @@ def run(
     profiles: Annotated[Path | None, typer.Option("--profiles", help="Directory of profiles.")] = None,
     timeout: Annotated[str | None, typer.Option("--timeout", metavar="DUR",
                                                 help="Kill the run after DUR (e.g. 30m).")] = None,
-    network: Annotated[str | None, typer.Option("--network", metavar="auto|broker-only|open",
-                                                help="Network isolation for this run.")] = None,
+    network: Annotated[NetworkMode | None, typer.Option("--network", metavar="auto|broker-only|open",
+                                                        help="Network isolation for this run.")] = None,
     summary_json: Annotated[Path | None, typer.Option("--summary-json", help="Also write the summary as JSON.")]
     = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary on stderr.")] = False,
@@ -60,8 +58,6 @@ def run(
         timeout_seconds = parse_duration(timeout) if timeout is not None else None
     except ValueError as exc:
         raise OutloopError(f"--timeout: {exc}") from None
-    if network is not None and network not in NETWORK_CHOICES:
-        raise OutloopError(f"--network: expected one of {', '.join(NETWORK_CHOICES)}, got {network!r}")
     if each is not None:
         if workspace is not None:
             raise OutloopError("-w and --each exclude each other: name one workspace, or several with --each")
@@ -98,13 +94,7 @@ def _write_json(path: Path, data: object) -> None:
 
 
 def render_summary(report: RunReport) -> None:
-    if wants_plain(sys.stderr):
-        sys.stderr.write(_plain_summary(report))
-        return
-    try:
-        _rich_summary(report)
-    except Exception:  # a rendering problem must never cost cron the child's exit code
-        sys.stderr.write(_plain_summary(report))
+    render_to_stderr(lambda: _plain_summary(report), lambda: _rich_summary(report))
 
 
 def _outcome(report: RunReport) -> str:
