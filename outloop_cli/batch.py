@@ -206,7 +206,10 @@ class _Scheduler:
         argv += ["--", *request.command]
         run.started_at = time.time()
         run.state = "failed"  # until it exits 0
-        process = subprocess.Popen(argv, env=dict(request.environ), start_new_session=True)
+        # Own session: a terminal's signals reach only the batch, which passes them on. No stdin: runs side by
+        # side cannot share one, and a run in its own session cannot take the terminal's foreground anyway.
+        process = subprocess.Popen(argv, env=dict(request.environ), start_new_session=True,
+                                   stdin=subprocess.DEVNULL)
         self.running[process.pid] = (process, run, summary)
 
     def wait_for_slot(self) -> None:

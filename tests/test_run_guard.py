@@ -21,7 +21,9 @@ POST_LOOP = """
     for body in json.load(open(sys.argv[1])):
         answer = client.request("crm", "POST", "/crm/v3/objects/contacts", body=body,
                                 headers={"Content-Type": "application/json"})
-        print(json.dumps([answer.status, (answer.error or {}).get("error")]), flush=True)
+        error = answer.error or {}
+        print(json.dumps([answer.status, error.get("error")] + ([error.get("rule")] if error.get("rule") else [])),
+              flush=True)
 """
 
 

@@ -469,25 +469,28 @@ class Broker:
     async def _refuse(self, request: web.BaseRequest, denial: Denial) -> web.Response:
         return await self._deny(request, denial.credential, denial.status, denial.code, denial.reason,
                                 denial.message, rule=denial.rule, asked_for=denial.asked_for,
-                                headers=denial.headers, path=denial.path)
+                                headers=denial.headers, path=denial.path, rule_to_child=denial.identifier is None)
 
     async def _deny(self, request: web.BaseRequest, credential: Credential | None, status: int, code: str,
                     reason: str, message: str, *, rule: str | None = None, asked_for: str | None = None,
-                    headers: Mapping[str, str] | None = None, path: str | None = None) -> web.Response:
+                    headers: Mapping[str, str] | None = None, path: str | None = None,
+                    rule_to_child: bool = True) -> web.Response:
         """Audit the refusal (committed first), count it, answer it. `path` is the upstream path when known, so
-        a request is recorded under the same spelling whether it was allowed or denied."""
+        a request is recorded under the same spelling whether it was allowed or denied. `rule_to_child` is False
+        where the rule names another client (the guard's identifier rules)."""
         name = credential.name if credential else asked_for
         path = path if path is not None else request.raw_path.partition("?")[0]
         try:
             await self._audit_request(request, credential, path, "deny", reason, rule, status,
                                       credential_name=name)
         except AuditError:
-            return _error_response(503, "audit_unavailable", "the audit log cannot be written", name, rule)
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written", name,
+                                   rule if rule_to_child else None)
         if credential is not None and status != 429:  # rate-limited and budget refusals have their own column
             self.stats.credential(credential.name).denied += 1
         key = f"{reason} ({rule})" if rule else reason
         self.stats.denials[key] = self.stats.denials.get(key, 0) + 1
-        return _error_response(status, code, message, name, rule, headers)
+        return _error_response(status, code, message, name, rule if rule_to_child else None, headers)
 
     async def _audit_request(self, request: web.BaseRequest, credential: Credential | None, path: str,
                              decision: str, reason: str, rule: str | None, status: int | None,
