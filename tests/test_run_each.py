@@ -134,3 +134,34 @@ def test_batch_exit_code_counts_what_did_not_succeed_and_never_reaches_the_run_c
     assert batch_exit_code([ok, ok]) == 0
     assert batch_exit_code([ok, failed, BatchRun("c", state="skipped")]) == 2
     assert batch_exit_code([failed] * 150) == 100
+
+
+STOPPABLE_LOOP = """
+    import os, pathlib, sys, time
+    me, barrier = os.environ["OUTLOOP_WORKSPACE"], pathlib.Path(sys.argv[1])
+    (barrier / me).touch()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if me == "globex" and len(list(barrier.iterdir())) == 3:
+            sys.exit(3)  # fails once the other two are running
+        time.sleep(0.02)
+"""
+
+
+def test_fail_fast_in_parallel_stops_the_running_runs_and_records_them(world: World) -> None:
+    from conftest import PYTHON
+
+    _three(world)
+    script = world.work / "stoppable.py"
+    script.write_text(textwrap.dedent(STOPPABLE_LOOP))
+    (world.work / "barrier").mkdir()
+    summary = world.work / "batch.json"
+    result = world.outloop("run", "--each", "acme,globex,initech", "--parallel", "3", "--fail-fast", "--profiles",
+                           str(world.profiles), "--summary-json", str(summary), "--", PYTHON, str(script), "barrier",
+                           timeout=120)
+    batch = json.loads(summary.read_text())
+    assert [(run["workspace"], run["state"], run["exit_code"]) for run in batch["runs"]] == [
+        ("acme", "stopped", 143), ("globex", "failed", 3), ("initech", "stopped", 143)], result.combined
+    assert result.code == 3
+    assert batch["duration"] < 30  # stopped, not left to run out their minute
+    assert all(run["chain"] == "ok" for run in batch["runs"])  # each run recorded its end
