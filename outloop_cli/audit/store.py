@@ -16,7 +16,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeAlias
@@ -47,7 +47,7 @@ _RESERVED_KINDS: Final = frozenset({"run_start", "run_end", "request", "response
 _COLUMN_KEYWORDS: Final = _TEXT_COLUMNS | _INT_COLUMNS | _REAL_COLUMNS
 _RUN_COLUMNS: Final = (
     "run_id", "workspace", "command", "started_at", "ended_at", "exit_code", "duration", "allowed",
-    "denied", "sandbox", "head_hash", "event_count",
+    "denied", "errors", "sandbox", "head_hash", "event_count",
 )  # fmt: skip
 
 _SCHEMA_V1: Final = (
@@ -115,8 +115,36 @@ def _migrate_to_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def is_error(status: object, error: object) -> bool:
+    """Whether an allowed request's outcome failed: an upstream 4xx/5xx, or the broker's own 502/504/499.
+
+    _error_sql is the same test in SQL, for the migration's backfill and the `--failed` filters.
+    """
+    return error is not None or (isinstance(status, int) and status >= 400)
+
+
+def _error_sql(table: str = "") -> str:
+    return f"({table}error IS NOT NULL OR {table}status >= 400)"
+
+
+def _migrate_to_v2(conn: sqlite3.Connection) -> None:
+    """Join each outcome to its decision, and count failed outcomes per run.
+
+    Response events always carried their request's seq; the index makes "request with its outcome" a lookup,
+    so listings can show status, latency and bytes on the request's row. Stored events are not rewritten (the
+    chain covers them); only the unhashed runs row gains a backfilled ``errors`` count.
+    """
+    conn.execute("CREATE INDEX events_by_request ON events (run_id, request_seq) WHERE request_seq IS NOT NULL")
+    conn.execute("CREATE INDEX events_by_status ON events (status, ts) WHERE status IS NOT NULL")
+    conn.execute("ALTER TABLE runs ADD COLUMN errors INTEGER NOT NULL DEFAULT 0")
+    conn.execute(
+        "UPDATE runs SET errors = (SELECT count(*) FROM events WHERE events.run_id = runs.run_id "
+        f"AND kind = 'response' AND {_error_sql()})"
+    )
+
+
 # Applied in order from the database's user_version; append, never edit, once released.
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migrate_to_v1,)
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migrate_to_v1, _migrate_to_v2)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -269,12 +297,19 @@ def _open_rw(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
     return conn
 
 
-def open_readonly(db_path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> sqlite3.Connection:
+def open_readonly(
+    db_path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT, missing_ok: bool = False
+) -> sqlite3.Connection:
     """A connection for operator commands, which must never change what they report on.
 
     An older schema is migrated first (through a separate writable connection), so reads after an upgrade
-    see the columns this code expects.
+    see the columns this code expects. With ``missing_ok``, a database not created yet (no run so far) reads
+    as an empty one: a listing on a new machine is empty, not an error; nothing is created on disk.
     """
+    if missing_ok and not db_path.exists():
+        empty = sqlite3.connect(":memory:", isolation_level=None)
+        _migrate(empty)
+        return empty
     if not db_path.is_file():
         raise AuditError(f"no audit database at {db_path} yet: run `outloop run` first")
     try:
@@ -428,6 +463,7 @@ class RunLog:
         self._head = GENESIS_HASH
         self._allowed = 0
         self._denied = 0
+        self._errors = 0  # allowed requests whose outcome failed (is_error)
         self._lost = 0  # fire-and-forget events whose batch failed; reported in run_end
         # seq -> (credential, method, host, path) of allowed requests still awaiting their response.
         self._open_requests: dict[object, tuple[object, object, object, object]] = {}
@@ -524,7 +560,7 @@ class RunLog:
     def finish(self, *, exit_code: int, duration: float, detail: Mapping[str, object]) -> tuple[str, int]:
         """Commit run_end after everything queued, close the runs row, and stop the writer.
 
-        run_end's detail gets exit_code, duration, allowed, denied, lost_events and the chain's head hash
+        run_end's detail gets exit_code, duration, allowed, denied, errors, lost_events and the chain's head hash
         and event count before it (these win over same-named caller keys). Returns the final head hash and
         the event count including run_end, for the run summary.
         """
@@ -626,7 +662,7 @@ class RunLog:
 
     def _commit(self, batch: list[_Item]) -> None:
         """Write a batch as one transaction, then tell every waiter; on failure undo the in-memory chain."""
-        saved = (self._seq, self._head, self._allowed, self._denied)
+        saved = (self._seq, self._head, self._allowed, self._denied, self._errors)
         try:
             rows = [self._chain(item) for item in batch]
             self._conn.execute("BEGIN IMMEDIATE")
@@ -638,8 +674,9 @@ class RunLog:
                     )
                 self._conn.executemany(_INSERT_EVENT, rows)
                 self._conn.execute(
-                    "UPDATE runs SET allowed = ?, denied = ?, head_hash = ?, event_count = ? WHERE run_id = ?",
-                    (self._allowed, self._denied, self._head, self._seq, self.run_id),
+                    "UPDATE runs SET allowed = ?, denied = ?, errors = ?, head_hash = ?, event_count = ? "
+                    "WHERE run_id = ?",
+                    (self._allowed, self._denied, self._errors, self._head, self._seq, self.run_id),
                 )
                 end = batch[-1].end
                 if end is not None:
@@ -653,7 +690,7 @@ class RunLog:
                     self._conn.execute("ROLLBACK")
                 raise
         except Exception as exc:
-            self._seq, self._head, self._allowed, self._denied = saved
+            self._seq, self._head, self._allowed, self._denied, self._errors = saved
             # Only SQLite's own message is shown: it names files and columns, never a bound value.
             if isinstance(exc, sqlite3.Error):
                 reason = _describe(exc, self._busy_timeout)
@@ -680,6 +717,8 @@ class RunLog:
             else:
                 self._denied += 1
         elif item.kind == "response":
+            if is_error(fields["status"], fields["error"]):
+                self._errors += 1
             # Copy what was asked from the request, so responses can be queried by credential and shown alone.
             asked = self._open_requests.get(fields["request_seq"])
             if asked is not None:
@@ -691,6 +730,7 @@ class RunLog:
                 "duration": item.end.duration,
                 "allowed": self._allowed,
                 "denied": self._denied,
+                "errors": self._errors,
                 "lost_events": self._lost,
                 "head_hash": self._head,
                 "event_count": self._seq,
@@ -729,6 +769,7 @@ class RunRow:
     duration: float | None
     allowed: int
     denied: int
+    errors: int
     sandbox: object
     head_hash: str | None
     event_count: int | None
@@ -792,22 +833,82 @@ def _event_row(row: tuple[object, ...]) -> EventRow:
     return EventRow(**values)  # type: ignore[arg-type]
 
 
-def list_runs(conn: sqlite3.Connection, *, limit: int = 20, workspace: str | None = None) -> list[RunRow]:
-    """Newest runs first."""
-    where, params = ("WHERE workspace = ?", [workspace]) if workspace is not None else ("", [])
+# One HTTP status or a class of them, as an inclusive range: 401 is (401, 401), 5xx is (500, 599).
+StatusRange: TypeAlias = tuple[int, int]
+
+
+def _status_clause(column: str, statuses: Sequence[StatusRange]) -> tuple[str, list[object]]:
+    clause = " OR ".join(f"{column} BETWEEN ? AND ?" for _ in statuses)
+    return f"({clause})", [bound for pair in statuses for bound in pair]
+
+
+def list_runs(
+    conn: sqlite3.Connection,
+    *,
+    limit: int = 20,
+    workspace: str | None = None,
+    failed: bool = False,
+    statuses: Sequence[StatusRange] = (),
+) -> list[RunRow]:
+    """Newest runs first. ``failed``: runs that exited non-zero, saw failed outcomes, or recorded no end;
+    ``statuses``: runs where some request was answered with one of those statuses (by upstream or broker)."""
+    clauses: list[str] = []
+    params: list[object] = []
+    if workspace is not None:
+        clauses.append("workspace = ?")
+        params.append(workspace)
+    if failed:
+        clauses.append("(exit_code != 0 OR errors > 0 OR ended_at IS NULL)")
+    if statuses:
+        # A request row holds the broker's own answer (denials), a response row the upstream's: no join needed.
+        match, bounds = _status_clause("status", statuses)
+        clauses.append(f"run_id IN (SELECT run_id FROM events WHERE {match} AND kind IN ('request', 'response'))")
+        params.extend(bounds)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = conn.execute(
         f"{_RUN_SELECT} {where} ORDER BY started_at DESC, run_id DESC LIMIT ?", [*params, limit]
     ).fetchall()
     return [_run_row(row) for row in rows]
 
 
-def get_run(conn: sqlite3.Connection, run_id: str) -> RunRow | None:
-    """One run by id, or the newest for ``"last"``."""
+def get_run(conn: sqlite3.Connection, run_id: str, *, workspace: str | None = None) -> RunRow | None:
+    """One run by its full id, or the newest (of ``workspace``, if given) for ``"last"``."""
     if run_id == "last":
-        runs = list_runs(conn, limit=1)
+        runs = list_runs(conn, limit=1, workspace=workspace)
         return runs[0] if runs else None
     row = conn.execute(f"{_RUN_SELECT} WHERE run_id = ?", (run_id,)).fetchone()
     return None if row is None else _run_row(row)
+
+
+_KNOWN_IDS: Final = "SELECT run_id FROM runs UNION SELECT run_id FROM pruned"
+
+
+def runs_with_prefix(conn: sqlite3.Connection, prefix: str, *, limit: int) -> list[str]:
+    """Full ids (of runs and pruned runs) starting with ``prefix``, at most ``limit`` of them, sorted."""
+    if not prefix.isalnum() or not prefix.isascii():
+        return []  # ids are Crockford base32: anything else matches nothing (and is no GLOB pattern)
+    rows = conn.execute(
+        f"SELECT run_id FROM ({_KNOWN_IDS}) WHERE run_id GLOB ? ORDER BY run_id LIMIT ?", (prefix + "*", limit)
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def unique_prefix_length(conn: sqlite3.Connection, run_ids: Collection[str], *, minimum: int) -> int:
+    """The shortest length, at least ``minimum``, at which each of ``run_ids`` has a prefix no other known run
+    shares, so a shortened id shown in a listing can be typed back in (like git's abbreviated hashes)."""
+    length = minimum
+    for run_id in run_ids:
+        for table in ("runs", "pruned"):
+            for neighbour in conn.execute(
+                f"SELECT (SELECT max(run_id) FROM {table} WHERE run_id < :id), "
+                f"(SELECT min(run_id) FROM {table} WHERE run_id > :id)",
+                {"id": run_id},
+            ).fetchone():
+                if isinstance(neighbour, str):
+                    shared = next((i for i, (a, b) in enumerate(zip(run_id, neighbour, strict=False)) if a != b),
+                                  min(len(run_id), len(neighbour)))
+                    length = max(length, shared + 1)
+    return min(length, max((len(run_id) for run_id in run_ids), default=length))
 
 
 def run_events(
@@ -835,10 +936,95 @@ def query_events(
     """Events across runs, newest first; request events only unless ``kinds`` says otherwise (None: all)."""
     where, params = _event_filter(workspace, credential, decision, since, until, kinds)
     rows = conn.execute(
-        f"{_EVENT_SELECT} {where} ORDER BY ts DESC, rowid DESC LIMIT ?",
+        f"{_EVENT_SELECT} {_where(where)} ORDER BY ts DESC, rowid DESC LIMIT ?",
         [*params, -1 if limit is None else limit],
     ).fetchall()
     return [_event_row(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """An event as a listing shows it: a request joined to the response event that recorded its outcome.
+
+    ``response`` is None for denials (the broker answered: the request row holds that status), for routes
+    answered without going upstream, for requests still in flight, and for every other kind of event.
+    """
+
+    event: EventRow
+    response: EventRow | None
+
+    @property
+    def status(self) -> int | None:
+        return self.response.status if self.response is not None else self.event.status
+
+    @property
+    def result(self) -> str | None:
+        """ok, error, denied, rate_limited, or pending (allowed, no outcome recorded); None for non-requests."""
+        event, response = self.event, self.response
+        if event.kind != "request":
+            return None
+        if event.decision == "deny":
+            return "rate_limited" if event.status == 429 else "denied"
+        if response is not None:
+            return "error" if is_error(response.status, response.error) else "ok"
+        return "ok" if event.status is not None else "pending"
+
+
+_EXCHANGE_SELECT: Final = (
+    f"SELECT {', '.join(f'q.{name}' for name in (*EVENT_COLUMNS, 'hash'))}, "
+    f"{', '.join(f'r.{name}' for name in (*EVENT_COLUMNS, 'hash'))} "
+    "FROM events q LEFT JOIN events r ON q.kind = 'request' AND r.run_id = q.run_id AND r.request_seq = q.seq "
+    "AND r.kind = 'response'"
+)
+_WIDTH: Final = len(EVENT_COLUMNS) + 1
+
+
+def _exchange(row: tuple[object, ...]) -> Exchange:
+    response = row[_WIDTH:]
+    return Exchange(_event_row(row[:_WIDTH]), None if response[0] is None else _event_row(response))
+
+
+def query_exchanges(
+    conn: sqlite3.Connection,
+    *,
+    workspace: str | None = None,
+    credential: str | None = None,
+    decision: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    failed: bool = False,
+    statuses: Sequence[StatusRange] = (),
+    limit: int | None = 100,
+) -> list[Exchange]:
+    """Requests across runs with their outcomes, newest first.
+
+    ``failed``: allowed requests whose outcome failed (the runs' ``errors``); ``statuses``: requests answered
+    with one of those statuses, by the upstream or (denials, broker errors) by the broker.
+    """
+    where, params = _event_filter(workspace, credential, decision, since, until, ("request",), table="q.")
+    clauses = [where] if where else []
+    if failed:
+        clauses.append(f"q.decision = 'allow' AND {_error_sql('r.')}")
+    if statuses:
+        match, bounds = _status_clause("COALESCE(r.status, q.status)", statuses)
+        clauses.append(match)
+        params.extend(bounds)
+    rows = conn.execute(
+        f"{_EXCHANGE_SELECT} WHERE {' AND '.join(clauses)} ORDER BY q.ts DESC, q.rowid DESC LIMIT ?",
+        [*params, -1 if limit is None else limit],
+    ).fetchall()
+    return [_exchange(row) for row in rows]
+
+
+def run_exchanges(conn: sqlite3.Connection, run_id: str, *, limit: int | None = None) -> list[Exchange]:
+    """A run's events in chain order, each request carrying its outcome and responses not listed on their own
+    (a response whose request is gone, which only tampering does, is still listed)."""
+    rows = conn.execute(
+        f"{_EXCHANGE_SELECT} WHERE q.run_id = ? AND NOT (q.kind = 'response' AND EXISTS (SELECT 1 FROM events p "
+        "WHERE p.run_id = q.run_id AND p.seq = q.request_seq AND p.kind = 'request')) ORDER BY q.seq LIMIT ?",
+        (run_id, -1 if limit is None else limit),
+    ).fetchall()
+    return [_exchange(row) for row in rows]
 
 
 def iter_events(
@@ -847,11 +1033,19 @@ def iter_events(
     workspace: str | None = None,
     since: float | None = None,
     until: float | None = None,
+    run_id: str | None = None,
 ) -> Iterator[EventRow]:
     """Every event of every kind, oldest first, streamed from the cursor so an export never sits in memory."""
     where, params = _event_filter(workspace, None, None, since, until, None)
-    for row in conn.execute(f"{_EVENT_SELECT} {where} ORDER BY ts, rowid", params):
+    if run_id is not None:
+        where = " AND ".join(filter(None, (where, "run_id = ?")))
+        params.append(run_id)
+    for row in conn.execute(f"{_EVENT_SELECT} {_where(where)} ORDER BY ts, rowid", params):
         yield _event_row(row)
+
+
+def _where(condition: str) -> str:
+    return f"WHERE {condition}" if condition else ""
 
 
 def _event_filter(
@@ -861,25 +1055,28 @@ def _event_filter(
     since: float | None,
     until: float | None,
     kinds: Collection[str] | None,
+    *,
+    table: str = "",
 ) -> tuple[str, list[object]]:
-    """The WHERE clause the read helpers share; each filter has an index ending in ts (see _SCHEMA_V1)."""
+    """The conditions the read helpers share, columns prefixed with ``table``; each filter has an index ending
+    in ts (see _SCHEMA_V1). Returned without the WHERE keyword."""
     clauses: list[str] = []
     params: list[object] = []
     for column, value in (("workspace", workspace), ("credential", credential), ("decision", decision)):
         if value is not None:
-            clauses.append(f"{column} = ?")
+            clauses.append(f"{table}{column} = ?")
             params.append(value)
     if since is not None:
-        clauses.append("ts >= ?")
+        clauses.append(f"{table}ts >= ?")
         params.append(since)
     if until is not None:
-        clauses.append("ts < ?")
+        clauses.append(f"{table}ts < ?")
         params.append(until)
     if kinds is not None:
         kind_list = list(kinds)
-        clauses.append(f"kind IN ({', '.join('?' * len(kind_list))})")
+        clauses.append(f"{table}kind IN ({', '.join('?' * len(kind_list))})")
         params.extend(kind_list)
-    return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
+    return " AND ".join(clauses), params
 
 
 def prune(db_path: Path, *, older_than: float, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> int:

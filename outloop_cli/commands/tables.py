@@ -13,11 +13,12 @@ from outloop_cli.commands.output import console, wants_plain
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[str] = (),
                 whole: Sequence[str] = ()) -> None:
-    """`right` names the numeric columns, aligned right in both forms; on a narrow terminal the other columns
-    are cut short with an ellipsis, except those named in `whole` (ids people copy), which are never shortened."""
+    """`right` names the numeric columns, aligned right in both forms. On a terminal narrower than the table, the
+    text columns are cut short with an ellipsis, widest first; numbers and the columns named in `whole` (ids,
+    times, states people read or copy) are never shortened. Plain output is never cut: it is for grep and mail."""
     cells = [[_text(value) for value in row] for row in rows]
+    widths = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
     if wants_plain(sys.stdout):
-        widths = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
         for line in ([*columns], *cells):
             parts = [cell.rjust(width) if column in right else cell.ljust(width)
                      for column, cell, width in zip(columns, line, widths, strict=True)]
@@ -26,14 +27,33 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[object]], *, rig
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for index, column in enumerate(columns):
-        widest = max([len(column), *(len(row[index]) for row in cells)])
+    out = console()
+    fixed = {index for index, column in enumerate(columns) if column in right or column in whole}
+    widths = fit_widths(widths, fixed, out.width - _GAP * (len(columns) - 1))
+    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=False)
+    for column, width in zip(columns, widths, strict=True):
         table.add_column(column, justify="right" if column in right else "left", no_wrap=True,
-                         overflow="ellipsis", min_width=widest if column in whole else None)
+                         overflow="ellipsis", width=width)
     for row in cells:
         table.add_row(*(Text(cell) for cell in row))  # Text, not markup: values come from loops and profiles
-    console().print(table)
+    out.print(table)
+
+
+_GAP = 2  # rich's default padding: one space each side of a column
+_MIN_CUT = 3  # a cut column keeps at least "ab…"
+
+
+def fit_widths(widths: Sequence[int], fixed: set[int], room: int) -> list[int]:
+    """Column widths summing to at most `room`: the widest cuttable column gives a character, until it fits or
+    every cuttable one is down to _MIN_CUT (then the terminal wraps, but no fixed column loses a character)."""
+    result = list(widths)
+    while sum(result) > room:
+        cuttable = [index for index in range(len(result)) if index not in fixed and result[index] > _MIN_CUT]
+        if not cuttable:
+            break
+        widest = max(cuttable, key=lambda index: result[index])
+        result[widest] -= 1
+    return result
 
 
 def print_pairs(pairs: Sequence[tuple[str, object]], *, indent: int = 0) -> None:
