@@ -194,9 +194,9 @@ def show(
     ]
     print_pairs(pairs)
     sys.stdout.write("\n")
-    print_table(("seq", "time", "kind", "credential", "request", "result", "status", "ms", "sent", "received",
+    print_table(("seq", "time", "kind", "request", "result", "status", "ms", "sent", "recv", "credential",
                  "reason"), [_exchange_cells(e, None) for e in exchanges],
-                right=("seq", "status", "ms", "sent", "received"), whole=("seq", "time", "kind", "result"))
+                right=("seq", "status", "ms", "sent", "recv"), whole=("seq", "time", "kind", "result"))
     shown = len(exchanges) + sum(1 for e in exchanges if e.response is not None)
     if total > shown:
         note(f"{total - shown} more events not shown; use --limit {total} or --json")
@@ -206,15 +206,16 @@ def _exchange_cells(exchange: Exchange, run_id: str | None) -> list[object]:
     """A row of `audit show` (run_id None: seq and time of day) or `audit events` (date, time and short run id)."""
     event, response = exchange.event, exchange.response
     request = f"{event.method} {event.path}" if event.method else _detail_summary(event)
-    first = ([compact_time(event.ts, seconds=True), run_id, event.workspace] if run_id
-             else [event.seq, clock_time(event.ts), event.kind])
+    first = [compact_time(event.ts, seconds=True), run_id] if run_id else [event.seq, clock_time(event.ts), event.kind]
     outcome = response if response is not None else event
     latency = f"{outcome.latency_ms:.0f}" if outcome.latency_ms is not None else None
     sizes = [format_bytes(value) if value is not None else None for value in (outcome.bytes_in, outcome.bytes_out)]
     why = event.reason if not event.rule else f"{event.reason} ({event.rule})"
     if response is not None and response.error:
-        why = f"{why}; {response.error}"
-    return [*first, event.credential, request, exchange.result, exchange.status, latency, *sizes, why]
+        why = f"{response.error}; {why}"
+    result = "limited" if exchange.result == "rate_limited" else exchange.result
+    cells = [*first, request, result, exchange.status, latency, *sizes, event.credential, why]
+    return [*cells, event.workspace] if run_id else cells
 
 
 def _detail_summary(event: EventRow) -> str:
@@ -261,9 +262,9 @@ def events(
     if not found:
         note("no matching requests")
         return
-    print_table((f"time {zone_name()}", "run", "workspace", "credential", "request", "result", "status", "ms",
-                 "sent", "received", "reason"), [_exchange_cells(e, shown[e.event.run_id]) for e in found],
-                right=("status", "ms", "sent", "received"), whole=(f"time {zone_name()}", "run", "result"))
+    print_table((f"time {zone_name()}", "run", "request", "result", "status", "ms", "sent", "recv", "credential",
+                 "reason", "workspace"), [_exchange_cells(e, shown[e.event.run_id]) for e in found],
+                right=("status", "ms", "sent", "recv"), whole=(f"time {zone_name()}", "run", "result"))
     if len(found) == limit:
         note(f"showing the newest {limit}; narrow with --since/--until or raise --limit")
 
