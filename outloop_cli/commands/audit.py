@@ -62,13 +62,18 @@ SinceOption = Annotated[str | None, typer.Option("--since", help="From this time
 UntilOption = Annotated[str | None, typer.Option("--until", help="Before this time, same forms as --since.",
                                                  show_default=False)]
 COMMAND_WIDTH = 40
-FailedFlag = Annotated[bool, typer.Option("--failed", help="Only failures: requests allowed but answered with an "
-                                          "error (upstream 4xx/5xx, broker 502/504); for runs, also a non-zero exit "
-                                          "or no end record.")]
-StatusOption = Annotated[str | None, typer.Option(
+STATUS_FORMS = "comma-separated codes or classes, e.g. 401, 5xx, 401,403,5xx"
+FailedRunsFlag = Annotated[bool, typer.Option("--failed", help="Only runs that failed: a non-zero exit, requests "
+                                              "that ended in an error, or no end record.")]
+FailedRequestsFlag = Annotated[bool, typer.Option("--failed", help="Only allowed requests that ended in an error: "
+                                                  "upstream 4xx/5xx, broker 502 (unreachable) or 504 (timeout).")]
+RunStatusOption = Annotated[str | None, typer.Option(
     "--status", metavar="CODES", show_default=False,
-    help="Only requests answered with these HTTP statuses (by the upstream, or by the broker for denials): "
-         "comma-separated codes or classes, e.g. 401, 5xx, 401,403,5xx; for runs, runs with such a request.")]
+    help=f"Only runs with a request answered with one of these HTTP statuses: {STATUS_FORMS}.")]
+RequestStatusOption = Annotated[str | None, typer.Option(
+    "--status", metavar="CODES", show_default=False,
+    help=f"Only requests answered with one of these HTTP statuses (by the upstream, or by the broker for denials "
+         f"and its own errors): {STATUS_FORMS}.")]
 
 
 def parse_statuses(text: str | None) -> list[StatusRange]:
@@ -82,8 +87,7 @@ def parse_statuses(text: str | None) -> list[StatusRange]:
         elif item.isdigit() and 100 <= int(item) <= 599:
             ranges.append((int(item), int(item)))
         else:
-            raise UsageError(f"--status: {item!r} is not an HTTP status; write a code such as 401 or a class "
-                             "such as 5xx, several separated by commas")
+            raise UsageError(f"--status: {item!r} is not an HTTP status; write {STATUS_FORMS}")
     return ranges
 
 
@@ -120,8 +124,8 @@ def recent(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N runs.")] = 20,
     workspace: WorkspaceFilter = None,
-    failed: FailedFlag = False,
-    status: StatusOption = None,
+    failed: FailedRunsFlag = False,
+    status: RunStatusOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recent runs, newest first; NO END marks a run that never recorded its end (killed, e.g. kill -9)."""
@@ -239,8 +243,8 @@ def events(
                                                    show_default=False)] = None,
     decision: Annotated[Decision | None, typer.Option("--decision", help="Only allowed or only denied requests.",
                                                       show_default=False)] = None,
-    failed: FailedFlag = False,
-    status: StatusOption = None,
+    failed: FailedRequestsFlag = False,
+    status: RequestStatusOption = None,
     since: SinceOption = None,
     until: UntilOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N events.")] = 50,
