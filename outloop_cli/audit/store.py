@@ -136,6 +136,9 @@ def _migrate_to_v2(conn: sqlite3.Connection) -> None:
     """
     conn.execute("CREATE INDEX events_by_request ON events (run_id, request_seq) WHERE request_seq IS NOT NULL")
     conn.execute("CREATE INDEX events_by_status ON events (status, ts) WHERE status IS NOT NULL")
+    conn.execute(
+        f"CREATE INDEX events_failed ON events (run_id, request_seq) WHERE kind = 'response' AND {_error_sql()}"
+    )
     conn.execute("ALTER TABLE runs ADD COLUMN errors INTEGER NOT NULL DEFAULT 0")
     conn.execute(
         "UPDATE runs SET errors = (SELECT count(*) FROM events WHERE events.run_id = runs.run_id "
@@ -977,6 +980,11 @@ _EXCHANGE_SELECT: Final = (
     "AND r.kind = 'response'"
 )
 _WIDTH: Final = len(EVENT_COLUMNS) + 1
+# The requests (by rowid) whose response event ``a`` matches a condition appended to this.
+_ANSWERED_BY: Final = (
+    "SELECT p.rowid FROM events a JOIN events p ON p.run_id = a.run_id AND p.seq = a.request_seq "
+    "AND p.kind = 'request'"
+)
 
 
 def _exchange(row: tuple[object, ...]) -> Exchange:
@@ -1003,9 +1011,19 @@ def query_exchanges(
     """
     where, params = _event_filter(workspace, credential, decision, since, until, ("request",), table="q.")
     clauses = [where] if where else []
+    # Failures are the exception: they are found through their own indexes (events_failed, events_by_status),
+    # then their requests by primary key, rather than by walking every request newest first until enough match
+    # (seconds on a big log when few or none do). Successes are the rule, and the walk finds them at once.
     if failed:
-        clauses.append(f"q.decision = 'allow' AND {_error_sql('r.')}")
-    if statuses:
+        clauses.append(f"q.decision = 'allow' AND q.rowid IN ({_ANSWERED_BY} WHERE a.kind = 'response' "
+                       f"AND {_error_sql('a.')})")
+    if statuses and min(low for low, _ in statuses) >= 400:
+        match, bounds = _status_clause("status", statuses)
+        answered, more = _status_clause("a.status", statuses)
+        clauses.append(f"(q.rowid IN (SELECT rowid FROM events WHERE {match} AND kind = 'request') "
+                       f"OR q.rowid IN ({_ANSWERED_BY} WHERE {answered}))")
+        params.extend([*bounds, *more])
+    elif statuses:
         match, bounds = _status_clause("COALESCE(r.status, q.status)", statuses)
         clauses.append(match)
         params.extend(bounds)
