@@ -925,26 +925,6 @@ def run_events(
     return [_event_row(row) for row in rows]
 
 
-def query_events(
-    conn: sqlite3.Connection,
-    *,
-    workspace: str | None = None,
-    credential: str | None = None,
-    decision: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-    kinds: Collection[str] | None = ("request",),
-    limit: int | None = 100,
-) -> list[EventRow]:
-    """Events across runs, newest first; request events only unless ``kinds`` says otherwise (None: all)."""
-    where, params = _event_filter(workspace, credential, decision, since, until, kinds)
-    rows = conn.execute(
-        f"{_EVENT_SELECT} {_where(where)} ORDER BY ts DESC, rowid DESC LIMIT ?",
-        [*params, -1 if limit is None else limit],
-    ).fetchall()
-    return [_event_row(row) for row in rows]
-
-
 @dataclass(frozen=True)
 class Exchange:
     """An event as a listing shows it: a request joined to the response event that recorded its outcome.
