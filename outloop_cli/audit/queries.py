@@ -127,8 +127,8 @@ def resolve_run_id(conn: sqlite3.Connection, text: str, *, workspace: str | None
     if not found:
         hint = f" (a prefix needs at least {MIN_PREFIX} characters)" if len(wanted) < MIN_PREFIX else ""
         raise UsageError(f"no run {text!r} in the audit database{hint}; `outloop audit` lists recent run ids")
-    more = " and more" if len(found) > _CANDIDATES_SHOWN else ""
-    raise AmbiguousRunId(f"run id {text!r} is ambiguous: it starts {', '.join(found[:_CANDIDATES_SHOWN])}{more}; "
+    more = ", and more" if len(found) > _CANDIDATES_SHOWN else ""
+    raise AmbiguousRunId(f"run id {text!r} is ambiguous: it begins {', '.join(found[:_CANDIDATES_SHOWN])}{more}; "
                          "give more characters")
 
 
