@@ -116,7 +116,7 @@ def _whose(credential: str | None) -> str:
     return f"credential {credential}" if credential else "no credential"
 
 
-UNATTRIBUTED_NOTE = "(unknown credential, caller not in the run, or bad route)"
+UNATTRIBUTED_NOTE = "(no credential of the profile: /v1/run, unknown credentials, callers not in the run, bad routes)"
 
 
 def _plain_summary(report: RunReport) -> str:
