@@ -11,7 +11,6 @@ import json
 import re
 import sqlite3
 import subprocess
-import time
 
 import pytest
 from conftest import OUTLOOP, World
@@ -118,7 +117,8 @@ def test_show_gives_the_header_and_every_event_in_order(audited_world: AuditedWo
     outcomes = [event["outcome"]["seq"] for event in shown["events"] if event.get("outcome")]
     seqs = [event["seq"] for event in shown["events"]]
     assert seqs == sorted(seqs) and sorted(seqs + outcomes) == list(range(shown["events_total"]))
-    assert shown["failure"] == [] and re.fullmatch(r"\d{4}-\d\d-\d\dT[0-9:.]+[+-]\d\d:\d\d", shown["started"])
+    assert shown["failure"] == ([] if shown["exit_code"] == 0 else [f"the command exited with {shown['exit_code']}"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT[0-9:.]+[+-]\d\d:\d\d", shown["started"])
     plain = audited_world.world.outloop("audit", "show", run_id)
     assert plain.code == 0 and f"run        {run_id}" in plain.out and "run_start" in plain.out
     assert re.search(r"^started    \d{4}-\d\d-\d\d \d\d:\d\d:\d\d [A-Z+-]", plain.out, re.MULTILINE)
@@ -288,7 +288,9 @@ def test_tail_follows_a_live_run_from_another_process_and_ends_with_it(world: Wo
     run_id = world.last_run_id()
     tails = [subprocess.Popen([OUTLOOP, "audit", "tail", *args], env=world.env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args in ([run_id], ["--json"])]
-    time.sleep(1.0)
+    for tail in tails:  # both are following the live run (a slow start must not find it already ended)
+        assert tail.stderr is not None
+        assert tail.stderr.readline().startswith(f"following run {run_id} ")
     assert all(tail.poll() is None for tail in tails), "tail must keep following a live run"
     go.touch()
     assert process.wait(timeout=30) == 0
