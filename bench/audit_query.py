@@ -20,7 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from outloop_cli.audit.store import EVENT_COLUMNS, GENESIS_HASH, RunLog, canonical_json, event_hash
+from outloop_cli.audit.chain import EVENT_COLUMNS, GENESIS_HASH, canonical_json, event_hash
+from outloop_cli.audit.writer import RunLog
 
 LIMIT_SECONDS = 0.5
 WORKSPACES = [f"client{i:02d}" for i in range(20)]

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from outloop_cli.broker.server import Broker
 
 from outloop_cli import sandbox
-from outloop_cli.audit.store import RunLog, open_readonly
+from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.tally import Counts, Tally, run_tally
+from outloop_cli.audit.writer import RunLog
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs

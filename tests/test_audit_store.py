@@ -39,7 +39,7 @@ from outloop_cli.audit import (
     verify_all,
     verify_run,
 )
-from outloop_cli.audit.store import SCHEMA_VERSION
+from outloop_cli.audit.schema import SCHEMA_VERSION
 from outloop_cli.errors import AuditError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import sqlite3
 from conftest import World
 from operator_support import AuditedWorld
 
-from outloop_cli.audit.store import SCHEMA_VERSION
+from outloop_cli.audit.schema import SCHEMA_VERSION
 from outloop_cli.sandbox import capabilities
 
 

@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from outloop_cli.audit.store import is_error
+from outloop_cli.audit.chain import is_error
 
 RATE_LIMIT_STATUS = 429
 

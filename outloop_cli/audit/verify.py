@@ -9,7 +9,9 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from outloop_cli.audit.store import EVENT_COLUMNS, GENESIS_HASH, event_hash, is_error, loads_lenient, snapshot
+from outloop_cli.audit.chain import EVENT_COLUMNS, GENESIS_HASH, event_hash, is_error
+from outloop_cli.audit.schema import snapshot
+from outloop_cli.audit.store import loads_lenient
 from outloop_cli.errors import UsageError
 
 

@@ -21,7 +21,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
 from outloop_cli.broker.forward import (
     DECODABLE_ENCODINGS,
     BadQuery,

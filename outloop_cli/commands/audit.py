@@ -30,12 +30,12 @@ from outloop_cli.audit.queries import (
     run_record,
     short_ids,
 )
+from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.store import (
     EventRow,
     Exchange,
     StatusRange,
     iter_events,
-    open_readonly,
     prune,
     query_exchanges,
     run_exchanges,
