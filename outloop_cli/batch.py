@@ -24,8 +24,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-from outloop_cli.audit.queries import run_errors
-from outloop_cli.audit.store import get_run, list_runs, open_readonly, run_events
+from outloop_cli.audit.schema import open_readonly
+from outloop_cli.audit.store import get_run, list_runs, run_events
 from outloop_cli.audit.verify import verify_run
 from outloop_cli.errors import AuditError, OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
@@ -266,7 +266,7 @@ def _fill_from_audit(db_path: Path, batch_id: str, runs: Sequence[BatchRun]) -> 
             run.run_id = row.run_id
             run.started_at, run.ended_at, run.duration = row.started_at, row.ended_at, row.duration
             run.allowed, run.denied = row.allowed, row.denied
-            run.errors = run_errors(conn, row.run_id)
+            run.errors = row.errors
             run.chain = verify_run(conn, row.run_id).status
             if run.report is not None:
                 run.flagged = sum(int(count) for count in dict(run.report.get("flagged") or {}).values())

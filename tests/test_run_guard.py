@@ -113,13 +113,15 @@ def test_a_response_carrying_another_clients_identifier_is_flagged_or_withheld(w
         assert result.out.split() == ["200", "True", "200"]
         assert [(event["reason"], event["rule"]) for event in responses] == [
             ("foreign_identifier_flagged", "globex: guard.identifiers[0]"), (None, None)]
-        assert report["flagged"] == {"foreign_identifier_flagged (globex: guard.identifiers[0])": 1}
-        assert "flagged" in result.err
+        assert report["flagged"] == [{"credential": "crm", "reason": "foreign_identifier_flagged",
+                                      "rule": "globex: guard.identifiers[0]", "count": 1}]
+        assert "flagged    1 x foreign_identifier_flagged (rule globex: guard.identifiers[0])" in result.err
     else:
         assert result.out.split() == ["403", "False", "200"]
         assert [(event["error"], event["rule"]) for event in responses] == [
             ("foreign_identifier", "globex: guard.identifiers[0]"), (None, None)]
-        assert report["denials"] == {"foreign_identifier (globex: guard.identifiers[0])": 1}
+        # The policy allowed the request; its answer was withheld, so it counts among the errors.
+        assert report["errors"] == [{"credential": "crm", "status": 403, "error": "foreign_identifier", "count": 1}]
 
 
 def test_a_body_over_guard_max_body_is_refused_with_a_clear_reason_when_the_guard_is_on(world: World) -> None:

@@ -10,7 +10,7 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 
-from outloop_cli.audit.store import query_events
+from outloop_cli.audit.store import iter_events
 from outloop_cli.broker.admission import HTTP_PREFIX, MAX_AUDITED_PATH, Admitted, admit
 from outloop_cli.policy_snapshot import policy_hash
 from outloop_cli.profiles import Profile
@@ -46,7 +46,9 @@ def replay(conn: sqlite3.Connection, profile: Profile, *, since: float) -> Repla
                         "AND started_at >= ? GROUP BY 1 ORDER BY 2 DESC", (profile.workspace, since)).fetchall()
     result.recorded_policies = {str(digest): int(count) for digest, count in rows}
     changes: Counter[tuple[str, str, str, str, str]] = Counter()
-    for event in query_events(conn, workspace=profile.workspace, since=since, limit=None):
+    for event in iter_events(conn, workspace=profile.workspace, since=since):
+        if event.kind != "request":
+            continue
         if (event.reason not in REPLAYABLE or not event.credential or not event.method or not event.path
                 or len(event.path) > MAX_AUDITED_PATH):
             result.not_replayable += 1

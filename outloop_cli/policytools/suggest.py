@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from outloop_cli.audit.store import EventRow, query_events, run_events
+from outloop_cli.audit.store import EventRow, iter_events, run_events
 from outloop_cli.policy import PathRejected, RuleError, decide, normalise_path, parse_rule
 from outloop_cli.policytools.globs import covers
 from outloop_cli.profiles import Profile
@@ -54,7 +54,7 @@ def denied_requests(conn: sqlite3.Connection, workspace: str, *, run_id: str | N
     if run_id is not None:
         events: Iterable[EventRow] = run_events(conn, run_id)
     else:
-        events = query_events(conn, workspace=workspace, decision="deny", since=since, limit=None)
+        events = iter_events(conn, workspace=workspace, since=since)
     return [event for event in events if event.kind == "request" and event.reason == NO_RULE
             and event.workspace == workspace and event.credential and event.method and event.path]
 
