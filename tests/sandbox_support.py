@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from outloop_cli.sandbox import capabilities
+from outloop_cli.sandbox.probe import capabilities
 
 if TYPE_CHECKING:
     from conftest import World

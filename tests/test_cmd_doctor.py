@@ -8,7 +8,7 @@ import sqlite3
 from conftest import World
 from operator_support import AuditedWorld
 
-from outloop_cli.sandbox import capabilities
+from outloop_cli.sandbox.probe import capabilities
 
 
 def test_doctor_reports_keyring_sandbox_paths_audit_and_versions(audited_world: AuditedWorld) -> None:
