@@ -107,17 +107,19 @@ READ_LOOP = """
 
 
 def test_child_cannot_read_outloop_home_keyring_file_secrets_or_hidden_paths(world: World, backend: str) -> None:
-    secret_file = world.work / "secrets" / "crm.token"
+    base = world.work.parent  # holds OUTLOOP_HOME and the working dir; the profile lets the child read all of it
+    secret_file = base / "secrets" / "crm.token"
     secret_file.parent.mkdir()
     secret_file.write_text(world.canaries["acme"])
     secret_file.chmod(0o600)
-    private = world.work / "private"
+    private = base / "private"
     private.mkdir()
     (private / "notes.txt").write_text(world.canaries["globex"])
     world.write_profile("acme", f"""
         version = 1
         [run]
         hide = ["{private}"]
+        read = ["{base}"]
         [credentials.crm]
         secret = "file:{secret_file}"
         base_url = "{{UPSTREAM}}"
@@ -134,7 +136,7 @@ def test_child_cannot_read_outloop_home_keyring_file_secrets_or_hidden_paths(wor
     seen = json.loads(result.out)
     assert all(state != "READ" for state in seen.values()), seen
     world.assert_no_canary(result.out, result.err)
-    assert "hidden_paths:" in result.err and "NOT hidden" not in result.err
+    assert "filesystem: workspace:" in result.err and "NOT" not in result.err
 
 
 def test_outside_process_connecting_to_the_socket_gets_401_and_is_audited(world: World) -> None:
