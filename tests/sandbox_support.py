@@ -242,3 +242,24 @@ def runtime_for_other_users(base: Path) -> Path:
         for name in [root, *(os.path.join(root, d) for d in dirs)]:
             os.chmod(name, 0o755)
     return venv / "bin"
+
+
+def find_process(marker: str, *, outloop: bool = False, timeout: float = 30.0) -> int:
+    """The pid of the process whose command line holds `marker`: outloop itself (`outloop=True`), or the loop
+    (the process started as `python <script>`, not a wrapper that merely names it)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            argv = process.info["cmdline"] or []
+            if not any(marker in part for part in argv):
+                continue
+            is_outloop = len(argv) > 2 and argv[1].endswith("/outloop") and argv[2] == "run"
+            is_loop = len(argv) >= 2 and "python" in os.path.basename(argv[0]) and marker in argv[1]
+            if (is_outloop if outloop else is_loop):
+                return int(process.info["pid"])
+        time.sleep(0.05)
+    raise AssertionError(f"no process with {marker!r} appeared")
