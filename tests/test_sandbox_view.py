@@ -141,3 +141,12 @@ def test_the_per_workspace_home_persists_between_runs_and_is_not_shared(world: W
     assert again.out.strip() == "cached"
     assert "No such file" in other.out and str(world.home / "homes" / "globex") in other.out
     assert oct(os.stat(world.home / "homes" / "acme").st_mode & 0o777) == "0o700"
+
+
+def test_sandbox_md_publishes_every_mandatory_list_the_code_applies() -> None:
+    from outloop_cli.sandbox import view
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "SANDBOX.md").read_text()
+    lists = [*view.SYSTEM_DIRS, *view.HOME_CREDENTIALS, *view.HOME_PERSISTENCE, *view.PROJECT_PERSISTENCE,
+             *view.SYSTEM_CREDENTIALS, *view.RUNTIME_CREDENTIALS]
+    assert [item for item in lists if f"`{item}`" not in text] == []
