@@ -286,9 +286,14 @@ async def _relay_until_exit(listener: socket.socket, broker_socket: str, pid: in
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, _context: None)  # a child hanging up mid-pipe is not news
     server = await asyncio.start_server(lambda r, w: _serve_connection(broker_socket, r, w), sock=listener)
-    exited = loop.create_future()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
     pidfd = os.pidfd_open(pid)  # no thread may wait: after unshare(CLONE_NEWPID) this process cannot make one
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    loop.add_reader(pidfd, settle)
     async with server:
         await exited
         _exit_like(os.waitpid(pid, 0)[1])  # at once: open pipes die with us, which is what their peers should see
