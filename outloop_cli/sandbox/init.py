@@ -15,8 +15,6 @@ Two jobs, either or both:
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import ctypes
 import fcntl
 import json
@@ -255,56 +253,15 @@ def pid_namespace_init(parent: int, view: dict[str, object], command: list[str],
             os._exit(_exit_code(status))
 
 
-# ----- relay -------------------------------------------------------------------------------------------------
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        with contextlib.suppress(OSError, RuntimeError):
-            writer.write_eof() if writer.can_write_eof() else writer.close()
-
-
-async def _serve_connection(broker_socket: str, client_reader: asyncio.StreamReader,
-                            client_writer: asyncio.StreamWriter) -> None:
-    try:
-        broker_reader, broker_writer = await asyncio.open_unix_connection(broker_socket)
-    except OSError:
-        client_writer.close()
-        return
-    await asyncio.gather(_pipe(client_reader, broker_writer), _pipe(broker_reader, client_writer))
-    for writer in (client_writer, broker_writer):
-        writer.close()
-
-
-async def _relay_until_exit(listener: socket.socket, broker_socket: str, pid: int) -> None:
-    loop = asyncio.get_running_loop()
-    loop.set_exception_handler(lambda _loop, _context: None)  # a child hanging up mid-pipe is not news
-    server = await asyncio.start_server(lambda r, w: _serve_connection(broker_socket, r, w), sock=listener)
-    exited: asyncio.Future[None] = loop.create_future()
-
-    def settle() -> None:
-        if not exited.done():
-            exited.set_result(None)
-
-    pidfd = os.pidfd_open(pid)  # no thread may wait: after unshare(CLONE_NEWPID) this process cannot make one
-    loop.add_reader(pidfd, settle)
-    async with server:
-        await exited
-        _exit_like(os.waitpid(pid, 0)[1])  # at once: open pipes die with us, which is what their peers should see
-
-
 def _listen(port: int) -> socket.socket:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
     listener.listen(1024)
     return listener
+
+
+# ----- exit ------------------------------------------------------------------------------------------------
 
 
 def _exit_code(status: int) -> int:
@@ -356,8 +313,10 @@ def main(args: list[str] | None = None) -> None:
         pid = os.posix_spawn(command[0], command, dict(os.environ), setsigdef=list(RELAY_SIGNALS))
     if listener is None:
         _exit_like(os.waitpid(pid, 0)[1])
-    assert listener is not None
-    asyncio.run(_relay_until_exit(listener, options.relay[1], pid))
+    else:
+        from outloop_cli.sandbox.relay import relay_until_exit  # asyncio: only base-URL runs pay for it
+
+        relay_until_exit(listener, options.relay[1], pid, _exit_like)
 
 
 if __name__ == "__main__":

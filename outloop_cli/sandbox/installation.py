@@ -41,6 +41,13 @@ def outloop_dirs() -> list[str]:
     return list(dict.fromkeys(dirs))
 
 
+def system_links() -> list[str]:
+    """Files a system dir links out to, which the view must hold too: /etc/resolv.conf often points into
+    /run/systemd/resolve, which the workspace view has not (an open network needs it to resolve names)."""
+    target = os.path.realpath("/etc/resolv.conf")
+    return [target] if os.path.isfile(target) and not target.startswith("/etc/") else []
+
+
 def _link_chain(path: str) -> Iterator[str]:
     """`path`, then each symlink target on the way to the real file (the dirs of every hop must be visible)."""
     current = os.path.abspath(path)

@@ -19,7 +19,7 @@ from outloop_cli.home import ensure_private_dir
 from outloop_cli.linux import is_dumpable
 from outloop_cli.profiles import Profile
 from outloop_cli.sandbox import bubblewrap, namespaces, view
-from outloop_cli.sandbox.installation import command_dirs, outloop_dirs
+from outloop_cli.sandbox.installation import command_dirs, outloop_dirs, system_links
 from outloop_cli.sandbox.probe import backend as choose_backend
 from outloop_cli.secrets import source_kind
 from outloop_cli.units import format_bytes
@@ -139,7 +139,7 @@ def build_view(profile: Profile, target: Target) -> view.View:
     own = outloop_dirs()
     request = view.ViewRequest(
         mode=mode, cwd=os.getcwd(), user_home=home_dir, outloop_home=str(target.home), keep=tuple(keep),
-        installation=(*command_dirs(target.executable, target.search_path), *own),
+        installation=(*command_dirs(target.executable, target.search_path), *own, *system_links()),
         read=tuple(expand(p, home_dir) for p in profile.run.read),
         write=tuple(expand(p, home_dir) for p in profile.run.write),
         masks=tuple(masks), secret_files=tuple(secrets),
