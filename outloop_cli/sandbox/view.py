@@ -267,8 +267,11 @@ def _outermost(paths: Sequence[str]) -> list[str]:
 
 
 def _existing(paths: Iterable[str]) -> list[str]:
+    """Real paths of those that exist; one lstat first, since most candidates (credential files) do not."""
     found = []
     for path in paths:
+        if not os.path.lexists(path):
+            continue
         real = os.path.realpath(path)
         if os.path.lexists(real):
             found.append(real)
