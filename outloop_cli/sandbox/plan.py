@@ -67,7 +67,7 @@ def workspace_home(home: Path, workspace: str) -> Path:
 
 def plan(profile: Profile, network: str, target: Target, relay_socket: Path | None) -> Plan:
     """Choose the layers for this run; raise SandboxError (exit 125) when the profile requires one we lack."""
-    layers = {"environment": "stripped", "supervision": "process group + subreaper"}
+    layers = {"environment": "stripped", "supervision": "own session + subreaper"}
     layers["broker_memory"] = "dumpable (PR_SET_DUMPABLE unavailable)" if is_dumpable() else "not dumpable"
     backend = choose_backend(target.environ)
     isolate = network != "open" and backend is not None
