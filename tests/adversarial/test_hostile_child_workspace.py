@@ -87,7 +87,7 @@ READS = {"globex_file_secret": None, "ssh_key": ".ssh/id_ed25519", "netrc": ".ne
          "gh_hosts": ".config/gh/hosts.yml", "docker_config": ".docker/config.json", "kube_config": ".kube/config",
          "git_credentials": ".git-credentials"}
 PERSISTENCE = {"bashrc": ".bashrc", "profile": ".profile", "gitconfig": ".gitconfig"}
-ROOT_ONLY = ("core_pattern", "domainname", "base_interpreter", "usr_bin")
+ROOT_ONLY = ("core_pattern", "domainname", "irq_affinity", "base_interpreter", "usr_bin")
 
 
 class HostSocket:
@@ -152,7 +152,9 @@ def _hostile_host(world: World, op: Operator) -> tuple[dict[str, object], Path]:
                    "planted_profile": str(lookup / "planted.toml")},
         "create_and_remove": {"base_interpreter": f"{{stdlib}}/outloop-canary-{tag}.pth",
                               "usr_bin": f"/usr/bin/outloop-canary-{tag}"},
-        "rewrite": {"core_pattern": "/proc/sys/kernel/core_pattern", "domainname": "/proc/sys/kernel/domainname"},
+        # Host-wide outside /proc/sys too: IRQ affinity (and PCI config space under /proc/bus, not written here).
+        "rewrite": {"core_pattern": "/proc/sys/kernel/core_pattern", "domainname": "/proc/sys/kernel/domainname",
+                    "irq_affinity": "/proc/irq/default_smp_affinity"},
         "rename": {"lookup_dir": [str(lookup), str(world.work / "profiles-aside")],
                    "lookup_ancestor": [str(world.work / "conf"), str(world.work / "conf-aside")]},
         "connect": {"host_socket": str(base / "agent.sock")},
