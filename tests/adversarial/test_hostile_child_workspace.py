@@ -152,7 +152,8 @@ def _hostile_host(world: World, op: Operator) -> tuple[dict[str, object], Path]:
         "create": {"systemd_unit": str(op.home / ".config/systemd/user/evil.service"),
                    "git_hook": str(world.work / ".git/hooks/pre-commit"),
                    "parent_git_hook": str(base / ".git/hooks/pre-commit"),
-                   "planted_profile": str(lookup / "planted.toml")},
+                   "planted_profile": str(lookup / "planted.toml"),
+                   "keyring_config": str(_keyring_config(op))},
         "create_and_remove": {"base_interpreter": f"{{stdlib}}/outloop-canary-{tag}.pth",
                               "usr_bin": f"/usr/bin/outloop-canary-{tag}"},
         # Host-wide outside /proc/sys too: IRQ affinity (and PCI config space under /proc/bus, not written here).
@@ -164,6 +165,11 @@ def _hostile_host(world: World, op: Operator) -> tuple[dict[str, object], Path]:
         "audit_db": str(world.audit_db),
     }
     return spec, lookup
+
+
+def _keyring_config(op: Operator) -> Path:
+    """keyring's config file, which outloop's own keyring lookup reads (and imports the backend it names)."""
+    return Path(op.env.get("XDG_CONFIG_HOME") or op.home / ".config") / "python_keyring" / "keyringrc.cfg"
 
 
 def _use_host_view(profile: Path) -> None:
@@ -209,6 +215,7 @@ def test_the_loop_cannot_read_credentials_plant_persistence_or_change_the_next_r
     assert {p: p.read_bytes() for p in before} == before
     assert not (world.work / "conf-aside").exists() and not (lookup / "planted.toml").exists()
     assert not (op.home / ".config/systemd/user/evil.service").exists()
+    assert not _keyring_config(op).exists()
     for name, canary in world.canaries.items():
         assert canary not in result.stdout + result.stderr, name
 
