@@ -142,10 +142,12 @@ def _keyring(uses_keyring: bool) -> list[Finding]:
         findings.append(Finding("keyring", "headless", "warn",
                                 f"{short} needs a desktop session (D-Bus / unlocked keychain) that cron and "
                                 "systemd services usually lack", KEYRING_WAYS_OUT))
-    elif "Plaintext" in short:
+    elif outcome.get("plaintext"):
         findings.append(Finding("keyring", "headless", "warn", f"{short} works headless but stores secrets "
-                                "unencrypted in a file", "use it only on a single-user machine with disk "
-                                "encryption, or move secrets to cmd: (e.g. pass, op read)"))
+                                "UNENCRYPTED in a file (`secret set` refuses it without --allow-plaintext)",
+                                "move secrets to cmd: (e.g. pass, op read), file: (mode 0600) or env:, or use "
+                                "a Secret Service / KWallet keyring; keep this one only on a single-user "
+                                "machine with disk encryption"))
     else:
         findings.append(Finding("keyring", "headless", "ok", f"{short} answered with no terminal attached"))
     return findings

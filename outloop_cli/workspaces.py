@@ -223,7 +223,7 @@ def _check_one(name: str, path: Path | None, dirs: Sequence[Path], environ: Mapp
         status = cache[key]
         result.secrets.append(status)
         if status.problem:
-            result.problems.append(status.problem)
+            result.problems.append(f"{status.state}: {status.problem}")
     return result
 
 

@@ -17,7 +17,8 @@ def test_doctor_reports_keyring_sandbox_paths_audit_and_versions(audited_world: 
     assert result.code == 0, result.out
     for section in ("paths", "keyring", "sandbox", "audit", "versions"):
         assert f"\n{section}\n" in f"\n{result.out}"
-    assert "PlaintextKeyring: set/get/delete of a test entry works" in result.out
+    assert "PlaintextFileKeyring: set/get/delete of a test entry works" in result.out
+    assert "PlaintextFileKeyring works headless but stores secrets UNENCRYPTED" in result.out
     assert f"OUTLOOP_HOME: {world.home}" in result.out
     assert "schema 1, journal wal, quick_check ok, 21 runs" in result.out
     report = json.loads(world.outloop("doctor", "--json").out)

@@ -168,7 +168,7 @@ PROPERTY_LOOP = """
         raw = quote(raw, safe="".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "?#%")
                     + "%")
         answer = ask(method, "/v1/http/p" + raw)
-        body = json.loads(answer.body) if answer.body else {}
+        body = (json.loads(answer.body) if answer.body else {}).get("error") or {}
         try:
             normalise_path(raw)
         except PathRejected as rejected:
