@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from outloop_cli.audit.store import list_runs, open_readonly
 from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
-from outloop_cli.profiles import available_workspaces, load_profile
+from outloop_cli.profiles import load_profile, runnable_workspaces
 
 KINDS = ("workspaces", "credentials", "runs")
 _RECENT_RUNS = 20
@@ -19,7 +19,7 @@ def completion_values(kind: str, args: Sequence[str], environ: Mapping[str, str]
     """Names of `kind`; raises OutloopError (or OSError, sqlite3.Error) when they cannot be known."""
     dirs = profile_dirs(None, environ)
     if kind == "workspaces":
-        return sorted(available_workspaces(dirs))
+        return sorted(runnable_workspaces(dirs))  # a base (abstract = true) is not offered
     if kind == "credentials":
         return sorted(load_profile(args[0], dirs).credentials) if args else []
     if kind == "runs":

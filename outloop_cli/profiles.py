@@ -17,12 +17,13 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from outloop_cli.errors import ProfileError
-from outloop_cli.policy import Rule, RuleError, parse_rule
+from outloop_cli.policy import STANDARD_METHODS, Rule, RuleError, parse_rule
 from outloop_cli.units import Rate, parse_duration, parse_rate, parse_size
 
 SCHEMA_VERSION = 1
 WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 CREDENTIAL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+CUSTOM_METHOD = re.compile(r"[A-Z][A-Z_-]{0,31}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENV_GLOB = re.compile(r"[A-Za-z0-9_*?]+")
 NETWORK_MODES = ("auto", "broker-only", "open")
@@ -33,11 +34,11 @@ CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
 
 NetworkMode = Literal["auto", "broker-only", "open"]
 
-TOP_KEYS = ("version", "description", "extends", "run", "credentials")
+TOP_KEYS = ("version", "description", "extends", "abstract", "run", "credentials")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
             "cpu_seconds")
 CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
-                   "child_env", "description", "connect_timeout", "read_timeout")
+                   "child_env", "description", "connect_timeout", "read_timeout", "custom_methods")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 120.0  # longest silence between upstream bytes; LLM streams pause while "thinking"
 INJECT_KEYS = ("header", "value", "query", "basic")
@@ -96,6 +97,7 @@ class Profile:
     run: RunSettings
     credentials: Mapping[str, Credential]
     sources: tuple[Path, ...]  # this file and every file it extends, nearest first
+    abstract: bool = False  # a base for `extends`, never run itself; not inherited by the profiles extending it
 
 
 def check_workspace_name(name: str) -> str:
@@ -135,6 +137,36 @@ def available_workspaces(dirs: Sequence[Path]) -> dict[str, Path]:
     return found
 
 
+def runnable_workspaces(dirs: Sequence[Path]) -> dict[str, Path]:
+    """available_workspaces without the `abstract = true` bases, for lists and completion. A file that does not
+    parse stays in, so its error is seen where the user looks."""
+    found = {}
+    for name, path in available_workspaces(dirs).items():
+        try:
+            abstract = read_toml(path).get("abstract") is True
+        except ProfileError:
+            abstract = False
+        if not abstract:
+            found[name] = path
+    return found
+
+
+def refuse_abstract(profile: Profile, dirs: Sequence[Path]) -> None:
+    """`run` (and the doctor's dry run) on a base profile: say what it is for and what to run instead."""
+    if not profile.abstract:
+        return
+    children = []
+    for name, path in sorted(runnable_workspaces(dirs).items()):
+        try:
+            if read_toml(path).get("extends") == profile.workspace:
+                children.append(name)
+        except ProfileError:
+            continue
+    hint = f" (e.g. {', '.join(children)})" if children else ""
+    raise ProfileError(f"{profile.path}: abstract = true: workspace {profile.workspace!r} is a base for "
+                       f"`extends`, not run itself; run a workspace that extends it{hint}")
+
+
 def load_profile(workspace: str, dirs: Sequence[Path]) -> Profile:
     """Resolve `workspace` along `dirs`, follow `extends`, validate everything."""
     return _load(workspace, dirs, chain=())
@@ -145,7 +177,7 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
     if workspace in chain:
         cycle = " -> ".join((*chain, workspace))
         raise ProfileError(f"{path}: extends: cycle {cycle}. Remove one of the `extends` keys.")
-    raw = _read_toml(path)
+    raw = read_toml(path)
     reader = _Reader(path)
     reader.check_keys("", raw, TOP_KEYS)
     version = raw.get("version")
@@ -155,6 +187,7 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
             + (f"found {version!r}" if "version" in raw else "but the key is missing")
         )
     description = reader.string("description", raw.get("description", ""))
+    abstract = reader.boolean("abstract", raw.get("abstract", False))
     extends = raw.get("extends")
     parent: Profile | None = None
     if extends is not None:
@@ -177,10 +210,11 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
         run=run,
         credentials=credentials,
         sources=(path, *(parent.sources if parent else ())),
+        abstract=abstract,
     )
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
@@ -325,8 +359,9 @@ def _parse_credential(reader: _Reader, workspace: str, name: str, value: Any) ->
     base_url = _check_base_url(reader, f"{prefix}.base_url", reader.string(f"{prefix}.base_url",
                                                                           table["base_url"]))
     inject = _parse_inject(reader, f"{prefix}.inject", table.get("inject"))
-    allow = _parse_rules(reader, f"{prefix}.allow", table.get("allow", []))
-    deny = _parse_rules(reader, f"{prefix}.deny", table.get("deny", []))
+    custom_methods = _parse_custom_methods(reader, f"{prefix}.custom_methods", table.get("custom_methods", []))
+    allow = _parse_rules(reader, f"{prefix}.allow", table.get("allow", []), custom_methods)
+    deny = _parse_rules(reader, f"{prefix}.deny", table.get("deny", []), custom_methods)
     rate = reader.converted(f"{prefix}.rate", table["rate"], parse_rate) if "rate" in table else None
     max_requests = (reader.positive_int(f"{prefix}.max_requests", table["max_requests"])
                     if "max_requests" in table else None)
@@ -412,12 +447,23 @@ def _parse_inject(reader: _Reader, key: str, value: Any) -> Injection:
     return Injection(style=style, name=name)
 
 
-def _parse_rules(reader: _Reader, key: str, value: Any) -> tuple[Rule, ...]:
+def _parse_custom_methods(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
+    methods = reader.string_list(key, value)
+    for method in methods:
+        if not CUSTOM_METHOD.fullmatch(method):
+            raise reader.fail(key, f"{method!r} is not a method name: use upper-case letters, '-' and '_', "
+                                   "e.g. \"PROPFIND\"")
+        if method in STANDARD_METHODS:
+            raise reader.fail(key, f"{method} is a standard method already; list only custom verbs here")
+    return methods
+
+
+def _parse_rules(reader: _Reader, key: str, value: Any, custom_methods: tuple[str, ...]) -> tuple[Rule, ...]:
     texts = reader.string_list(key, value)
     rules = []
     for index, text in enumerate(texts):
         try:
-            rules.append(parse_rule(text))
+            rules.append(parse_rule(text, custom_methods))
         except RuleError as exc:
             raise reader.fail(f"{key}[{index}]", f"bad rule {text!r}: {exc}") from None
     return tuple(rules)

@@ -29,7 +29,7 @@ from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
-from outloop_cli.profiles import Profile, check_workspace_name, load_profile
+from outloop_cli.profiles import Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
 
@@ -119,6 +119,7 @@ def execute(request: RunRequest) -> RunReport:
     try:
         dirs = profile_dirs(request.profiles_dir, environ)
         profile = load_profile(workspace, dirs)
+        refuse_abstract(profile, dirs)
         timeout = request.timeout if request.timeout is not None else profile.run.timeout
         network = request.network or profile.run.network
         for name, cred in profile.credentials.items():

@@ -36,6 +36,7 @@ class WorkspaceEntry:
     extends: str | None = None
     credentials: tuple[str, ...] = ()
     error: str | None = None
+    abstract: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def list_workspaces(dirs: Sequence[Path], current: str | None) -> list[Workspace
             entries.append(WorkspaceEntry(name, path, name == current, error=exc.message))
             continue
         entries.append(WorkspaceEntry(name, path, name == current, profile.description, profile.extends,
-                                      tuple(sorted(profile.credentials))))
+                                      tuple(sorted(profile.credentials)), abstract=profile.abstract))
     return entries
 
 
