@@ -34,7 +34,9 @@ CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
 
 NetworkMode = Literal["auto", "broker-only", "open"]
 
-TOP_KEYS = ("version", "description", "extends", "abstract", "run", "credentials")
+TOP_KEYS = ("version", "description", "extends", "abstract", "run", "notify", "credentials")
+NOTIFY_KEYS = ("on", "command")
+NOTIFY_CONDITIONS = ("failure", "denied", "errors")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
             "cpu_seconds")
 CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
@@ -89,6 +91,14 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class NotifySettings:
+    """`[notify]`: which run outcomes call `command` (with the summary JSON on stdin), see notify.py."""
+
+    on: tuple[str, ...]
+    command: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Profile:
     workspace: str
     path: Path
@@ -98,6 +108,7 @@ class Profile:
     credentials: Mapping[str, Credential]
     sources: tuple[Path, ...]  # this file and every file it extends, nearest first
     abstract: bool = False  # a base for `extends`, never run itself; not inherited by the profiles extending it
+    notify: NotifySettings | None = None  # inherited whole from the base when this file has no [notify]
 
 
 def check_workspace_name(name: str) -> str:
@@ -198,6 +209,7 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
             raise ProfileError(f"{path}: extends: {exc.message}") from None
         parent = _load(extends, dirs, chain=(*chain, workspace))
     run = _parse_run(reader, raw.get("run", {}), parent.run if parent else None, raw_has_run="run" in raw)
+    notify = _parse_notify(reader, raw["notify"]) if "notify" in raw else parent.notify if parent else None
     own = _parse_credentials(reader, workspace, raw.get("credentials", {}))
     credentials = dict(parent.credentials) if parent else {}
     credentials.update(own)  # own credentials win over inherited ones of the same name
@@ -211,6 +223,7 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
         credentials=credentials,
         sources=(path, *(parent.sources if parent else ())),
         abstract=abstract,
+        notify=notify,
     )
 
 
@@ -323,6 +336,24 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
     if "hide" in table:
         updates["hide"] = (*base.hide, *reader.string_list("run.hide", table["hide"]))
     return RunSettings(**{**base.__dict__, **updates})
+
+
+def _parse_notify(reader: _Reader, value: Any) -> NotifySettings:
+    table = reader.table("notify", value)
+    reader.check_keys("notify.", table, NOTIFY_KEYS)
+    if "command" not in table:
+        raise reader.fail("notify.command", "missing; add e.g. `command = [\"/usr/local/bin/notify-team\"]`")
+    command = reader.string_list("notify.command", table["command"])
+    if not command or not command[0]:
+        raise reader.fail("notify.command", "empty; name the program to run, e.g. [\"mail\", \"-s\", \"loop\", "
+                                            "\"ops@example.com\"]")
+    on = reader.string_list("notify.on", table.get("on", ["failure"]))
+    for condition in on:
+        if condition not in NOTIFY_CONDITIONS:
+            close = difflib.get_close_matches(condition, NOTIFY_CONDITIONS, n=1)
+            fix = f"did you mean {close[0]!r}?" if close else f"use any of {', '.join(NOTIFY_CONDITIONS)}"
+            raise reader.fail("notify.on", f"{condition!r} is not a condition; {fix}")
+    return NotifySettings(on=on, command=command)
 
 
 def _check_env_secrets_withheld(reader: _Reader, run: RunSettings, credentials: Mapping[str, Credential]) -> None:

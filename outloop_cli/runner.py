@@ -6,6 +6,7 @@ The command layer only parses flags into a RunRequest and prints the RunReport; 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import secrets as token_source
@@ -29,6 +30,7 @@ from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
+from outloop_cli.notify import run_hook, triggers
 from outloop_cli.profiles import Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
@@ -78,6 +80,7 @@ class RunReport:
     audit_events: int
     audit_db: str
     limit_hit: str | None = None
+    notify: dict[str, Any] | None = None  # what the [notify] hook did, when it ran (notify.NotifyOutcome)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +119,7 @@ def execute(request: RunRequest) -> RunReport:
     home = outloop_home(environ)
     workspace = resolve_workspace(request.workspace, environ)
     resolved_secrets: dict[str, Secret] = {}
+    profile: Profile | None = None
     try:
         dirs = profile_dirs(request.profiles_dir, environ)
         profile = load_profile(workspace, dirs)
@@ -130,7 +134,7 @@ def execute(request: RunRequest) -> RunReport:
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
-        _record_failed_start(home, workspace, request.command, error)
+        _record_failed_start(home, workspace, request.command, error, profile, environ)
         raise
     finally:
         for secret in resolved_secrets.values():
@@ -177,14 +181,46 @@ class _StartFailed(Exception):
         self.error = error
 
 
-def _record_failed_start(home: Path, workspace: str, command: Sequence[str], error: OutloopError) -> None:
-    """A run that never started still belongs in "what ran last night"; best effort, the error matters more."""
+def _record_failed_start(home: Path, workspace: str, command: Sequence[str], error: OutloopError,
+                         profile: Profile | None, environ: Mapping[str, str]) -> None:
+    """A run that never started still belongs in "what ran last night"; best effort, the error matters more.
+    Once the profile loaded, its [notify] hook hears of it too: a missing secret is what cron must report."""
+    run_id = new_run_id()
     try:
-        log = RunLog.start(audit_db_path(home), run_id=new_run_id(), workspace=workspace, command=list(command),
+        log = RunLog.start(audit_db_path(home), run_id=run_id, workspace=workspace, command=list(command),
                            detail={"error": error.message})
-        log.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
     except OutloopError:
-        pass
+        log = None
+    if profile is not None:
+        notify_after_run(profile, _start_failure_summary(run_id, workspace, command, error), environ, log)
+    if log is not None:
+        with contextlib.suppress(OutloopError):
+            log.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
+
+
+def _start_failure_summary(run_id: str, workspace: str, command: Sequence[str], error: OutloopError
+                           ) -> dict[str, Any]:
+    return {"run_id": run_id, "workspace": workspace, "command": list(command), "exit_code": error.exit_code,
+            "started": False, "error": error.message}
+
+
+def notify_after_run(profile: Profile, summary: Mapping[str, Any], environ: Mapping[str, str],
+                     audit: RunLog | None) -> dict[str, Any] | None:
+    """The [notify] step: run the hook when the run meets one of its conditions, and audit what it did.
+
+    It runs before the run's log is closed, so its outcome is part of the hash chain; the summary it reads
+    therefore has no audit head yet. Its result never changes the run's exit code.
+    """
+    if profile.notify is None:
+        return None
+    fired = triggers(profile.notify.on, summary)
+    if not fired:
+        return None
+    outcome = run_hook(profile.notify.command, fired, summary, environ).to_json()
+    if audit is not None:
+        with contextlib.suppress(OutloopError):  # the summary still reports it
+            audit.record_event("notify", detail=outcome)
+    return outcome
 
 
 async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: Profile,
@@ -224,6 +260,8 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         try:
             child_pid = supervisor.spawn(argv[0])
         except OutloopError as error:
+            notify_after_run(profile, _start_failure_summary(run_id, profile.workspace, request.command, error),
+                             request.environ, audit)
             audit.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
             raise _StartFailed(error) from None
         child = asyncio.ensure_future(supervisor.wait())
@@ -255,20 +293,24 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     for name in profile.credentials:
         credentials.setdefault(name, CredentialReport(0, 0, 0, 0, 0))
     limit_hit = _limit_hit(profile, result.exit_code, result.cpu_seconds)
-    head, count = audit.finish(exit_code=result.exit_code, duration=result.duration, detail={
-        "limit_hit": limit_hit,
-        "timed_out": result.timed_out, "signal": result.signal, "strays_killed": result.strays_killed,
-        "peak_rss_bytes": result.peak_rss_bytes, "cpu_seconds": round(result.cpu_seconds, 3),
-        "sandbox": plan.layers,
-    })
-    return RunReport(
+    report = RunReport(
         run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
         duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
         credentials=credentials, denials=dict(stats.denials), sandbox=plan.layers,
         peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
-        strays_killed=result.strays_killed, audit_head=head, audit_events=count,
+        strays_killed=result.strays_killed, audit_head="", audit_events=0,
         audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
     )
+    report.notify = notify_after_run(profile, {**report.to_json(), "audit_head": None, "audit_events": None},
+                                     request.environ, audit)
+    report.audit_head, report.audit_events = audit.finish(
+        exit_code=result.exit_code, duration=result.duration, detail={
+            "limit_hit": limit_hit,
+            "timed_out": result.timed_out, "signal": result.signal, "strays_killed": result.strays_killed,
+            "peak_rss_bytes": result.peak_rss_bytes, "cpu_seconds": round(result.cpu_seconds, 3),
+            "sandbox": plan.layers,
+        })
+    return report
 
 
 def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool) -> Listeners:

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -110,7 +110,17 @@ def _plain_summary(report: RunReport) -> str:
     lines.append(f"  child      peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                  f"strays killed {report.strays_killed}")
     lines.append(f"  audit      {report.audit_events} events, head {report.audit_head[:16]}  ({report.audit_db})")
+    if report.notify is not None:
+        lines.append(f"  notify     {notify_line(report.notify)}")
     return "\n".join(lines) + "\n"
+
+
+def notify_line(outcome: dict[str, Any]) -> str:
+    """What the [notify] hook did, in one line; a failed hook is loud, since nobody else was told."""
+    why = ", ".join(outcome["triggers"])
+    if outcome["error"] is None:
+        return f"{outcome['command']} ran ({why})"
+    return f"FAILED: {outcome['command']} ({why}): {outcome['error']}"
 
 
 def _rich_summary(report: RunReport) -> None:
@@ -133,6 +143,9 @@ def _rich_summary(report: RunReport) -> None:
         for k, v in report.sandbox.items())
     header.add_row("sandbox", sandbox_text)
     header.add_row("audit", f"{report.audit_events} events, head {report.audit_head[:16]}")
+    if report.notify is not None:
+        failed = report.notify["error"] is not None
+        header.add_row("notify", Text(notify_line(report.notify), style="bold red" if failed else ""))
     table = Table(title=None, expand=False)
     for column in ("credential", "allowed", "denied", "rate-limited", "in", "out"):
         table.add_column(column, justify="left" if column == "credential" else "right")
