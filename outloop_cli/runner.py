@@ -47,6 +47,7 @@ class RunRequest:
     timeout: float | None = None
     network: str | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    notify: bool = True  # False for `doctor -w`'s no-op run: a pre-flight check must not page anyone
 
 
 @dataclass
@@ -134,7 +135,8 @@ def execute(request: RunRequest) -> RunReport:
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
-        _record_failed_start(home, workspace, request.command, error, profile, environ)
+        _record_failed_start(home, workspace, request.command, error, profile if request.notify else None,
+                             environ)
         raise
     finally:
         for secret in resolved_secrets.values():
@@ -205,13 +207,13 @@ def _start_failure_summary(run_id: str, workspace: str, command: Sequence[str], 
 
 
 def notify_after_run(profile: Profile, summary: Mapping[str, Any], environ: Mapping[str, str],
-                     audit: RunLog | None) -> dict[str, Any] | None:
+                     audit: RunLog | None, *, enabled: bool = True) -> dict[str, Any] | None:
     """The [notify] step: run the hook when the run meets one of its conditions, and audit what it did.
 
     It runs before the run's log is closed, so its outcome is part of the hash chain; the summary it reads
     therefore has no audit head yet. Its result never changes the run's exit code.
     """
-    if profile.notify is None:
+    if profile.notify is None or not enabled:
         return None
     fired = triggers(profile.notify.on, summary)
     if not fired:
@@ -261,7 +263,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             child_pid = supervisor.spawn(argv[0])
         except OutloopError as error:
             notify_after_run(profile, _start_failure_summary(run_id, profile.workspace, request.command, error),
-                             request.environ, audit)
+                             request.environ, audit, enabled=request.notify)
             audit.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
             raise _StartFailed(error) from None
         child = asyncio.ensure_future(supervisor.wait())
@@ -302,7 +304,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
     )
     report.notify = notify_after_run(profile, {**report.to_json(), "audit_head": None, "audit_events": None},
-                                     request.environ, audit)
+                                     request.environ, audit, enabled=request.notify)
     report.audit_head, report.audit_events = audit.finish(
         exit_code=result.exit_code, duration=result.duration, detail={
             "limit_hit": limit_hit,

@@ -67,7 +67,10 @@ class KeyringSource:
     """Service `outloop/<workspace>`, username `<credential>`, as `outloop secret set` stores them."""
 
     def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
-        backend = usable_keyring()
+        try:
+            backend = usable_keyring()
+        except SecretError as exc:
+            raise SecretError(f"workspace {workspace!r}, credential {credential!r}: {exc.message}") from None
         try:
             value = backend.get_password(keyring_service(workspace), credential)
         except Exception as exc:  # backends raise anything: dbus errors, locked collections...
