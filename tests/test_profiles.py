@@ -19,6 +19,7 @@ from outloop_cli.profiles import (
     check_workspace_name,
     find_profile,
     load_profile,
+    runnable_workspaces,
 )
 from outloop_cli.units import Rate
 
@@ -803,6 +804,13 @@ def test_repo_example_profiles_load(workspace: str) -> None:
 
 def test_repo_examples_are_the_workspaces_available() -> None:
     assert {"agency", "acme", "globex"} <= set(available_workspaces([REPO_PROFILES]))
+
+
+def test_repo_agency_is_a_base_that_never_runs_and_its_clients_run() -> None:
+    assert load_profile("agency", [REPO_PROFILES]).abstract is True
+    assert set(runnable_workspaces([REPO_PROFILES])) >= {"acme", "globex"}
+    assert "agency" not in runnable_workspaces([REPO_PROFILES])
+    assert load_profile("acme", [REPO_PROFILES]).abstract is False
 
 
 def test_repo_acme_and_globex_share_the_crm_host_with_different_rules() -> None:
