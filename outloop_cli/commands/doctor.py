@@ -26,7 +26,7 @@ def register(root: typer.Typer) -> None:
 
 
 def doctor(
-    workspaces: Annotated[list[str] | None, typer.Option(
+    workspace: Annotated[list[str] | None, typer.Option(
         "-w", "--workspace", metavar="WORKSPACE",
         help="Also do a no-op run of WORKSPACE (repeatable): its secrets from their real sources and its "
              "sandbox, with `true` as the child and no upstream call; exit 1 naming what it lacks. Run it from "
@@ -38,8 +38,8 @@ def doctor(
     from outloop_cli.doctor import diagnose, preflight  # probes and metadata load only for `doctor`
 
     report = diagnose(os.environ)
-    for workspace in workspaces or []:
-        report.findings.extend(preflight(workspace, profiles, os.environ))
+    for name in workspace or []:  # `workspace`, not `workspaces`: the completion generator knows that name
+        report.findings.extend(preflight(name, profiles, os.environ))
     if as_json:
         print_json({"usable": not report.problems, "problems": len(report.problems),
                     "findings": [vars(f) for f in report.findings], "versions": report.versions})

@@ -168,12 +168,12 @@ PROPERTY_LOOP = """
         raw = quote(raw, safe="".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "?#%")
                     + "%")
         answer = ask(method, "/v1/http/p" + raw)
-        body = (json.loads(answer.body) if answer.body else {}).get("error") or {}
+        body = json.loads(answer.body) if answer.body else {}
         try:
             normalise_path(raw)
         except PathRejected as rejected:
             expected = (400, "bad_request", f"request path refused: {REJECTION_REASONS[rejected.reason]}")
-            got = (answer.status, answer.error(), body.get("message"))
+            got = (answer.status, answer.error(), (body.get("error") or {}).get("message"))
             outcomes.append(["refused", raw, got == expected, got])
             return
         decision = props._reference_decide(method, raw, allow, deny)
