@@ -21,7 +21,8 @@ HOOK = """
 """
 
 
-def notify_profile(world: World, on: list[str], *extra: str, secret: str = "keyring") -> Path:
+def notify_profile(world: World, on: list[str], *extra: str, credential: str = "crm") -> Path:
+    """acme with a [notify] hook; `credential` names its one credential (acme has no keyring entry for "mail")."""
     hook = world.work / "hook.py"
     hook.write_text(textwrap.dedent(HOOK))
     seen = world.work / "hook-saw.json"
@@ -32,8 +33,8 @@ def notify_profile(world: World, on: list[str], *extra: str, secret: str = "keyr
         on = {json.dumps(on)}
         command = {json.dumps(command)}
 
-        [credentials.crm]
-        secret = "{secret}"
+        [credentials.{credential}]
+        secret = "keyring"
         base_url = "{{UPSTREAM}}"
         allow = ["GET /crm/**"]
     """)
@@ -92,9 +93,7 @@ def test_a_hook_that_cannot_start_is_recorded_and_leaves_the_exit_code_alone(wor
 
 
 def test_a_run_that_never_started_still_notifies(world: World) -> None:
-    seen = notify_profile(world, ["failure"], secret="keyring")
-    world.write_profile("acme", (world.profiles / "acme.toml").read_text().replace("[credentials.crm]",
-                                                                                  "[credentials.mail]"))
+    seen = notify_profile(world, ["failure"], credential="mail")
     result = world.run("true")
     assert result.code == 125 and "credential 'mail': no secret in the keyring" in result.err
     summary = json.loads(json.loads(seen.read_text())["stdin"])
@@ -112,3 +111,10 @@ def test_notify_settings_are_checked_naming_the_key(world: World) -> None:
     """)
     result = world.outloop("workspace", "check", "acme")
     assert result.code == 1 and "notify.on: 'failures' is not a condition; did you mean 'failure'?" in result.out
+
+
+def test_doctor_w_never_calls_the_hook(world: World) -> None:
+    seen = notify_profile(world, ["failure"], credential="mail")
+    result = world.outloop("doctor", "-w", "acme")
+    assert result.code == 1 and "credential 'mail': no secret in the keyring" in result.out
+    assert not seen.exists()
