@@ -135,8 +135,7 @@ def execute(request: RunRequest) -> RunReport:
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
-        _record_failed_start(home, workspace, request.command, error, profile if request.notify else None,
-                             environ)
+        _record_failed_start(home, workspace, request, error, profile)
         raise
     finally:
         for secret in resolved_secrets.values():
@@ -183,18 +182,19 @@ class _StartFailed(Exception):
         self.error = error
 
 
-def _record_failed_start(home: Path, workspace: str, command: Sequence[str], error: OutloopError,
-                         profile: Profile | None, environ: Mapping[str, str]) -> None:
+def _record_failed_start(home: Path, workspace: str, request: RunRequest, error: OutloopError,
+                         profile: Profile | None) -> None:
     """A run that never started still belongs in "what ran last night"; best effort, the error matters more.
     Once the profile loaded, its [notify] hook hears of it too: a missing secret is what cron must report."""
     run_id = new_run_id()
     try:
-        log = RunLog.start(audit_db_path(home), run_id=run_id, workspace=workspace, command=list(command),
+        log = RunLog.start(audit_db_path(home), run_id=run_id, workspace=workspace, command=list(request.command),
                            detail={"error": error.message})
     except OutloopError:
         log = None
     if profile is not None:
-        notify_after_run(profile, _start_failure_summary(run_id, workspace, command, error), environ, log)
+        notify_after_run(profile, _start_failure_summary(run_id, workspace, request.command, error),
+                         request.environ, log, enabled=request.notify)
     if log is not None:
         with contextlib.suppress(OutloopError):
             log.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
