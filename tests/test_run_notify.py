@@ -7,7 +7,10 @@ import json
 import textwrap
 from pathlib import Path
 
+import pytest
 from conftest import PYTHON, World
+
+from outloop_cli.notify import triggers
 
 # A real hook: writes what it got (stdin, environment) to a file, then fails when told to.
 HOOK = """
@@ -118,3 +121,18 @@ def test_doctor_w_never_calls_the_hook(world: World) -> None:
     result = world.outloop("doctor", "-w", "acme")
     assert result.code == 1 and "credential 'mail': no secret in the keyring" in result.out
     assert not seen.exists()
+
+
+@pytest.mark.parametrize(("summary", "met"), [
+    ({"exit_code": 0, "denials": {}, "errors": []}, []),
+    ({"exit_code": 2, "denials": {}}, ["failure"]),
+    ({"exit_code": 125, "started": False, "error": "no secret"}, ["failure"]),
+    ({"exit_code": 0, "denials": {"no_matching_rule": 1}}, ["denied"]),
+    ({"exit_code": 0, "denials": [{"reason": "rate_limited", "count": 3}]}, ["denied"]),
+    ({"exit_code": 0, "errors": [{"status": 401, "count": 1}]}, ["errors"]),
+    ({"exit_code": 1, "denials": {"x": 1}, "errors": [{"status": 502, "count": 1}]}, ["failure", "denied", "errors"]),
+])
+def test_triggers_name_the_conditions_a_summary_meets_in_the_profiles_order(summary: dict[str, object],
+                                                                             met: list[str]) -> None:
+    assert triggers(["failure", "denied", "errors"], summary) == met
+    assert triggers(["errors", "failure"], summary) == [c for c in ["errors", "failure"] if c in met]
