@@ -202,7 +202,7 @@ class Broker:
             try:  # every broker request is an event, this harmless one too, so counts reconcile
                 await self._audit_request(request, None, "/v1/run", "allow", "run_info", None, 200)
             except AuditError:
-                return _audit_unavailable("the audit log cannot be written", None, None)
+                return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
             return web.json_response(self.run_info())
         return await self._deny(request, None, 400, "bad_request", "unknown_route",
                                 "routes: GET /v1/run, ANY /v1/http/<credential>/<path>, "
@@ -246,8 +246,8 @@ class Broker:
         try:
             await self._audit_request(request, credential, f"/v1/secret/{name}", "allow", "revealed", None, 200)
         except AuditError:
-            return _audit_unavailable("the audit log cannot be written; refusing to reveal (fail closed)", name,
-                                      None)
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing to "
+                                   "reveal (fail closed)", name, None)
         self.stats.credential(name).allowed += 1
         return web.Response(text=self._secrets[name].reveal(), content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
@@ -294,8 +294,8 @@ class Broker:
             seq = await self._audit_request(request, credential, upstream_path, "allow", decision.reason,
                                             decision.rule, None)
         except AuditError:
-            return _audit_unavailable("the audit log cannot be written; refusing to forward (fail closed)", name,
-                                      decision.rule)
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing "
+                                   "to forward (fail closed)", name, decision.rule)
         self.stats.credential(name).allowed += 1
         return await self._forward(request, credential, upstream_path, query, seq)
 
@@ -405,9 +405,9 @@ class Broker:
         try:
             self.audit.record_request(record)  # blocking but rare; the answer must not precede the audit row
         except AuditError:
-            return _audit_unavailable("the audit log cannot be written", None, None)
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
         self.stats.denials[reason] = self.stats.denials.get(reason, 0) + 1
-        return _error_response(status, code, reason, message, None, None)
+        return _error_response(status, code, message, None, None, reason=reason)
 
     # ----- denials ---------------------------------------------------------------------------------------
 
@@ -428,12 +428,12 @@ class Broker:
             await self._audit_request(request, credential, path, "deny", reason, rule, status,
                                       credential_name=name)
         except AuditError:
-            return _audit_unavailable("the audit log cannot be written", name, rule)
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written", name, rule)
         if credential is not None and status != 429:  # rate-limited and budget refusals have their own column
             self.stats.credential(credential.name).denied += 1
         key = f"{reason} ({rule})" if rule else reason
         self.stats.denials[key] = self.stats.denials.get(key, 0) + 1
-        return _error_response(status, code, reason, message, name, rule, headers)
+        return _error_response(status, code, message, name, rule, headers, reason=reason)
 
     async def _audit_request(self, request: web.BaseRequest, credential: Credential | None, path: str,
                              decision: str, reason: str, rule: str | None, status: int | None,
@@ -468,7 +468,7 @@ class _Outcome:
                 request.transport.close()
             return self.prepared
         self.status = status
-        return _error_response(status, code, self.error, message, credential.name, None)
+        return _error_response(status, code, message, credential.name, None, reason=self.error)
 
 
 def _method_of(request: web.BaseRequest) -> str:
@@ -489,14 +489,11 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _audit_unavailable(message: str, credential: str | None, rule: str | None) -> web.Response:
-    return _error_response(503, "audit_unavailable", "audit_unavailable", message, credential, rule)
-
-
-def _error_response(status: int, code: str, reason: str, message: str, credential: str | None, rule: str | None,
-                    headers: Mapping[str, str] | None = None) -> web.Response:
+def _error_response(status: int, code: str, message: str, credential: str | None, rule: str | None,
+                    headers: Mapping[str, str] | None = None, *, reason: str | None = None) -> web.Response:
     """The nested `{"error": {...}}` shape is the one OpenAI- and Anthropic-style SDKs read `message` from, so an
-    agent behind an unmodified SDK learns why it was refused, not just the status."""
+    agent behind an unmodified SDK learns why it was refused, not just the status. `reason` defaults to `code`."""
+    reason = reason or code
     body = {"error": {"type": code, "reason": reason, "message": message, "credential": credential, "rule": rule}}
     return web.Response(
         status=status, body=json.dumps(body).encode(), content_type="application/json",
