@@ -12,6 +12,7 @@ import os
 import secrets as token_source
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,9 +25,10 @@ if TYPE_CHECKING:
     from outloop_cli.broker.server import Broker
 
 from outloop_cli import sandbox
-from outloop_cli.audit.store import RunLog
+from outloop_cli.audit.schema import open_readonly
+from outloop_cli.audit.tally import Counts, Tally, run_tally
+from outloop_cli.audit.writer import RunLog
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
-from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
@@ -34,6 +36,7 @@ from outloop_cli.notify import run_hook, triggers
 from outloop_cli.profiles import Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
+from outloop_cli.timespec import iso_time
 
 MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -51,17 +54,12 @@ class RunRequest:
 
 
 @dataclass
-class CredentialReport:
-    allowed: int
-    denied: int
-    rate_limited: int
-    bytes_in: int
-    bytes_out: int
-
-
-@dataclass
 class RunReport:
-    """Everything the summary shows; also written as JSON by --summary-json. Never holds a secret."""
+    """Everything the summary shows; also written as JSON by --summary-json (schema: docs/OPERATIONS.md).
+
+    Never holds a secret. The request counts come from the run's audit events, so they agree with `outloop audit`;
+    ``counts_error`` says why they are missing when the log could not be read back.
+    """
 
     run_id: str
     workspace: str
@@ -71,8 +69,7 @@ class RunReport:
     started_at: float
     timed_out: bool
     signal: int | None
-    credentials: dict[str, CredentialReport]
-    denials: dict[str, int]
+    tally: Tally
     sandbox: dict[str, str]
     peak_rss_bytes: int
     cpu_seconds: float
@@ -81,10 +78,24 @@ class RunReport:
     audit_events: int
     audit_db: str
     limit_hit: str | None = None
+    counts_error: str | None = None
     notify: dict[str, Any] | None = None  # what the [notify] hook did, when it ran (notify.NotifyOutcome)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Stable snake_case keys; credential names are the only keys taken from the profile."""
+        data = asdict(self)
+        tally = data.pop("tally")
+        data["started"] = iso_time(self.started_at)
+        data["requests"] = _counts_json(self.tally.total)
+        data["credentials"] = {name: _counts_json(counts) for name, counts in self.tally.credentials.items()}
+        data["unattributed"] = _counts_json(self.tally.unattributed)
+        data["denials"] = tally["denials"]
+        data["errors"] = tally["failures"]
+        return data
+
+
+def _counts_json(counts: Counts) -> dict[str, int]:
+    return {"requests": counts.requests, **asdict(counts)}
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -188,41 +199,40 @@ def _record_failed_start(home: Path, workspace: str, request: RunRequest, error:
     Once the profile loaded, its [notify] hook hears of it too: a missing secret is what cron must report."""
     run_id = new_run_id()
     try:
-        log = RunLog.start(audit_db_path(home), run_id=run_id, workspace=workspace, command=list(request.command),
-                           detail={"error": error.message})
+        log: RunLog | None = RunLog.start(audit_db_path(home), run_id=run_id, workspace=workspace,
+                                          command=list(request.command), detail={"error": error.message})
     except OutloopError:
         log = None
-    if profile is not None:
-        notify_after_run(profile, _start_failure_summary(run_id, workspace, request.command, error),
-                         request.environ, log, enabled=request.notify)
+    detail = _start_failure_detail(profile, run_id, request, error)
     if log is not None:
         with contextlib.suppress(OutloopError):
-            log.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
+            log.finish(exit_code=error.exit_code, duration=0.0, detail=detail)
 
 
-def _start_failure_summary(run_id: str, workspace: str, command: Sequence[str], error: OutloopError
-                           ) -> dict[str, Any]:
-    return {"run_id": run_id, "workspace": workspace, "command": list(command), "exit_code": error.exit_code,
-            "started": False, "error": error.message}
+def _start_failure_detail(profile: Profile | None, run_id: str, request: RunRequest, error: OutloopError
+                          ) -> dict[str, object]:
+    """The end record of a run that never started, after its [notify] hook (if any) was told."""
+    detail: dict[str, object] = {"error": error.message, "started": False}
+    if profile is not None and request.notify:
+        summary = {"run_id": run_id, "workspace": profile.workspace, "command": list(request.command),
+                   "exit_code": error.exit_code, "started": False, "error": error.message}
+        detail["notify"] = notify_after_run(profile, summary, request.environ)
+    return detail
 
 
-def notify_after_run(profile: Profile, summary: Mapping[str, Any], environ: Mapping[str, str],
-                     audit: RunLog | None, *, enabled: bool = True) -> dict[str, Any] | None:
-    """The [notify] step: run the hook when the run meets one of its conditions, and audit what it did.
+def notify_after_run(profile: Profile, summary: Mapping[str, Any], environ: Mapping[str, str]
+                     ) -> dict[str, Any] | None:
+    """The [notify] step: run the hook when the run meets one of its conditions; None when it did not run.
 
-    It runs before the run's log is closed, so its outcome is part of the hash chain; the summary it reads
-    therefore has no audit head yet. Its result never changes the run's exit code.
+    It runs before the run's log is closed, and its outcome goes into the end record (so into the hash chain);
+    the summary it reads therefore has no audit head yet. Its result never changes the run's exit code.
     """
-    if profile.notify is None or not enabled:
+    if profile.notify is None:
         return None
     fired = triggers(profile.notify.on, summary)
     if not fired:
         return None
-    outcome = run_hook(profile.notify.command, fired, summary, environ).to_json()
-    if audit is not None:
-        with contextlib.suppress(OutloopError):  # the summary still reports it
-            audit.record_event("notify", detail=outcome)
-    return outcome
+    return run_hook(profile.notify.command, fired, summary, environ).to_json()
 
 
 async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: Profile,
@@ -262,9 +272,8 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         try:
             child_pid = supervisor.spawn(argv[0])
         except OutloopError as error:
-            notify_after_run(profile, _start_failure_summary(run_id, profile.workspace, request.command, error),
-                             request.environ, audit, enabled=request.notify)
-            audit.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
+            audit.finish(exit_code=error.exit_code, duration=0.0,
+                         detail=_start_failure_detail(profile, run_id, request, error))
             raise _StartFailed(error) from None
         child = asyncio.ensure_future(supervisor.wait())
         # The broker stack (aiohttp: ~150 ms to import) loads only once a connection is waiting, so a loop that
@@ -289,30 +298,48 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         listeners.close()
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    stats = broker.stats if broker is not None else BrokerStats()
-    credentials = {name: CredentialReport(s.allowed, s.denied, s.rate_limited, s.bytes_in, s.bytes_out)
-                   for name, s in sorted(stats.per_credential.items())}
-    for name in profile.credentials:
-        credentials.setdefault(name, CredentialReport(0, 0, 0, 0, 0))
     limit_hit = _limit_hit(profile, result.exit_code, result.cpu_seconds)
-    report = RunReport(
-        run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
-        duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
-        credentials=credentials, denials=dict(stats.denials), sandbox=plan.layers,
-        peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
-        strays_killed=result.strays_killed, audit_head="", audit_events=0,
-        audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
-    )
-    report.notify = notify_after_run(profile, {**report.to_json(), "audit_head": None, "audit_events": None},
-                                     request.environ, audit, enabled=request.notify)
-    report.audit_head, report.audit_events = audit.finish(
-        exit_code=result.exit_code, duration=result.duration, detail={
-            "limit_hit": limit_hit,
-            "timed_out": result.timed_out, "signal": result.signal, "strays_killed": result.strays_killed,
-            "peak_rss_bytes": result.peak_rss_bytes, "cpu_seconds": round(result.cpu_seconds, 3),
-            "sandbox": plan.layers,
-        })
-    return report
+    end_detail: dict[str, object] = {
+        "limit_hit": limit_hit,
+        "timed_out": result.timed_out, "signal": result.signal, "strays_killed": result.strays_killed,
+        "peak_rss_bytes": result.peak_rss_bytes, "cpu_seconds": round(result.cpu_seconds, 3),
+        "sandbox": plan.layers,
+    }
+
+    def report(tally: Tally, counts_error: str | None, head: str = "", events: int = 0) -> RunReport:
+        return RunReport(
+            run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
+            duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
+            tally=tally, counts_error=counts_error, sandbox=plan.layers,
+            peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
+            strays_killed=result.strays_killed, audit_head=head, audit_events=events,
+            audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
+        )
+
+    if profile.notify is None or not request.notify:
+        head, count = audit.finish(exit_code=result.exit_code, duration=result.duration, detail=end_detail)
+        return report(*_tally(home, run_id, profile), head, count)
+    # The hook reads the counts before the log closes, so its outcome can go into the end record. This
+    # synchronous event commits every outcome still queued, so the counts read back after it are complete.
+    audit.record_event("notify", detail={"armed": list(profile.notify.on)})
+    notified = report(*_tally(home, run_id, profile))
+    notified.notify = end_detail["notify"] = notify_after_run(
+        profile, {**notified.to_json(), "audit_head": None, "audit_events": None}, request.environ)
+    notified.audit_head, notified.audit_events = audit.finish(exit_code=result.exit_code,
+                                                              duration=result.duration, detail=end_detail)
+    return notified
+
+
+def _tally(home: Path, run_id: str, profile: Profile) -> tuple[Tally, str | None]:
+    """The run's counts read back from its audit events; a read failure must not cost the child's exit code."""
+    try:
+        conn = open_readonly(audit_db_path(home))
+        try:
+            return run_tally(conn, run_id, profile.credentials), None
+        finally:
+            conn.close()
+    except (OutloopError, sqlite3.Error) as exc:
+        return Tally({name: Counts() for name in profile.credentials}), str(exc)
 
 
 def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool) -> Listeners:

@@ -39,13 +39,15 @@ def notify_profile(world: World, on: list[str], *extra: str, credential: str = "
         [credentials.{credential}]
         secret = "keyring"
         base_url = "{{UPSTREAM}}"
-        allow = ["GET /crm/**"]
+        allow = ["GET /crm/**", "GET /status/*"]
     """)
     return seen
 
 
-def notify_events(world: World) -> list[dict[str, object]]:
-    return [json.loads(str(event["detail"])) for event in world.events(kind="notify")]
+def notify_outcomes(world: World) -> list[object]:
+    """What the hook did, per run, as each run's end record holds it."""
+    ends = [json.loads(str(event["detail"])) for event in world.events(kind="run_end")]
+    return [end["notify"] for end in ends if end.get("notify")]
 
 
 def test_a_failed_run_sends_the_summary_json_and_nothing_else_to_the_hook(world: World) -> None:
@@ -59,7 +61,7 @@ def test_a_failed_run_sends_the_summary_json_and_nothing_else_to_the_hook(world:
     assert set(got["env"]) <= {"PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ"} | {
         name for name in got["env"] if name.startswith("LC_")}
     assert "notify     python" in result.err and "ran (failure)" in result.err
-    assert notify_events(world) == [{"triggers": ["failure"], "command": Path(PYTHON).name, "exit_code": 0,
+    assert notify_outcomes(world) == [{"triggers": ["failure"], "command": Path(PYTHON).name, "exit_code": 0,
                                      "error": None}]
     world.assert_no_canary(seen.read_text())
     assert world.outloop("audit", "verify", world.last_run_id()).code == 0
@@ -68,7 +70,7 @@ def test_a_failed_run_sends_the_summary_json_and_nothing_else_to_the_hook(world:
 def test_a_run_that_meets_no_condition_does_not_call_the_hook(world: World) -> None:
     seen = notify_profile(world, ["failure", "denied"])
     assert world.run("true").code == 0
-    assert not seen.exists() and notify_events(world) == []
+    assert not seen.exists() and notify_outcomes(world) == []
 
 
 def test_a_failing_hook_is_recorded_and_leaves_the_exit_code_alone(world: World) -> None:
@@ -80,8 +82,21 @@ def test_a_failing_hook_is_recorded_and_leaves_the_exit_code_alone(world: World)
     assert result.code == 0 and result.out.strip() == "403"
     assert json.loads(json.loads(seen.read_text())["stdin"])["denials"]
     assert "notify     FAILED: python" in result.err and "(denied): webhook answered 500" in result.err
-    assert notify_events(world) == [{"triggers": ["denied"], "command": Path(PYTHON).name, "exit_code": 7,
+    assert notify_outcomes(world) == [{"triggers": ["denied"], "command": Path(PYTHON).name, "exit_code": 7,
                                      "error": "webhook answered 500"}]
+
+
+def test_an_upstream_error_calls_a_hook_armed_for_errors(world: World) -> None:
+    seen = notify_profile(world, ["errors"])
+    result = world.run_loop("""
+        from outloop_cli.client import Outloop
+        print(Outloop().request("crm", "GET", "/status/401").status)
+    """)
+    assert (result.code, result.out.strip()) == (0, "401")
+    summary = json.loads(json.loads(seen.read_text())["stdin"])
+    assert summary["requests"]["errors"] == 1 and summary["errors"][0]["status"] == 401
+    assert notify_outcomes(world)[0] == {"triggers": ["errors"], "command": Path(PYTHON).name, "exit_code": 0,
+                                          "error": None}
 
 
 def test_a_hook_that_cannot_start_is_recorded_and_leaves_the_exit_code_alone(world: World) -> None:
@@ -102,7 +117,7 @@ def test_a_run_that_never_started_still_notifies(world: World) -> None:
     summary = json.loads(json.loads(seen.read_text())["stdin"])
     assert (summary["exit_code"], summary["started"]) == (125, False)
     assert "no secret in the keyring" in summary["error"]
-    assert notify_events(world)[0]["triggers"] == ["failure"]
+    assert notify_outcomes(world)[0]["triggers"] == ["failure"]
 
 
 def test_notify_settings_are_checked_naming_the_key(world: World) -> None:
