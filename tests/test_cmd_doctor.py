@@ -118,4 +118,4 @@ def test_doctor_w_names_a_sandbox_the_profile_requires_but_cannot_get(world: Wor
     result = world.outloop("doctor", "-w", "acme", "--json", env=env)
     assert result.code == 1
     (finding,) = preflight_section(result.out, "acme")
-    assert "bubblewrap is missing or cannot create namespaces" in str(finding["detail"])
+    assert "OUTLOOP_SANDBOX=bwrap but bubblewrap is missing" in str(finding["detail"])
