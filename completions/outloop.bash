@@ -22,7 +22,7 @@ _outloop_options() {  # options of a command path
         'audit show') echo '--limit -n --workspace -w --json --help' ;;
         'audit tail') echo '--lines -n --workspace -w --json --help' ;;
         'audit verify') echo '--json --help' ;;
-        'doctor') echo '--json --help' ;;
+        'doctor') echo '-w --workspace --profiles --json --help' ;;
         'policy') echo '--help' ;;
         'policy lint') echo '--since --profiles --json --help' ;;
         'policy replay') echo '--since --profile --profiles --json --help' ;;
@@ -33,11 +33,11 @@ _outloop_options() {  # options of a command path
         'secret check') echo '--profiles --json --help' ;;
         'secret list') echo '--profiles --json --help' ;;
         'secret rm') echo '--help' ;;
-        'secret set') echo '--stdin --profiles --help' ;;
+        'secret set') echo '--stdin --allow-plaintext --profiles --help' ;;
         'workspace') echo '--help' ;;
         'workspace check') echo '--profiles --json --help' ;;
         'workspace current') echo '--json --help' ;;
-        'workspace list') echo '--profiles --json --help' ;;
+        'workspace list') echo '--profiles --all --json --help' ;;
         'workspace new') echo '--extends --profiles --help' ;;
         'workspace show') echo '--profiles --json --help' ;;
         'workspace use') echo '--profiles --help' ;;
@@ -77,6 +77,9 @@ _outloop_value_kind() {  # what the value of PATH|OPTION is
         'audit tail|-n') echo 'none' ;;
         'audit tail|--workspace') echo 'workspaces' ;;
         'audit tail|-w') echo 'workspaces' ;;
+        'doctor|-w') echo 'workspaces' ;;
+        'doctor|--workspace') echo 'workspaces' ;;
+        'doctor|--profiles') echo 'files' ;;
         'policy lint|--since') echo 'none' ;;
         'policy lint|--profiles') echo 'files' ;;
         'policy replay|--since') echo 'none' ;;

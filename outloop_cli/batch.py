@@ -29,7 +29,7 @@ from outloop_cli.audit.store import get_run, list_runs, run_events
 from outloop_cli.audit.verify import verify_run
 from outloop_cli.errors import AuditError, OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
-from outloop_cli.profiles import available_workspaces, check_workspace_name, load_profile
+from outloop_cli.profiles import available_workspaces, check_workspace_name, load_profile, runnable_workspaces
 
 ALL = "all"
 TAG_PREFIX = "@"
@@ -94,7 +94,8 @@ def select_workspaces(selection: str, dirs: Sequence[Path]) -> list[str]:
     Order: as written, tags and `all` expanding in name order; each workspace once. A name that has no profile, a
     tag nobody carries, or an empty selection is a usage error, so a typo in a cron line fails loudly.
     """
-    found = available_workspaces(dirs)
+    found = runnable_workspaces(dirs)  # `all` and tags never pick a base (abstract = true)
+    named = available_workspaces(dirs)  # a base named outright is refused by its run, with the reason
     chosen: list[str] = []
     items = [item.strip() for item in selection.split(",")]
     if not any(items):
@@ -108,7 +109,7 @@ def select_workspaces(selection: str, dirs: Sequence[Path]) -> list[str]:
             chosen += _tagged(item[len(TAG_PREFIX):], found, dirs)
         else:
             check_workspace_name(item)
-            if item not in found:
+            if item not in named:
                 raise OutloopError(f"--each: no profile for workspace {item!r}; known: {', '.join(sorted(found))}")
             chosen.append(item)
     unique = list(dict.fromkeys(chosen))

@@ -39,6 +39,11 @@ class SecretError(OutloopError):
     """A credential's secret could not be resolved."""
 
 
+class InsecureSecretError(SecretError):
+    """The secret is there but others may read it (a `file:` open to group or others): refused, and reported as
+    `insecure mode` rather than `missing`, since the fix is a chmod, not a new secret."""
+
+
 class SandboxError(OutloopError):
     """A sandbox layer the profile requires is unavailable."""
 

@@ -6,6 +6,7 @@ The command layer only parses flags into a RunRequest and prints the RunReport; 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import secrets as token_source
@@ -31,8 +32,9 @@ from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.guard import Guard, load_guard
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
+from outloop_cli.notify import run_hook, triggers
 from outloop_cli.policy_snapshot import policy_hash
-from outloop_cli.profiles import Profile, check_workspace_name, load_profile
+from outloop_cli.profiles import Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.sandbox.plan import Target
 from outloop_cli.sandbox.plan import plan as sandbox_plan
 from outloop_cli.secrets import Secret, resolve_secret
@@ -52,6 +54,7 @@ class RunRequest:
     network: str | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     batch_id: str | None = None  # set by `run --each`: recorded with the run so `audit --batch` finds it
+    notify: bool = True  # False for `doctor -w`'s no-op run: a pre-flight check must not page anyone
 
 
 @dataclass
@@ -82,6 +85,7 @@ class RunReport:
     counts_error: str | None = None
     policy_hash: str = ""
     batch_id: str | None = None
+    notify: dict[str, Any] | None = None  # what the [notify] hook did, when it ran (notify.NotifyOutcome)
 
     def to_json(self) -> dict[str, Any]:
         """Stable snake_case keys; credential names are the only keys taken from the profile."""
@@ -134,9 +138,11 @@ def execute(request: RunRequest) -> RunReport:
     home = outloop_home(environ)
     workspace = resolve_workspace(request.workspace, environ)
     resolved_secrets: dict[str, Secret] = {}
+    profile: Profile | None = None
     try:
         dirs = profile_dirs(request.profiles_dir, environ)
         profile = load_profile(workspace, dirs)
+        refuse_abstract(profile, dirs)
         timeout = request.timeout if request.timeout is not None else profile.run.timeout
         network = request.network or profile.run.network
         for name, cred in profile.credentials.items():
@@ -149,7 +155,7 @@ def execute(request: RunRequest) -> RunReport:
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
-        _record_failed_start(home, workspace, request, error)
+        _record_failed_start(home, workspace, request, error, profile)
         raise
     finally:
         for secret in resolved_secrets.values():
@@ -196,15 +202,47 @@ class _StartFailed(Exception):
         self.error = error
 
 
-def _record_failed_start(home: Path, workspace: str, request: RunRequest, error: OutloopError) -> None:
-    """A run that never started still belongs in "what ran last night"; best effort, the error matters more."""
+def _record_failed_start(home: Path, workspace: str, request: RunRequest, error: OutloopError,
+                         profile: Profile | None) -> None:
+    """A run that never started still belongs in "what ran last night"; best effort, the error matters more.
+    Once the profile loaded, its [notify] hook hears of it too: a missing secret is what cron must report."""
+    run_id = new_run_id()
     try:
-        log = RunLog.start(audit_db_path(home), run_id=new_run_id(), workspace=workspace,
-                           command=list(request.command),
-                           detail={"error": error.message, **_batch_detail(request)})
-        log.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
+        log: RunLog | None = RunLog.start(audit_db_path(home), run_id=run_id, workspace=workspace,
+                                          command=list(request.command),
+                                          detail={"error": error.message, **_batch_detail(request)})
     except OutloopError:
-        pass
+        log = None
+    detail = _start_failure_detail(profile, run_id, request, error)
+    if log is not None:
+        with contextlib.suppress(OutloopError):
+            log.finish(exit_code=error.exit_code, duration=0.0, detail=detail)
+
+
+def _start_failure_detail(profile: Profile | None, run_id: str, request: RunRequest, error: OutloopError
+                          ) -> dict[str, object]:
+    """The end record of a run that never started, after its [notify] hook (if any) was told."""
+    detail: dict[str, object] = {"error": error.message, "started": False}
+    if profile is not None and request.notify:
+        summary = {"run_id": run_id, "workspace": profile.workspace, "command": list(request.command),
+                   "exit_code": error.exit_code, "started": False, "error": error.message}
+        detail["notify"] = notify_after_run(profile, summary, request.environ)
+    return detail
+
+
+def notify_after_run(profile: Profile, summary: Mapping[str, Any], environ: Mapping[str, str]
+                     ) -> dict[str, Any] | None:
+    """The [notify] step: run the hook when the run meets one of its conditions; None when it did not run.
+
+    It runs before the run's log is closed, and its outcome goes into the end record (so into the hash chain);
+    the summary it reads therefore has no audit head yet. Its result never changes the run's exit code.
+    """
+    if profile.notify is None:
+        return None
+    fired = triggers(profile.notify.on, summary)
+    if not fired:
+        return None
+    return run_hook(profile.notify.command, fired, summary, environ).to_json()
 
 
 def _batch_detail(request: RunRequest) -> dict[str, str]:
@@ -258,7 +296,8 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         try:
             child_pid = supervisor.spawn(argv[0])
         except OutloopError as error:
-            audit.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
+            audit.finish(exit_code=error.exit_code, duration=0.0,
+                         detail=_start_failure_detail(profile, run_id, request, error))
             raise _StartFailed(error) from None
         child = asyncio.ensure_future(supervisor.wait())
         # The broker stack (aiohttp: ~150 ms to import) loads only once a connection is waiting, so a loop that
@@ -284,21 +323,35 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         shutil.rmtree(run_dir, ignore_errors=True)
 
     limit_hit = _limit_hit(profile, result.exit_code, result.cpu_seconds)
-    head, count = audit.finish(exit_code=result.exit_code, duration=result.duration, detail={
+    end_detail: dict[str, object] = {
         "limit_hit": limit_hit,
         "timed_out": result.timed_out, "signal": result.signal, "strays_killed": result.strays_killed,
         "peak_rss_bytes": result.peak_rss_bytes, "cpu_seconds": round(result.cpu_seconds, 3),
         "sandbox": plan.layers,
-    })
-    tally, counts_error = _tally(home, run_id, profile)
-    return RunReport(
-        run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
-        duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
-        tally=tally, counts_error=counts_error, sandbox=plan.layers,
-        peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
-        strays_killed=result.strays_killed, audit_head=head, audit_events=count,
-        audit_db=str(audit_db_path(home)), limit_hit=limit_hit, policy_hash=policy, batch_id=request.batch_id,
-    )
+    }
+
+    def report(tally: Tally, counts_error: str | None, head: str = "", events: int = 0) -> RunReport:
+        return RunReport(
+            run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
+            duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
+            tally=tally, counts_error=counts_error, sandbox=plan.layers,
+            peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
+            strays_killed=result.strays_killed, audit_head=head, audit_events=events,
+            audit_db=str(audit_db_path(home)), limit_hit=limit_hit, policy_hash=policy, batch_id=request.batch_id,
+        )
+
+    if profile.notify is None or not request.notify:
+        head, count = audit.finish(exit_code=result.exit_code, duration=result.duration, detail=end_detail)
+        return report(*_tally(home, run_id, profile), head, count)
+    # The hook reads the counts before the log closes, so its outcome can go into the end record. This
+    # synchronous event commits every outcome still queued, so the counts read back after it are complete.
+    audit.record_event("notify", detail={"armed": list(profile.notify.on)})
+    notified = report(*_tally(home, run_id, profile))
+    notified.notify = end_detail["notify"] = notify_after_run(
+        profile, {**notified.to_json(), "audit_head": None, "audit_events": None}, request.environ)
+    notified.audit_head, notified.audit_events = audit.finish(exit_code=result.exit_code,
+                                                              duration=result.duration, detail=end_detail)
+    return notified
 
 
 def _tally(home: Path, run_id: str, profile: Profile) -> tuple[Tally, str | None]:

@@ -9,13 +9,24 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, SecretError, UsageError
+if TYPE_CHECKING:
+    from keyring.backend import KeyringBackend
+
+from outloop_cli.errors import EXIT_PROBLEMS_FOUND, InsecureSecretError, OutloopError, SecretError, UsageError
 from outloop_cli.profiles import Credential, Profile
-from outloop_cli.secrets import MAX_SECRET_BYTES, keyring_service, resolve_secret, source_kind, usable_keyring
+from outloop_cli.secrets import (
+    MAX_SECRET_BYTES,
+    backend_name,
+    keyring_service,
+    resolve_secret,
+    source_kind,
+    stores_plaintext,
+    usable_keyring,
+)
 
-SecretState = Literal["present", "missing", "not checked"]
+SecretState = Literal["present", "missing", "insecure mode", "not checked"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,8 @@ def secret_status(credential: Credential, environ: Mapping[str, str], *, run_com
                             "cmd: sources run only in `outloop workspace check` and `outloop secret check`")
     try:
         resolve_secret(credential.owner, credential.name, credential.secret_ref, environ).wipe()
+    except InsecureSecretError as exc:
+        return SecretStatus(credential.name, credential.owner, source, "insecure mode", exc.message)
     except SecretError as exc:
         return SecretStatus(credential.name, credential.owner, source, "missing", exc.message)
     return SecretStatus(credential.name, credential.owner, source, "present")
@@ -106,16 +119,28 @@ def check_value(value: str) -> None:
         raise UsageError(f"the secret is larger than {MAX_SECRET_BYTES} bytes; nothing was stored")
 
 
-def store_secret(workspace: str, credential: str, value: str) -> str:
-    """Write the keyring entry (service outloop/<workspace>, user <credential>); return the backend's name."""
-    check_value(value)
+def storing_keyring(*, allow_plaintext: bool) -> KeyringBackend:
+    """The backend `secret set` writes to, checked before a value is asked for: a plaintext file backend is
+    refused unless the user chose it knowingly, since "stored in the keyring" reads as "stored encrypted"."""
     backend = usable_keyring()
+    if stores_plaintext(backend) and not allow_plaintext:
+        where = getattr(backend, "file_path", None)
+        raise SecretError(
+            f"the keyring backend {backend_name(backend)} stores secrets unencrypted"
+            + (f" in {where}" if where else "") + "; nothing was stored. Use a Secret Service or KWallet "
+            "keyring, or give the credential secret = \"cmd:...\", \"file:PATH\" (mode 0600) or \"env:VAR\" "
+            "in its profile; or pass --allow-plaintext to store it in that file anyway")
+    return backend
+
+
+def store_secret(backend: KeyringBackend, workspace: str, credential: str, value: str) -> None:
+    """Write the keyring entry (service outloop/<workspace>, user <credential>)."""
+    check_value(value)
     try:
         backend.set_password(keyring_service(workspace), credential, value)
     except Exception as exc:  # backends raise anything; the message of some may echo what was stored
         raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the keyring "
                           f"({type(backend).__name__}) refused the secret: {type(exc).__name__}") from None
-    return type(backend).__name__
 
 
 def delete_secret(workspace: str, credential: str) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from keyring.backend import KeyringBackend
 
-from outloop_cli.errors import SecretError
+from outloop_cli.errors import InsecureSecretError, SecretError
 
 CMD_TIMEOUT_SECONDS = 30.0
 MAX_SECRET_BYTES = 64 * 1024
@@ -67,7 +67,10 @@ class KeyringSource:
     """Service `outloop/<workspace>`, username `<credential>`, as `outloop secret set` stores them."""
 
     def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
-        backend = usable_keyring()
+        try:
+            backend = usable_keyring()
+        except SecretError as exc:
+            raise SecretError(f"workspace {workspace!r}, credential {credential!r}: {exc.message}") from None
         try:
             value = backend.get_password(keyring_service(workspace), credential)
         except Exception as exc:  # backends raise anything: dbus errors, locked collections...
@@ -87,9 +90,9 @@ class KeyringSource:
 KEYRING_WAYS_OUT = (
     "Ways out for cron and servers: use secret = \"cmd:COMMAND\" with a password manager that works "
     "unattended (e.g. cmd:op read op://vault/item/field), \"file:PATH\" with a 0600 file, or \"env:VAR\"; "
-    "or run where a keyring is unlocked (a desktop session); or a file-backed backend (pip install "
-    "keyrings.alt; PYTHON_KEYRING_BACKEND=keyrings.alt.file.PlaintextKeyring stores values unencrypted in a "
-    "0600 file; EncryptedKeyring prompts for a password, which cron cannot answer)."
+    "or run where a Secret Service or KWallet keyring is unlocked (a desktop session). File-backed keyrings such "
+    "as keyrings.alt's PlaintextKeyring store values unencrypted (PYTHON_KEYRING_BACKEND selects one; "
+    "`outloop secret set` refuses it without --allow-plaintext)."
 )
 
 
@@ -107,6 +110,19 @@ def usable_keyring() -> KeyringBackend:
         raise SecretError(f"no usable keyring backend on this machine (found {type(backend).__name__}). "
                           f"{KEYRING_WAYS_OUT}")
     return backend
+
+
+def stores_plaintext(backend: KeyringBackend) -> bool:
+    """Whether the backend keeps values unencrypted. keyring backends do not declare it; the plaintext ones
+    (keyrings.alt's PlaintextKeyring and the like) say so in their class name, a chainer through any member."""
+    members = getattr(backend, "backends", None)
+    if isinstance(members, list) and members:
+        return any(stores_plaintext(member) for member in members)
+    return "plaintext" in type(backend).__name__.lower()
+
+
+def backend_name(backend: KeyringBackend) -> str:
+    return f"{type(backend).__module__}.{type(backend).__name__}"
 
 
 class EnvSource:
@@ -133,7 +149,7 @@ class FileSource:
                 if not stat.S_ISREG(info.st_mode):
                     raise SecretError(f"{where} is not a regular file")
                 if info.st_mode & 0o077:
-                    raise SecretError(
+                    raise InsecureSecretError(
                         f"{where} is readable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
                         f"run `chmod 600 {path}`"
                     )

@@ -37,6 +37,7 @@ class WorkspaceEntry:
     extends: str | None = None
     credentials: tuple[str, ...] = ()
     error: str | None = None
+    abstract: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def list_workspaces(dirs: Sequence[Path], current: str | None) -> list[Workspace
             entries.append(WorkspaceEntry(name, path, name == current, error=exc.message))
             continue
         entries.append(WorkspaceEntry(name, path, name == current, profile.description, profile.extends,
-                                      tuple(sorted(profile.credentials))))
+                                      tuple(sorted(profile.credentials)), abstract=profile.abstract))
     return entries
 
 
@@ -242,7 +243,7 @@ def _check_one(name: str, path: Path | None, dirs: Sequence[Path], environ: Mapp
         status = cache[key]
         result.secrets.append(status)
         if status.problem:
-            result.problems.append(status.problem)
+            result.problems.append(f"{status.state}: {status.problem}")
     return result
 
 

@@ -23,7 +23,8 @@ import pytest
 
 from outloop_cli.client import Outloop, OutloopClientError, main
 
-DENY = {"error": "denied", "message": "no rule allows DELETE", "credential": "crm", "rule": None}
+DENY = {"type": "denied", "reason": "no_matching_rule", "message": "no rule allows DELETE", "credential": "crm",
+        "rule": None}
 # Edge cases of the SSE format, cut mid-line so the parser must buffer across reads.
 TRICKY_SSE = [
     b": keep-alive comment\n\nevent: delta\nid: 7\nda",
@@ -76,7 +77,7 @@ class FakeBroker(http.server.BaseHTTPRequestHandler):
         elif route == "/v1/secret/open":
             self.reply(200, b"s3cret value", content_type="text/plain; charset=utf-8")
         elif route.startswith(("/v1/http/crm/deny", "/v1/secret/")):
-            self.reply(403, json.dumps(DENY).encode(), deny=True)
+            self.reply(403, json.dumps({"error": DENY}).encode(), deny=True)
         elif route == "/v1/http/llm/stream":
             interval = float(parse_qs(urlsplit(self.path).query)["interval"][0])
             self.chunked([b'data: {"i": %d}\n\n' % k for k in range(5)], interval)
@@ -280,4 +281,4 @@ def test_cli_prints_body_and_exits_by_status(
     assert capsysbinary.readouterr().out == b'{"ok": true}'
     assert broker[1].requests[-1] == {"method": "POST", "body": b"hi", "content_type": "text/plain"}
     assert main(["DELETE", "crm", "/deny/1"]) == 1
-    assert b"denied: no rule allows DELETE (HTTP 403)" in capsysbinary.readouterr().err
+    assert b"denied (no_matching_rule): no rule allows DELETE (HTTP 403)" in capsysbinary.readouterr().err

@@ -39,7 +39,7 @@ def test_upstream_that_hangs_gets_504_and_an_audited_outcome(world: World) -> No
     result = world.run_loop("""
         from outloop_cli.client import Outloop
         response = Outloop().request("crm", "GET", "/hang?seconds=10")
-        print(response.status, response.error["error"])
+        print(response.status, response.error["type"])
     """)
     assert result.out.split() == ["504", "upstream_timeout"], result.err
     (response_event,) = world.events(kind="response")
@@ -59,7 +59,7 @@ def test_unreachable_upstream_is_502(world: World) -> None:
     result = world.run_loop("""
         from outloop_cli.client import Outloop
         response = Outloop().request("crm", "GET", "/x")
-        print(response.status, response.error["error"])
+        print(response.status, response.error["type"])
     """)
     assert result.out.split() == ["502", "upstream_error"], result.err
 

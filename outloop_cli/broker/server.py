@@ -446,7 +446,7 @@ class Broker:
             self.audit.record_request(record)  # blocking but rare; the answer must not precede the audit row
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
-        return _error_response(status, code, message, None, None)
+        return _error_response(status, code, message, None, None, reason=reason)
 
     # ----- denials ---------------------------------------------------------------------------------------
 
@@ -470,7 +470,7 @@ class Broker:
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written", name,
                                    rule if rule_to_child else None)
-        return _error_response(status, code, message, name, rule if rule_to_child else None, headers)
+        return _error_response(status, code, message, name, rule if rule_to_child else None, headers, reason=reason)
 
     async def _audit_request(self, request: web.BaseRequest, credential: Credential | None, path: str,
                              decision: str, reason: str, rule: str | None, status: int | None,
@@ -509,7 +509,7 @@ class _Outcome:
                 request.transport.close()
             return self.prepared
         self.status = status
-        return _error_response(status, code, message, credential.name, None)
+        return _error_response(status, code, message, credential.name, None, reason=self.error)
 
 
 def _method_of(request: web.BaseRequest) -> str:
@@ -531,8 +531,11 @@ def _short(text: str, limit: int = 200) -> str:
 
 
 def _error_response(status: int, code: str, message: str, credential: str | None, rule: str | None,
-                    headers: Mapping[str, str] | None = None) -> web.Response:
-    body = {"error": code, "message": message, "credential": credential, "rule": rule}
+                    headers: Mapping[str, str] | None = None, *, reason: str | None = None) -> web.Response:
+    """The nested `{"error": {...}}` shape is the one OpenAI- and Anthropic-style SDKs read `message` from, so an
+    agent behind an unmodified SDK learns why it was refused, not just the status. `reason` defaults to `code`."""
+    reason = reason or code
+    body = {"error": {"type": code, "reason": reason, "message": message, "credential": credential, "rule": rule}}
     return web.Response(
         status=status, body=json.dumps(body).encode(), content_type="application/json",
-        headers={"Outloop-Decision": "deny", **(headers or {})})
+        headers={"Outloop-Decision": "deny", "Outloop-Reason": reason, **(headers or {})})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -162,7 +162,17 @@ def _plain_summary(report: RunReport) -> str:
     lines.append(f"  policy     {report.policy_hash[:23]}" + (f"  batch {report.batch_id}" if report.batch_id else ""))
     lines.append(f"  audit      {plural(report.audit_events, 'event')}, head {report.audit_head[:16]}  "
                  f"({report.audit_db})")
+    if report.notify is not None:
+        lines.append(f"  notify     {notify_line(report.notify)}")
     return "\n".join(lines) + "\n"
+
+
+def notify_line(outcome: dict[str, Any]) -> str:
+    """What the [notify] hook did, in one line; a failed hook is loud, since nobody else was told."""
+    why = ", ".join(outcome["triggers"])
+    if outcome["error"] is None:
+        return f"{outcome['command']} ran ({why})"
+    return f"FAILED: {outcome['command']} ({why}): {outcome['error']}"
 
 
 def _rich_summary(report: RunReport) -> None:
@@ -188,6 +198,9 @@ def _rich_summary(report: RunReport) -> None:
     batch = f"  batch {report.batch_id}" if report.batch_id else ""
     header.add_row("policy", escape(report.policy_hash[:23]) + batch)
     header.add_row("audit", f"{plural(report.audit_events, 'event')}, head {report.audit_head[:16]}")
+    if report.notify is not None:
+        failed = report.notify["error"] is not None
+        header.add_row("notify", Text(notify_line(report.notify), style="bold red" if failed else ""))
     table = Table(title=None, expand=False, caption="errors: allowed, but the answer failed; "
                   "rate-limited: among the denied; bytes are bodies sent to and received from upstream")
     for column in ("credential", "allowed", "errors", "denied", "rate-limited", "sent", "received"):

@@ -25,8 +25,9 @@ from outloop_cli.secret_admin import (
     one_line,
     profile_secrets,
     store_secret,
+    storing_keyring,
 )
-from outloop_cli.secrets import keyring_service
+from outloop_cli.secrets import keyring_service, stores_plaintext
 
 app = typer.Typer(help="Store, list, remove and check secrets (keyring service outloop/<workspace>, user "
                        "<credential>); values are never printed.", no_args_is_help=True, rich_markup_mode=None)
@@ -42,15 +43,22 @@ def set_command(
     credential: CredentialArgument,
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the value from stdin (one line; one trailing "
                                                         "newline is dropped) instead of prompting.")] = False,
+    allow_plaintext: Annotated[bool, typer.Option(
+        "--allow-plaintext", help="Store it even when the keyring backend keeps values unencrypted in a file "
+                                  "(e.g. keyrings.alt's PlaintextKeyring); refused without this flag.")] = False,
     profiles: ProfilesOption = None,
 ) -> None:
     """Store CREDENTIAL's secret for WORKSPACE in the keyring; only for `secret = "keyring"` credentials."""
     profile = load_profile(workspace, profile_dirs(profiles))
     keyring_credential(profile, credential)
+    backend = storing_keyring(allow_plaintext=allow_plaintext)
     value = _read_stdin() if stdin else _prompt(workspace, credential)
-    backend = store_secret(workspace, credential, value)
-    sys.stdout.write(f"stored {workspace}/{credential} in the keyring ({backend}, service "
+    store_secret(backend, workspace, credential, value)
+    sys.stdout.write(f"stored {workspace}/{credential} in the keyring ({type(backend).__name__}, service "
                      f"{keyring_service(workspace)!r})\n")
+    if stores_plaintext(backend):
+        note(f"warning: {type(backend).__name__} keeps this secret UNENCRYPTED"
+             + (f" in {backend.file_path}" if hasattr(backend, "file_path") else ""))
 
 
 def _read_stdin() -> str:
