@@ -190,8 +190,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
                    resolved: Mapping[str, Secret], timeout: float | None, network: str) -> RunReport:
     run_id = new_run_id()
     started_at = time.time()
-    ensure_private_dir(home)
-    run_dir = ensure_private_dir(home / "run" / run_id)
+    run_dir = ensure_private_dir(home / "run" / run_id, within=home)
     socket_path = run_dir / "broker.sock"
     if len(os.fsencode(socket_path)) > MAX_UNIX_SOCKET_PATH:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -37,7 +37,7 @@ from outloop_cli.audit import (
     verify_run,
 )
 from outloop_cli.audit.store import SCHEMA_VERSION
-from outloop_cli.errors import AuditError, UsageError
+from outloop_cli.errors import AuditError, StateDirError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -450,7 +450,7 @@ def test_a_lost_fire_and_forget_response_is_counted_in_run_end(db: Path) -> None
 
 def test_a_directory_where_the_database_should_be_fails_closed(db: Path) -> None:
     db.mkdir(parents=True)
-    with pytest.raises(AuditError, match="cannot create the audit database"):
+    with pytest.raises(StateDirError, match="is not a regular file"):
         start(db)
 
 

@@ -11,7 +11,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import queue
 import sqlite3
 import threading
@@ -25,11 +24,14 @@ if TYPE_CHECKING:
     import asyncio  # imported lazily at run time: `outloop audit` and `--help` never need an event loop
 
 from outloop_cli.errors import AuditError
+from outloop_cli.private_fs import check_private_file
 
 GENESIS_HASH: Final = "0" * 64
 # Long enough to ride out another run's group commit or a checkpoint, short enough that a wedged
 # database turns into refused requests (fail closed) rather than a hung agent loop.
 DEFAULT_BUSY_TIMEOUT: Final = 5.0
+# SQLite opens these by name beside the database, so they get the database's checks.
+SQLITE_COMPANIONS: Final = ("-wal", "-shm")
 # Caps one group commit so a burst cannot hold the write lock (and every other run) for long.
 _MAX_BATCH: Final = 512
 
@@ -236,11 +238,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 def _open_rw(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
     """A writable, migrated connection; creates the database (0600, in a 0700 directory) when missing."""
-    try:
-        db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
-    except OSError as exc:
-        raise AuditError(f"cannot create the audit database at {db_path}: {exc.strerror}") from None
+    check_private_file(db_path, create=True, companions=SQLITE_COMPANIONS)
     try:
         conn = sqlite3.connect(db_path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -275,7 +273,7 @@ def open_readonly(db_path: Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) 
     An older schema is migrated first (through a separate writable connection), so reads after an upgrade
     see the columns this code expects.
     """
-    if not db_path.is_file():
+    if not check_private_file(db_path, companions=SQLITE_COMPANIONS):
         raise AuditError(f"no audit database at {db_path} yet: run `outloop run` first")
     try:
         conn = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=busy_timeout)
@@ -888,7 +886,7 @@ def prune(db_path: Path, *, older_than: float, busy_timeout: float = DEFAULT_BUS
     Each leaves a ``pruned`` marker with its count and head hash, so verify can tell pruning from deletion.
     Unfinished runs are kept: they may still be live.
     """
-    if not db_path.is_file():
+    if not check_private_file(db_path, companions=SQLITE_COMPANIONS):
         raise AuditError(f"no audit database at {db_path} yet: run `outloop run` first")
     conn = _open_rw(db_path, busy_timeout)
     try:

@@ -13,6 +13,7 @@ import typer
 
 from outloop_cli.commands.output import console, wants_plain
 from outloop_cli.errors import OutloopError
+from outloop_cli.private_fs import PinnedFile
 from outloop_cli.units import format_bytes, format_duration, parse_duration
 
 if TYPE_CHECKING:
@@ -52,22 +53,33 @@ def run(
         raise OutloopError(f"--timeout: {exc}") from None
     if network is not None and network not in NETWORK_CHOICES:
         raise OutloopError(f"--network: expected one of {', '.join(NETWORK_CHOICES)}, got {network!r}")
-    report = execute(RunRequest(command=command, workspace=workspace, profiles_dir=profiles,
-                                timeout=timeout_seconds, network=network, environ=dict(os.environ)))
-    if summary_json is not None:
-        _write_json(summary_json, report.to_json())
+    # Its directory is pinned before the child starts, so the loop cannot redirect the write (see PinnedFile).
+    summary_file = _summary_file(summary_json) if summary_json is not None else None
+    try:
+        report = execute(RunRequest(command=command, workspace=workspace, profiles_dir=profiles,
+                                    timeout=timeout_seconds, network=network, environ=dict(os.environ)))
+        if summary_file is not None:
+            _write_json(summary_file, report.to_json())
+    finally:
+        if summary_file is not None:
+            summary_file.close()
     if not quiet:
         render_summary(report)
     raise typer.Exit(report.exit_code)
 
 
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _summary_file(path: Path) -> PinnedFile:
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        return PinnedFile(path)
     except OSError as exc:
         raise OutloopError(f"--summary-json: cannot write {path}: {exc.strerror}") from None
+
+
+def _write_json(target: PinnedFile, data: object) -> None:
+    try:
+        target.write((json.dumps(data, indent=2) + "\n").encode())
+    except OSError as exc:
+        raise OutloopError(f"--summary-json: cannot write {target.path}: {exc.strerror}") from None
 
 
 def render_summary(report: RunReport) -> None:
