@@ -8,9 +8,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import select
 import sqlite3
 import subprocess
-import time
 
 import pytest
 from conftest import OUTLOOP, World
@@ -187,6 +188,18 @@ def test_verify_json_names_the_first_bad_seq(audited_world: AuditedWorld) -> Non
 # -- audit tail ----------------------------------------------------------------------------------------
 
 
+def _first_line(process: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """Read byte by byte past the pipe's buffer, so `communicate` still gets everything after the line."""
+    assert process.stdout is not None
+    fd, line = process.stdout.fileno(), b""
+    while not line.endswith(b"\n"):
+        assert select.select([fd], [], [], timeout)[0], "no output"
+        byte = os.read(fd, 1)
+        assert byte, "output ended"
+        line += byte
+    return line.decode()
+
+
 def test_tail_follows_a_live_run_from_another_process_and_ends_with_it(world: World) -> None:
     go = world.work / "go"
     process = start_run(world, f"""
@@ -203,11 +216,13 @@ def test_tail_follows_a_live_run_from_another_process_and_ends_with_it(world: Wo
     run_id = world.last_run_id()
     tails = [subprocess.Popen([OUTLOOP, "audit", "tail", *args], env=world.env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args in ([run_id], ["--json"])]
-    time.sleep(1.0)
-    assert all(tail.poll() is None for tail in tails), "tail must keep following a live run"
+    # Each tail has printed the first request, and is still following the run, which goes on only after that.
+    first_lines = [_first_line(tail) for tail in tails]
+    assert all(first_lines) and all(tail.poll() is None for tail in tails), "tail must keep following a live run"
     go.touch()
     assert process.wait(timeout=30) == 0
-    by_id, newest = (tail.communicate(timeout=15) for tail in tails)
+    by_id, newest = ((line + out, err) for line, (out, err) in
+                     zip(first_lines, (tail.communicate(timeout=15) for tail in tails), strict=True))
     assert [tail.returncode for tail in tails] == [0, 0]
     assert "/crm/v3/objects/contacts/2/merge" in by_id[0] and "run_end" in by_id[0]
     assert f"run {run_id} ended: exit 0" in by_id[1]

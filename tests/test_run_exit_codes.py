@@ -195,10 +195,12 @@ def test_double_forked_strays_are_killed_and_counted_at_exit(world: World) -> No
         if os.fork() == 0:
             if os.fork() == 0:
                 os.setsid()
-                open({str(pid_file)!r}, "w").write(str(os.getpid()))
+                open({str(pid_file)!r} + ".part", "w").write(str(os.getpid()))
+                os.rename({str(pid_file)!r} + ".part", {str(pid_file)!r})
                 time.sleep(300)
             os._exit(0)
-        time.sleep(0.5)
+        while not os.path.exists({str(pid_file)!r}):  # the stray is running on its own before the loop exits
+            time.sleep(0.01)
     """, flags=["--summary-json", str(world.work / "summary.json")])
     assert result.code == 0
     stray = int(pid_file.read_text())
