@@ -214,8 +214,13 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         url = f"http://127.0.0.1:{plan.relay_port or listeners.loopback_port}"
         env.update(_base_url_env(profile, url, run_token))
 
-    audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
-                         command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid()})
+    try:
+        audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
+                             command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid()})
+    except OutloopError:  # an unusable audit.db: nothing may run, and nothing of this run stays behind
+        listeners.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     broker: Broker | None = None
     try:
         supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)

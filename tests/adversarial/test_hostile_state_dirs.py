@@ -100,6 +100,8 @@ def test_a_link_at_outloop_home_its_run_dir_or_audit_db_is_refused_never_followe
         assert result.code == 125 and "is a symbolic link" in result.err, result
         assert "Traceback" not in result.err
     assert fingerprint(elsewhere) == before
+    if planted == "audit.db":
+        assert list((home / "run").iterdir()) == []  # the refused run left nothing behind
 
 
 def test_control_a_naive_opener_follows_a_planted_link(world: World) -> None:
