@@ -181,7 +181,14 @@ def _check_file(dir_fd: int, path: Path, *, create: bool) -> bool:
     if info.st_uid != os.geteuid():
         raise _not_yours(path, info.st_uid, "a file")
     if stat.S_IMODE(info.st_mode) & 0o077:
-        os.chmod(path.name, _PRIVATE_FILE_MODE, dir_fd=dir_fd, follow_symlinks=False)
+        try:
+            fd = os.open(path.name, _CHECK_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            raise _failed(path, "open", exc) from None
+        try:
+            os.fchmod(fd, _PRIVATE_FILE_MODE)
+        finally:
+            os.close(fd)
     return True
 
 

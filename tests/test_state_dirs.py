@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from outloop_cli.audit.store import SQLITE_COMPANIONS
 from outloop_cli.errors import StateDirError
 from outloop_cli.home import ensure_private_dir, load_config, save_config
+from outloop_cli.private_fs import check_private_file
 
 
 def mode(path: Path) -> int:
@@ -63,6 +65,15 @@ def test_a_world_writable_ancestor_must_be_sticky(tmp_path: Path) -> None:
         ensure_private_dir(shared / "outloop")
     shared.chmod(0o1777)  # like /tmp
     ensure_private_dir(shared / "outloop")
+
+
+def test_a_loose_mode_on_our_own_audit_database_is_tightened(tmp_path: Path) -> None:
+    home = tmp_path / "outloop"
+    home.mkdir(mode=0o700)
+    (home / "audit.db").write_bytes(b"")
+    (home / "audit.db").chmod(0o644)
+    assert check_private_file(home / "audit.db", companions=SQLITE_COMPANIONS)
+    assert mode(home / "audit.db") == 0o600
 
 
 def test_config_is_written_by_rename_replacing_a_planted_link_and_read_only_without_one(tmp_path: Path) -> None:
