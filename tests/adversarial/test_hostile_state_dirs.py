@@ -68,7 +68,7 @@ def test_a_non_root_operator_gets_125_and_a_message_not_a_traceback(world: World
     before = fingerprint(hostile)
     env = {**operator.env, "OUTLOOP_HOME": str(hostile)}
     outloop = str(operator.bin_dir / "outloop")
-    for command in (HOME_COMMANDS[1], HOME_COMMANDS[2], ["audit"], ["workspace", "use", "acme", "--profiles", "{P}"]):
+    for command in HOME_COMMANDS:
         argv = [outloop, *[arg.replace("{P}", str(world.profiles)) for arg in command]]
         result = subprocess.run(operator.command(argv), env=env, cwd=world.work, capture_output=True, text=True,
                                 timeout=60)
