@@ -253,3 +253,10 @@ def test_quiet_run_prints_nothing_of_its_own(world: World, network: str) -> None
     """, flags=["-q", "--network", network])
     assert (quick.code, quick.out, quick.err) == (0, "", "")
     assert (busy.code, busy.out, busy.err) == (0, "200\n", "")
+
+
+def test_a_summary_json_in_a_missing_directory_fails_before_the_loop_runs(world: World) -> None:
+    marker = world.work / "ran"
+    result = world.run("touch", str(marker), flags=["--summary-json", str(world.work / "missing" / "summary.json")])
+    assert result.code == 125 and "--summary-json: cannot write" in result.err, result.err
+    assert not marker.exists()
