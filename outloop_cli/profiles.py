@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -25,13 +26,20 @@ WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 CREDENTIAL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENV_GLOB = re.compile(r"[A-Za-z0-9_*?]+")
-NETWORK_MODES = ("auto", "broker-only", "open")
 DEFAULT_ENV_KEEP = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TERM")
 DEFAULT_INJECT_HEADER = "Authorization"
 DEFAULT_INJECT_VALUE = "Bearer {secret}"
 CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
 
-NetworkMode = Literal["auto", "broker-only", "open"]
+
+
+class NetworkMode(StrEnum):
+    """`[run] network` and `outloop run --network`, spelt once (see DESIGN: Sandbox layers)."""
+
+    AUTO = "auto"
+    BROKER_ONLY = "broker-only"
+    OPEN = "open"
+
 
 TOP_KEYS = ("version", "description", "extends", "run", "credentials")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
@@ -80,7 +88,7 @@ class RunSettings:
     max_requests: int | None = None
     env_keep: tuple[str, ...] = DEFAULT_ENV_KEEP
     env_set: Mapping[str, str] = field(default_factory=dict)
-    network: NetworkMode = "auto"
+    network: NetworkMode = NetworkMode.AUTO
     hide: tuple[str, ...] = ()
     memory: int | None = None
     processes: int | None = None
@@ -283,9 +291,10 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
         updates["env_set"] = {**base.env_set, **env_set}
     if "network" in table:
         network = reader.string("run.network", table["network"])
-        if network not in NETWORK_MODES:
-            raise reader.fail("run.network", f"expected one of {', '.join(NETWORK_MODES)}, got {network!r}")
-        updates["network"] = network
+        try:
+            updates["network"] = NetworkMode(network)
+        except ValueError:
+            raise reader.fail("run.network", f"expected one of {', '.join(NetworkMode)}, got {network!r}") from None
     if "hide" in table:
         updates["hide"] = (*base.hide, *reader.string_list("run.hide", table["hide"]))
     return RunSettings(**{**base.__dict__, **updates})

@@ -29,7 +29,7 @@ from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
-from outloop_cli.profiles import Profile, check_workspace_name, load_profile
+from outloop_cli.profiles import NetworkMode, Profile, check_workspace_name, load_profile
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
 
@@ -43,7 +43,7 @@ class RunRequest:
     workspace: str | None = None
     profiles_dir: Path | None = None
     timeout: float | None = None
-    network: str | None = None
+    network: NetworkMode | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
 
 

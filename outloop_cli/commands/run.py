@@ -11,15 +11,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from outloop_cli.commands.options import duration
 from outloop_cli.commands.output import console, wants_plain
 from outloop_cli.errors import OutloopError
 from outloop_cli.private_fs import PinnedFile
-from outloop_cli.units import format_bytes, format_duration, parse_duration
+from outloop_cli.profiles import NetworkMode
+from outloop_cli.units import format_bytes, format_duration
 
 if TYPE_CHECKING:
     from outloop_cli.runner import RunReport
 
-NETWORK_CHOICES = ("auto", "broker-only", "open")
 
 
 def register(app: typer.Typer) -> None:
@@ -37,27 +38,21 @@ def run(
                                                  metavar="-- COMMAND [ARGS]...")],
     workspace: Annotated[str | None, typer.Option("-w", "--workspace", help="Workspace profile to use.")] = None,
     profiles: Annotated[Path | None, typer.Option("--profiles", help="Directory of profiles.")] = None,
-    timeout: Annotated[str | None, typer.Option("--timeout", metavar="DUR",
-                                                help="Kill the run after DUR (e.g. 30m).")] = None,
-    network: Annotated[str | None, typer.Option("--network", metavar="auto|broker-only|open",
-                                                help="Network isolation for this run.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", metavar="DUR", parser=duration,
+                                                  help="Kill the run after DUR (e.g. 30m).")] = None,
+    network: Annotated[NetworkMode | None, typer.Option("--network", metavar="|".join(NetworkMode),
+                                                        help="Network isolation for this run.")] = None,
     summary_json: Annotated[Path | None, typer.Option("--summary-json", help="Also write the summary as JSON.")]
     = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary on stderr.")] = False,
 ) -> None:
     from outloop_cli.runner import RunRequest, execute  # the broker stack loads only for `run`
 
-    try:
-        timeout_seconds = parse_duration(timeout) if timeout is not None else None
-    except ValueError as exc:
-        raise OutloopError(f"--timeout: {exc}") from None
-    if network is not None and network not in NETWORK_CHOICES:
-        raise OutloopError(f"--network: expected one of {', '.join(NETWORK_CHOICES)}, got {network!r}")
     # Its directory is pinned before the child starts, so the loop cannot redirect the write (see PinnedFile).
     summary_file = _summary_file(summary_json) if summary_json is not None else None
     try:
         report = execute(RunRequest(command=command, workspace=workspace, profiles_dir=profiles,
-                                    timeout=timeout_seconds, network=network, environ=dict(os.environ)))
+                                    timeout=timeout, network=network, environ=dict(os.environ)))
         if summary_file is not None:
             _write_json(summary_file, report.to_json())
     finally:
