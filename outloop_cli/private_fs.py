@@ -129,7 +129,7 @@ def _check_dir(fd: int, shown: Path, *, private: bool) -> None:
                 f"{shown} is writable by every user (mode {mode:04o}), so anything in it may have been planted; "
                 f"check what it holds, then `chmod 700 {shown}`, or remove it")
         if mode & 0o077:
-            os.fchmod(fd, _PRIVATE_DIR_MODE)  # ours and nobody else could write it: tightening is enough
+            os.fchmod(fd, _PRIVATE_DIR_MODE)  # ours, and at most the operator's own group could write it
     else:
         if info.st_uid not in (0, os.geteuid()):
             raise StateDirError(f"{shown} is owned by {describe_user(info.st_uid)}, who could swap what outloop "
