@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from outloop_cli.audit.store import SQLITE_COMPANIONS
+from outloop_cli.audit.schema import SQLITE_COMPANIONS
 from outloop_cli.errors import StateDirError
 from outloop_cli.home import ensure_private_dir, load_config, save_config
 from outloop_cli.private_fs import check_private_file

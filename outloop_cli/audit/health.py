@@ -11,7 +11,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from outloop_cli.audit.store import SCHEMA_VERSION, SQLITE_COMPANIONS
+from outloop_cli.audit.schema import SCHEMA_VERSION, SQLITE_COMPANIONS
 from outloop_cli.errors import StateDirError
 from outloop_cli.private_fs import check_private_file
 
