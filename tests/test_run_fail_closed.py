@@ -37,7 +37,8 @@ def test_a_locked_audit_database_stops_requests_before_they_reach_the_upstream(w
     script.write_text(textwrap.dedent(LOOP))
     process = subprocess.Popen([OUTLOOP, "run", "-w", "acme", "--profiles", str(world.profiles), "--", PYTHON,
                                 str(script), str(ready), str(go), str(answer)],
-                               env=world.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               env=world.env, cwd=world.work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     try:
         wait_for(ready.exists)
         locker = sqlite3.connect(world.audit_db, isolation_level=None)
