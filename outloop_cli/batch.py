@@ -45,7 +45,7 @@ class BatchRequest:
     command: Sequence[str]
     batch_id: str
     profiles_dir: Path | None = None
-    timeout: str | None = None  # passed on as written, so each run parses and reports it itself
+    timeout: float | None = None  # seconds, already checked by `run`
     network: str | None = None
     parallel: int = 1
     fail_fast: bool = False
@@ -201,7 +201,7 @@ class _Scheduler:
         if request.profiles_dir is not None:
             argv += ["--profiles", str(request.profiles_dir)]
         if request.timeout is not None:
-            argv += ["--timeout", request.timeout]
+            argv += ["--timeout", f"{request.timeout!r}s"]
         if request.network is not None:
             argv += ["--network", request.network]
         argv += ["--", *request.command]

@@ -229,6 +229,5 @@ def _audit(path: Path) -> list[Finding]:
     summary = f"{path}: {', '.join(facts)}, {health.size_bytes} bytes"
     findings = [Finding("audit", "database", "info" if health.problems else "ok", summary)]
     findings += [Finding("audit", "database", "problem", problem, fix) for problem, fix in health.problems]
-    findings += [Finding("audit", "database", "warn", warning, fix) for warning, fix in health.warnings]
     findings += [Finding("audit", "database", "info", note) for note in health.notes]
     return findings

@@ -56,3 +56,8 @@ class UsageError(OutloopError):
     """Bad input to an operator command (unknown workspace, malformed duration...)."""
 
     exit_code = EXIT_USAGE
+
+
+class StateDirError(OutloopError):
+    """outloop's own state (OUTLOOP_HOME, run dirs, audit.db, config.toml) is unsafe to use: another user's, a
+    link, or open to everyone. Refused for every command, never adopted."""

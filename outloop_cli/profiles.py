@@ -38,14 +38,12 @@ FilesystemMode = Literal["workspace", "host"]
 
 
 class NetworkMode(StrEnum):
-    """`run.network` and `--network`: spelt once, here."""
+    """`[run] network` and `outloop run --network`, spelt once (see DESIGN: Sandbox layers)."""
 
-    auto = "auto"
-    broker_only = "broker-only"
-    open = "open"
+    AUTO = "auto"
+    BROKER_ONLY = "broker-only"
+    OPEN = "open"
 
-
-NETWORK_MODES = tuple(mode.value for mode in NetworkMode)
 
 TOP_KEYS = ("version", "description", "extends", "abstract", "run", "notify", "credentials", "tags", "guard")
 NOTIFY_KEYS = ("on", "command")
@@ -101,7 +99,7 @@ class RunSettings:
     max_requests: int | None = None
     env_keep: tuple[str, ...] = DEFAULT_ENV_KEEP
     env_set: Mapping[str, str] = field(default_factory=dict)
-    network: NetworkMode = NetworkMode.auto
+    network: NetworkMode = NetworkMode.AUTO
     hide: tuple[str, ...] = ()
     memory: int | None = None
     processes: int | None = None
@@ -409,9 +407,10 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
         updates["env_set"] = {**base.env_set, **env_set}
     if "network" in table:
         network = reader.string("run.network", table["network"])
-        if network not in NETWORK_MODES:
-            raise reader.fail("run.network", f"expected one of {', '.join(NETWORK_MODES)}, got {network!r}")
-        updates["network"] = NetworkMode(network)
+        try:
+            updates["network"] = NetworkMode(network)
+        except ValueError:
+            raise reader.fail("run.network", f"expected one of {', '.join(NetworkMode)}, got {network!r}") from None
     if "hide" in table:
         updates["hide"] = (*base.hide, *reader.string_list("run.hide", table["hide"]))
     if "filesystem" in table:

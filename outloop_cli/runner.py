@@ -34,7 +34,7 @@ from outloop_cli.home import audit_db_path, current_workspace, ensure_private_di
 from outloop_cli.linux import set_not_dumpable
 from outloop_cli.notify import run_hook, triggers
 from outloop_cli.policy_snapshot import policy_hash
-from outloop_cli.profiles import Profile, check_workspace_name, load_profile, refuse_abstract
+from outloop_cli.profiles import NetworkMode, Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.sandbox.plan import Target
 from outloop_cli.sandbox.plan import plan as sandbox_plan
 from outloop_cli.secrets import Secret, resolve_secret
@@ -51,7 +51,7 @@ class RunRequest:
     workspace: str | None = None
     profiles_dir: Path | None = None
     timeout: float | None = None
-    network: str | None = None
+    network: NetworkMode | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     batch_id: str | None = None  # set by `run --each`: recorded with the run so `audit --batch` finds it
     notify: bool = True  # False for `doctor -w`'s no-op run: a pre-flight check must not page anyone
@@ -254,8 +254,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
                    ) -> RunReport:
     run_id = new_run_id()
     started_at = time.time()
-    ensure_private_dir(home)
-    run_dir = ensure_private_dir(home / "run" / run_id)
+    run_dir = ensure_private_dir(home / "run" / run_id, within=home)
     socket_path = run_dir / "broker.sock"
     if len(os.fsencode(socket_path)) > MAX_UNIX_SOCKET_PATH:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -287,9 +286,14 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         env.update(_base_url_env(profile, url, run_token))
 
     policy = policy_hash(profile)
-    audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
-                         command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid(),
-                                                                "policy_hash": policy, **_batch_detail(request)})
+    try:
+        audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
+                             command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid(),
+                                                                    "policy_hash": policy, **_batch_detail(request)})
+    except OutloopError:  # an unusable audit.db: nothing may run, and nothing of this run stays behind
+        listeners.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     broker: Broker | None = None
     try:
         supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)

@@ -57,7 +57,8 @@ def fill_audit(world: World) -> AuditedWorld:
     """20 concurrent real runs (acme and globex alternating), then one run killed with SIGKILL mid-way."""
     loops = [(ACME_LOOP, "acme") if n % 2 == 0 else (GLOBEX_LOOP, "globex") for n in range(CONCURRENT_RUNS)]
     with ThreadPoolExecutor(CONCURRENT_RUNS) as pool:
-        results = list(pool.map(lambda loop: world.run_loop(loop[0], workspace=loop[1]), loops))
+        # Twenty runs at once on a busy two-core machine take about a minute: give each more than that.
+        results = list(pool.map(lambda loop: world.run_loop(loop[0], workspace=loop[1], timeout=180), loops))
     assert [r.code for r in results] == [0 if n % 2 == 0 else 3 for n in range(CONCURRENT_RUNS)], results
     finished = run_ids(world.audit_db)
     killed = kill_a_run(world)

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from operator_support import wait_for
 
 from outloop_cli.client import Outloop, OutloopClientError, main
 
@@ -38,6 +39,7 @@ class Seen:
     targets: list[str] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     connections: int = 0
+    closed: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -117,6 +119,12 @@ class FakeBroker(http.server.BaseHTTPRequestHandler):
 class Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
     block_on_close = False
+    seen: Seen
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        with self.seen.lock:
+            self.seen.closed += 1
 
 
 @pytest.fixture
@@ -126,6 +134,7 @@ def broker() -> Iterator[tuple[str, Seen]]:
     path = str(Path(tmp) / "broker.sock")
     seen = Seen()
     server = Server(path, type("Handler", (FakeBroker,), {"seen": seen}))
+    server.seen = seen
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield path, seen
@@ -237,7 +246,7 @@ def test_reconnects_when_the_broker_closed_an_idle_connection(
     client: Outloop, broker: tuple[str, Seen]
 ) -> None:
     assert client.request("crm", "GET", "/then-drop").status == 200
-    time.sleep(0.05)
+    wait_for(lambda: broker[1].closed == 1)  # the broker has hung up before the next request goes out
     assert client.request("crm", "POST", "/next", body=b"x").status == 200
     assert broker[1].targets == ["/v1/http/crm/then-drop", "/v1/http/crm/next"]
     assert broker[1].connections == 2

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Final, TypeAlias
 
 from outloop_cli.audit.chain import EVENT_COLUMNS, error_sql, is_error, now
-from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, describe_error, open_rw
+from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, SQLITE_COMPANIONS, describe_error, open_rw
 from outloop_cli.errors import AuditError
+from outloop_cli.private_fs import check_private_file
 
 _RUN_COLUMNS: Final = (
     "run_id", "workspace", "command", "started_at", "ended_at", "exit_code", "duration", "allowed",
@@ -352,7 +353,7 @@ def prune(db_path: Path, *, older_than: float, busy_timeout: float = DEFAULT_BUS
     Each leaves a ``pruned`` marker with its count and head hash, so verify can tell pruning from deletion.
     Unfinished runs are kept: they may still be live.
     """
-    if not db_path.is_file():
+    if not check_private_file(db_path, companions=SQLITE_COMPANIONS):
         raise AuditError(f"no audit database at {db_path} yet: run `outloop run` first")
     conn = open_rw(db_path, busy_timeout)
     try:

@@ -9,11 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from outloop_cli.commands.options import duration
 from outloop_cli.commands.output import console, render_to_stderr
 from outloop_cli.errors import OutloopError
+from outloop_cli.private_fs import PinnedFile
 from outloop_cli.profiles import NetworkMode
 from outloop_cli.timespec import format_time
-from outloop_cli.units import format_bytes, format_duration, parse_duration, plural
+from outloop_cli.units import format_bytes, format_duration, plural
 
 if TYPE_CHECKING:
     from outloop_cli.audit.tally import Counts
@@ -37,9 +39,9 @@ def run(
                                                  metavar="-- COMMAND [ARGS]...")],
     workspace: Annotated[str | None, typer.Option("-w", "--workspace", help="Workspace profile to use.")] = None,
     profiles: Annotated[Path | None, typer.Option("--profiles", help="Directory of profiles.")] = None,
-    timeout: Annotated[str | None, typer.Option("--timeout", metavar="DUR",
-                                                help="Kill the run after DUR (e.g. 30m).")] = None,
-    network: Annotated[NetworkMode | None, typer.Option("--network", metavar="auto|broker-only|open",
+    timeout: Annotated[float | None, typer.Option("--timeout", metavar="DUR", parser=duration,
+                                                  help="Kill the run after DUR (e.g. 30m).")] = None,
+    network: Annotated[NetworkMode | None, typer.Option("--network", metavar="|".join(NetworkMode),
                                                         help="Network isolation for this run.")] = None,
     summary_json: Annotated[Path | None, typer.Option("--summary-json", help="Also write the summary as JSON.")]
     = None,
@@ -55,43 +57,50 @@ def run(
 ) -> None:
     from outloop_cli.runner import RunRequest, execute, new_run_id  # the broker stack loads only for `run`
 
+    # Its directory is pinned before the child starts, so the loop cannot redirect the write (see PinnedFile).
+    summary_file = _summary_file(summary_json) if summary_json is not None else None
     try:
-        timeout_seconds = parse_duration(timeout) if timeout is not None else None
-    except ValueError as exc:
-        raise OutloopError(f"--timeout: {exc}") from None
-    if each is not None:
-        if workspace is not None:
-            raise OutloopError("-w and --each exclude each other: name one workspace, or several with --each")
-        from outloop_cli.batch import BatchRequest, run_batch
-        from outloop_cli.commands.batch_summary import render_batch_summary
+        if each is not None:
+            if workspace is not None:
+                raise OutloopError("-w and --each exclude each other: name one workspace, or several with --each")
+            from outloop_cli.batch import BatchRequest, run_batch
+            from outloop_cli.commands.batch_summary import render_batch_summary
 
-        batch = run_batch(BatchRequest(selection=each, command=command, batch_id=new_run_id(), profiles_dir=profiles,
-                                       timeout=timeout, network=network, parallel=parallel, fail_fast=fail_fast,
-                                       environ=dict(os.environ)))
-        if summary_json is not None:
-            _write_json(summary_json, batch.to_json())
-        if not quiet:
-            render_batch_summary(batch)
-        raise typer.Exit(batch.exit_code)
-    if parallel != 1 or fail_fast:
-        raise OutloopError("--parallel and --fail-fast go with --each")
-    report = execute(RunRequest(command=command, workspace=workspace, profiles_dir=profiles,
-                                timeout=timeout_seconds, network=network, environ=dict(os.environ),
-                                batch_id=batch_id))
-    if summary_json is not None:
-        _write_json(summary_json, report.to_json())
+            batch = run_batch(BatchRequest(selection=each, command=command, batch_id=new_run_id(),
+                                           profiles_dir=profiles, timeout=timeout, network=network,
+                                           parallel=parallel, fail_fast=fail_fast, environ=dict(os.environ)))
+            if summary_file is not None:
+                _write_json(summary_file, batch.to_json())
+            if not quiet:
+                render_batch_summary(batch)
+            raise typer.Exit(batch.exit_code)
+        if parallel != 1 or fail_fast:
+            raise OutloopError("--parallel and --fail-fast go with --each")
+        report = execute(RunRequest(command=command, workspace=workspace, profiles_dir=profiles,
+                                    timeout=timeout, network=network, environ=dict(os.environ),
+                                    batch_id=batch_id))
+        if summary_file is not None:
+            _write_json(summary_file, report.to_json())
+    finally:
+        if summary_file is not None:
+            summary_file.close()
     if not quiet:
         render_summary(report)
     raise typer.Exit(report.exit_code)
 
 
-def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+def _summary_file(path: Path) -> PinnedFile:
     try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
+        return PinnedFile(path)
     except OSError as exc:
         raise OutloopError(f"--summary-json: cannot write {path}: {exc.strerror}") from None
+
+
+def _write_json(target: PinnedFile, data: object) -> None:
+    try:
+        target.write((json.dumps(data, indent=2) + "\n").encode())
+    except OSError as exc:
+        raise OutloopError(f"--summary-json: cannot write {target.path}: {exc.strerror}") from None
 
 
 def render_summary(report: RunReport) -> None:
