@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Literal
 
 from outloop_cli import __version__, sandbox
+from outloop_cli.audit.central_config import load_central
 from outloop_cli.audit.health import inspect_database
-from outloop_cli.errors import ProfileError
+from outloop_cli.audit.shipped import backlog_readonly
+from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
 from outloop_cli.profiles import Profile, available_workspaces, load_profile
 from outloop_cli.secrets import KEYRING_WAYS_OUT, source_kind
@@ -62,6 +64,7 @@ def diagnose(environ: Mapping[str, str]) -> Report:
                                    for p in profiles for c in p.credentials.values())),
         *_sandbox(needs_isolation=[p.workspace for p in profiles if p.run.network == "broker-only"]),
         *_audit(audit_db_path(home)),
+        *_central(home, environ),
     ]
     return Report(findings, versions())
 
@@ -191,4 +194,36 @@ def _audit(path: Path) -> list[Finding]:
     findings += [Finding("audit", "database", "problem", problem, fix) for problem, fix in health.problems]
     findings += [Finding("audit", "database", "warn", warning, fix) for warning, fix in health.warnings]
     findings += [Finding("audit", "database", "info", note) for note in health.notes]
+    return findings
+
+
+def _central(home: Path, environ: Mapping[str, str]) -> list[Finding]:
+    """Whether this host ships its audit, what still waits to be shipped, and whether the server answers."""
+    try:
+        config = load_central(home)
+    except OutloopError as exc:
+        return [Finding("central audit", "config", "warn", exc.message, "fix [audit.central] in config.toml")]
+    if config is None:
+        return [Finding("central audit", "config", "info", "not configured (no [audit.central] in config.toml)")]
+    from outloop_cli.audit.central_db import connect, describe, require_schema
+
+    target = f"{describe(config)} as host {config.host_id}"
+    findings = [Finding("central audit", "config", "ok", target)]
+    waiting = backlog_readonly(audit_db_path(home))
+    if waiting is not None:
+        status: Status = "ok" if waiting.events == 0 else "info"
+        findings.append(Finding("central audit", "backlog", status,
+                                f"{waiting.events} events in {waiting.runs} runs not shipped yet",
+                                None if waiting.events == 0 else "`outloop audit ship` (or a timer running it)"))
+    try:
+        conn = connect(config, environ, timeout=config.timeout)
+        try:
+            require_schema(conn, config)
+        finally:
+            conn.close()
+    except OutloopError as exc:
+        findings.append(Finding("central audit", "server", "warn", exc.message,
+                                "runs are unaffected; start the server or fix the dsn, then `outloop audit ship`"))
+    else:
+        findings.append(Finding("central audit", "server", "ok", "reachable, schema current"))
     return findings

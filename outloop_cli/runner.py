@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from outloop_cli.broker.server import Broker
 
 from outloop_cli import sandbox
+from outloop_cli.audit.central_config import load_central
 from outloop_cli.audit.store import RunLog
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.broker.stats import BrokerStats
@@ -78,6 +79,7 @@ class RunReport:
     audit_events: int
     audit_db: str
     limit_hit: str | None = None
+    central: str | None = None  # what shipping to the central audit database did, when it is configured
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,7 +127,7 @@ def execute(request: RunRequest) -> RunReport:
             resolved_secrets[name] = resolve_secret(cred.owner, name, cred.secret_ref, environ)
         refuse_secrets_in_child_env(profile, environ, resolved_secrets)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
-            return loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network))
+            report = loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network))
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
@@ -134,6 +136,27 @@ def execute(request: RunRequest) -> RunReport:
     finally:
         for secret in resolved_secrets.values():
             secret.wipe()
+    report.central = ship_after_run(home, environ, report.run_id)
+    return report
+
+
+def ship_after_run(home: Path, environ: Mapping[str, str], run_id: str) -> str | None:
+    """Try to ship this run's events to the central audit database, if one is configured; never raises.
+
+    The local audit already holds the run, so a slow or absent server costs at most the configured timeout
+    and a line in the summary, never the exit code; `outloop audit ship` sends what this could not.
+    """
+    try:
+        config = load_central(home)
+        if config is None:
+            return None
+        from outloop_cli.audit.central_ship import ship  # psycopg loads only where shipping is configured
+
+        result = ship(audit_db_path(home), config, environ, run_id=run_id, timeout=config.timeout)
+    except Exception as exc:  # whatever went wrong, the run itself succeeded or failed on its own terms
+        reason = exc.message if isinstance(exc, OutloopError) else f"unexpected {type(exc).__name__}"
+        return f"not shipped: {reason}; `outloop audit ship` sends it later"
+    return f"shipped {result.sent} events to {result.target} as {result.host_id}"
 
 
 MIN_SUBSTRING_SECRET = 8  # shorter secrets are only refused as a whole value: "abc" may well occur in a PATH

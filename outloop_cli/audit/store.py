@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 if TYPE_CHECKING:
     import asyncio  # imported lazily at run time: `outloop audit` and `--help` never need an event loop
 
+from outloop_cli.audit.shipped import SHIPPED_SCHEMA
 from outloop_cli.errors import AuditError
 
 GENESIS_HASH: Final = "0" * 64
@@ -115,8 +116,13 @@ def _migrate_to_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _migrate_to_shipped(conn: sqlite3.Connection) -> None:
+    for statement in SHIPPED_SCHEMA:
+        conn.execute(statement)
+
+
 # Applied in order from the database's user_version; append, never edit, once released.
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migrate_to_v1,)
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migrate_to_v1, _migrate_to_shipped)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -31,7 +31,7 @@ from outloop_cli.audit.verify import RunVerdict, verify_all, verify_run
 from outloop_cli.commands.options import JsonFlag, WorkspaceFilter
 from outloop_cli.commands.output import print_json
 from outloop_cli.commands.tables import note, print_pairs, print_table
-from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError
+from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, UsageError
 from outloop_cli.home import audit_db_path, outloop_home
 from outloop_cli.timespec import format_time, parse_age, parse_point
 from outloop_cli.units import format_bytes, format_duration
@@ -48,6 +48,11 @@ SinceOption = Annotated[str | None, typer.Option("--since", help="From this time
 UntilOption = Annotated[str | None, typer.Option("--until", help="Before this time, same forms as --since.",
                                                  show_default=False)]
 COMMAND_WIDTH = 40
+CentralFlag = Annotated[bool, typer.Option("--central", help="Query the central audit database ([audit.central] "
+                                           "in config.toml) across every host that ships to it.")]
+RUN_HEADER = ("started", "run", "workspace", "command", "exit", "duration", "allowed", "denied", "sandbox", "state")
+EVENT_HEADER = ("time", "run", "workspace", "kind", "credential", "request", "decision", "reason", "status", "ms",
+                "in", "out")
 
 
 class Decision(StrEnum):
@@ -61,6 +66,9 @@ class ExportFormat(StrEnum):
 
 
 def register(root: typer.Typer) -> None:
+    from outloop_cli.commands import audit_central
+
+    audit_central.register(app)
     root.add_typer(app, name="audit")
 
 
@@ -82,10 +90,16 @@ def recent(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N runs.")] = 20,
     workspace: WorkspaceFilter = None,
+    central: CentralFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Recent runs, newest first; NO END marks a run that never recorded its end (killed, e.g. kill -9)."""
     if ctx.invoked_subcommand is not None:
+        return
+    if central:
+        from outloop_cli.commands import audit_central
+
+        audit_central.recent(limit, workspace, as_json)
         return
     with _database() as conn:
         runs = recent_runs(conn, limit=limit, workspace=workspace)
@@ -95,8 +109,7 @@ def recent(
     if not runs:
         note("no runs recorded yet" + (f" for workspace {workspace!r}" if workspace else ""))
         return
-    print_table(("started", "run", "workspace", "command", "exit", "duration", "allowed", "denied", "sandbox",
-                 "state"), [_run_cells(item) for item in runs], right=("exit", "duration", "allowed", "denied"),
+    print_table(RUN_HEADER, [_run_cells(item) for item in runs], right=("exit", "duration", "allowed", "denied"),
                 whole=("started", "run"))
 
 
@@ -118,9 +131,15 @@ def _run_cells(item: RunView) -> list[object]:
 def show(
     run_id: RunIdArgument,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most the first N events.")] = 200,
+    central: CentralFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """One run: its header, then its events in order."""
+    if central:
+        from outloop_cli.commands import audit_central
+
+        audit_central.show(run_id, limit, as_json)
+        return
     with _database() as conn:
         item = find_run(conn, run_id)
         events = run_events(conn, item.run.run_id, limit=limit)
@@ -128,6 +147,10 @@ def show(
     if as_json:
         print_json({**run_record(item), "events_total": total, "events": [event_record(e) for e in events]})
         return
+    _print_run(item, events, total)
+
+
+def _print_run(item: RunView, events: list[EventRow], total: int) -> None:
     run = item.run
     print_pairs([
         ("run", run.run_id), ("workspace", run.workspace), ("command", " ".join(run.command)),
@@ -183,11 +206,19 @@ def events(
     since: SinceOption = None,
     until: UntilOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N events.")] = 50,
+    central: CentralFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Requests across runs, newest first, filtered by workspace, credential, decision and time."""
     since_ts = parse_point("--since", since) if since else None
     until_ts = parse_point("--until", until) if until else None
+    if central:
+        from outloop_cli.commands import audit_central
+
+        audit_central.events({"workspace": workspace, "credential": credential,
+                              "decision": decision.value if decision else None, "since": since_ts,
+                              "until": until_ts}, limit, as_json)
+        return
     with _database() as conn:
         found = query_events(conn, workspace=workspace, credential=credential,
                              decision=decision.value if decision else None, since=since_ts, until=until_ts,
@@ -198,8 +229,7 @@ def events(
     if not found:
         note("no matching requests")
         return
-    print_table(("time", "run", "workspace", "kind", "credential", "request", "decision", "reason", "status",
-                 "ms", "in", "out"), [_event_cells(e, with_run=True) for e in found],
+    print_table(EVENT_HEADER, [_event_cells(e, with_run=True) for e in found],
                 right=("status", "ms", "in", "out"), whole=("time", "run"))
     if len(found) == limit:
         note(f"showing the newest {limit}; narrow with --since/--until or raise --limit")
@@ -255,29 +285,47 @@ def _tail_line(event: EventRow) -> str:
 def verify(
     run_id: Annotated[str | None, typer.Argument(help="Check only this run (or `last`); default: every run.",
                                                  show_default=False)] = None,
+    central: Annotated[bool, typer.Option("--central", help="Recompute every chain shipped to the central audit "
+                                                           "database, from every host.")] = False,
+    against_central: Annotated[bool, typer.Option("--against-central", help="Compare this host's chains with "
+                                                  "what it shipped: catches a local rewrite after shipping.")]
+    = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Recompute hash chains and counts; exit 1 naming the run and first broken event on any break.
 
     A run with no end record whose chain holds is reported as incomplete (killed or still live), not broken.
     """
+    if central or against_central:
+        from outloop_cli.commands import audit_central
+
+        if run_id is not None or (central and against_central):
+            raise UsageError("--central and --against-central check every run: give one of them, and no RUN_ID")
+        audit_central.verify(against=against_central, as_json=as_json)
+        return
     with _database() as conn:
         verdicts = [verify_run(conn, find_run(conn, run_id).run.run_id)] if run_id else verify_all(conn)
-    counts = {status: sum(1 for v in verdicts if v.status == status)
-              for status in ("ok", "incomplete", "pruned", "broken")}
-    if as_json:
-        print_json({"runs": len(verdicts), **counts, "verdicts": [_verdict_record(v) for v in verdicts]})
-    else:
-        for verdict in verdicts:
-            if verdict.status != "ok":
-                sys.stdout.write(_verdict_line(verdict) + "\n")
-        sys.stdout.write(f"{len(verdicts)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n")
-    if counts["broken"]:
+    if not _report_verdicts([(None, verdict) for verdict in verdicts], as_json):
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
 
 
-def _verdict_record(verdict: RunVerdict) -> dict[str, object]:
-    return {"run_id": verdict.run_id, "status": verdict.status, "events": verdict.events,
+def _report_verdicts(verdicts: list[tuple[str | None, RunVerdict]], as_json: bool) -> bool:
+    """Print the verdicts (each with its host, for central checks); False when any is broken."""
+    counts = {status: sum(1 for _, v in verdicts if v.status == status)
+              for status in ("ok", "incomplete", "pruned", "broken")}
+    if as_json:
+        print_json({"runs": len(verdicts), **counts, "verdicts": [_verdict_record(v, host) for host, v in verdicts]})
+    else:
+        for host, verdict in verdicts:
+            if verdict.status != "ok":
+                sys.stdout.write(("" if host is None else f"host {host}: ") + _verdict_line(verdict) + "\n")
+        sys.stdout.write(f"{len(verdicts)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n")
+    return not counts["broken"]
+
+
+def _verdict_record(verdict: RunVerdict, host: str | None = None) -> dict[str, object]:
+    record: dict[str, object] = {} if host is None else {"host_id": host}
+    return {**record, "run_id": verdict.run_id, "status": verdict.status, "events": verdict.events,
             "first_bad_seq": verdict.first_bad_seq, "problem": verdict.problem}
 
 

@@ -110,6 +110,8 @@ def _plain_summary(report: RunReport) -> str:
     lines.append(f"  child      peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                  f"strays killed {report.strays_killed}")
     lines.append(f"  audit      {report.audit_events} events, head {report.audit_head[:16]}  ({report.audit_db})")
+    if report.central:
+        lines.append(f"  central    {report.central}")
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +135,8 @@ def _rich_summary(report: RunReport) -> None:
         for k, v in report.sandbox.items())
     header.add_row("sandbox", sandbox_text)
     header.add_row("audit", f"{report.audit_events} events, head {report.audit_head[:16]}")
+    if report.central:
+        header.add_row("central", Text(report.central))
     table = Table(title=None, expand=False)
     for column in ("credential", "allowed", "denied", "rate-limited", "in", "out"):
         table.add_column(column, justify="left" if column == "credential" else "right")

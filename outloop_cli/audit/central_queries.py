@@ -1,0 +1,162 @@
+"""The operator's queries across every host that ships: the same runs, events and filters, plus the host.
+
+Runs are read from their run_start and run_end events (the central copy keeps no mutable runs table); a run
+whose end has not arrived is shown with what its shipped events say so far.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Final
+
+import psycopg
+
+from outloop_cli.audit.central_db import CHAIN_COLUMNS, EVENTS
+from outloop_cli.audit.queries import RunState, RunView, sandbox_status
+from outloop_cli.audit.store import EventRow, RunRow, loads_lenient
+from outloop_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class HostRun:
+    host_id: str
+    view: RunView
+
+
+@dataclass(frozen=True)
+class HostEvent:
+    host_id: str
+    event: EventRow
+
+
+_EVENT_SELECT: Final = f"SELECT host_id, {', '.join(CHAIN_COLUMNS)} FROM {EVENTS}"
+# For a run without its run_end, the counts the runs row would hold, from its shipped events.
+_RUN_SELECT: Final = f"""
+    SELECT s.host_id, s.run_id, s.workspace, s.ts, s.detail, e.ts, e.detail, e.hash,
+        CASE WHEN e.run_id IS NULL THEN (
+            SELECT json_build_array(count(*) FILTER (WHERE x.kind = 'request' AND x.decision = 'allow'),
+                                    count(*) FILTER (WHERE x.kind = 'request' AND x.decision = 'deny'),
+                                    count(*), (array_agg(x.hash ORDER BY x.seq DESC))[1])::text
+            FROM {EVENTS} x WHERE x.host_id = s.host_id AND x.run_id = s.run_id) END
+    FROM {EVENTS} s
+    LEFT JOIN {EVENTS} e ON e.host_id = s.host_id AND e.run_id = s.run_id AND e.kind = 'run_end'
+    WHERE s.kind = 'run_start'"""
+
+
+def recent_runs(central: psycopg.Connection, *, limit: int, workspace: str | None = None) -> list[HostRun]:
+    """Newest first across hosts; a run without a shipped end is "no end" (live or killed on its host)."""
+    where, params = (" AND s.workspace = %s", [workspace]) if workspace is not None else ("", [])
+    rows = central.execute(f"{_RUN_SELECT}{where} ORDER BY s.ts DESC, s.run_id DESC LIMIT %s",
+                           [*params, limit]).fetchall()
+    return [_host_run(row) for row in rows]
+
+
+def find_run(central: psycopg.Connection, run_id: str) -> HostRun:
+    """RUN_ID (or a unique prefix of it), or "last"; one id shipped by two hosts is refused as ambiguous."""
+    if run_id == "last":
+        runs = recent_runs(central, limit=1)
+        if not runs:
+            raise UsageError("the central audit database holds no runs yet")
+        return runs[0]
+    pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    rows = central.execute(f"{_RUN_SELECT} AND s.run_id LIKE %s ORDER BY s.run_id LIMIT 3", [pattern]).fetchall()
+    if not rows:
+        raise UsageError(f"no run {run_id!r} in the central audit database; `outloop audit --central` lists them")
+    if len(rows) > 1:
+        found = ", ".join(f"{row[1]} on {row[0]}" for row in rows)
+        raise UsageError(f"{run_id!r} matches more than one central run ({found}); give more of the id")
+    return _host_run(rows[0])
+
+
+def run_events(central: psycopg.Connection, run: HostRun, *, limit: int) -> tuple[list[EventRow], int]:
+    """A run's first ``limit`` events in chain order, and how many it has."""
+    key = (run.host_id, run.view.run.run_id)
+    rows = central.execute(f"{_EVENT_SELECT} WHERE host_id = %s AND run_id = %s ORDER BY seq LIMIT %s",
+                           [*key, limit]).fetchall()
+    total = central.execute(f"SELECT count(*) FROM {EVENTS} WHERE host_id = %s AND run_id = %s", key).fetchone()
+    return [_event(row[1:]) for row in rows], int(total[0]) if total else 0
+
+
+def query_events(
+    central: psycopg.Connection,
+    *,
+    workspace: str | None = None,
+    credential: str | None = None,
+    decision: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    kinds: Collection[str] | None = ("request",),
+    limit: int = 100,
+) -> list[HostEvent]:
+    """Events across hosts and runs, newest first; the same filters as the local `audit events`."""
+    clauses: list[str] = []
+    params: list[object] = []
+    for column, value in (("workspace", workspace), ("credential", credential), ("decision", decision)):
+        if value is not None:
+            clauses.append(f"{column} = %s")
+            params.append(value)
+    if since is not None:
+        clauses.append("ts >= %s")
+        params.append(since)
+    if until is not None:
+        clauses.append("ts < %s")
+        params.append(until)
+    if kinds is not None:
+        clauses.append("kind = ANY(%s)")
+        params.append(list(kinds))
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = central.execute(f"{_EVENT_SELECT}{where} ORDER BY ts DESC, host_id, run_id, seq DESC LIMIT %s",
+                           [*params, limit]).fetchall()
+    return [HostEvent(str(row[0]), _event(row[1:])) for row in rows]
+
+
+def _event(row: tuple[object, ...]) -> EventRow:
+    values = dict(zip(CHAIN_COLUMNS, row, strict=True))
+    if values["detail"] is not None:
+        detail = loads_lenient(values["detail"])
+        values["detail"] = detail if isinstance(detail, dict) else {"unparsable": values["detail"]}
+    return EventRow(**values)  # type: ignore[arg-type]
+
+
+def _dict(text: object) -> dict[str, object]:
+    value = loads_lenient(text)
+    return value if isinstance(value, dict) else {}
+
+
+def _host_run(row: tuple[object, ...]) -> HostRun:
+    host_id, run_id, workspace, started_at, start_text, ended_at, end_text, end_hash, partial = row
+    start, end = _dict(start_text), _dict(end_text)
+    command = start.get("command")
+    counts = loads_lenient(partial) if partial is not None else None
+    if isinstance(counts, list) and len(counts) == 4:
+        allowed, denied, event_count, head = counts
+    else:
+        allowed, denied, event_count, head = (end.get("allowed"), end.get("denied"),
+                                              _plus_one(end.get("event_count")), end_hash)
+    run = RunRow(
+        run_id=str(run_id), workspace=str(workspace),
+        command=[str(part) for part in command] if isinstance(command, list) else [str(command)],
+        started_at=float(started_at),  # type: ignore[arg-type]
+        ended_at=float(ended_at) if isinstance(ended_at, float) else None,
+        exit_code=_int(end.get("exit_code")), duration=_float(end.get("duration")),
+        allowed=_int(allowed) or 0, denied=_int(denied) or 0, sandbox=start.get("sandbox"),
+        head_hash=str(head) if head is not None else None, event_count=_int(event_count),
+        incomplete=ended_at is None,
+    )
+    state: RunState = "ended" if ended_at is not None else "no end"
+    return HostRun(str(host_id), RunView(run, state, sandbox_status(run.sandbox)))
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _plus_one(value: object) -> int | None:
+    # run_end records the count before itself; the runs row (and so the listing) counts run_end too.
+    count = _int(value)
+    return None if count is None else count + 1
