@@ -6,6 +6,7 @@ The command layer only parses flags into a RunRequest and prints the RunReport; 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import secrets as token_source
@@ -248,6 +249,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         except OutloopError as error:
             audit.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
             raise _StartFailed(error) from None
+        _preload_shipping(home)
         child = asyncio.ensure_future(supervisor.wait())
         # The broker stack (aiohttp: ~150 ms to import) loads only once a connection is waiting, so a loop that
         # never calls it, or exits at once, never pays for it; connections wait in the backlog meanwhile.
@@ -355,6 +357,24 @@ def _import_in_background(module: str) -> asyncio.Future[ModuleType]:
 
     threading.Thread(target=work, name="outloop-broker-import", daemon=True).start()
     return future
+
+
+def _preload_shipping(home: Path) -> None:
+    """Import the shipper (psycopg: a few hundred ms on a busy machine) while the child runs, not after it.
+
+    Only once the child is started, so the start-up cost is the same with or without a central database.
+    """
+    try:
+        if load_central(home) is None:
+            return
+    except OutloopError:
+        return  # reported by ship_after_run, which never fails the run either
+
+    def work() -> None:
+        with contextlib.suppress(Exception):  # ship_after_run imports it again and reports what fails
+            importlib.import_module("outloop_cli.audit.central_ship")
+
+    threading.Thread(target=work, name="outloop-ship-import", daemon=True).start()
 
 
 def _settle(future: asyncio.Future[ModuleType], value: ModuleType | None, error: BaseException | None) -> None:

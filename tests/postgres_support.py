@@ -7,6 +7,7 @@ missing server is a failure, never a skip: `.ci/run` installs the `postgresql` p
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import secrets
@@ -30,14 +31,9 @@ if TYPE_CHECKING:
 SUPERUSER = "outloop"
 
 
-def server_bin() -> Path:
+def server_bin() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[4]))
-    if not found:
-        message = "PostgreSQL server binaries are missing (/usr/lib/postgresql/*/bin): install the postgresql package"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return Path(found[-1]).parent
+    return Path(found[-1]).parent if found else None
 
 
 def free_port() -> int:
@@ -86,9 +82,9 @@ class Postgres:
         return name
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    bin_dir = server_bin()
+@contextlib.contextmanager
+def running_postgres(bin_dir: Path) -> Iterator[Postgres]:
+    """initdb and start a cluster in a fresh temporary directory, as the unprivileged user; remove it after."""
     account = unprivileged_user()
     base = Path(tempfile.mkdtemp(prefix="ol-pg-", dir="/tmp"))
     os.chown(base, account.pw_uid, account.pw_gid)
@@ -97,18 +93,29 @@ def postgres() -> Iterator[Postgres]:
     pwfile.write_text(password + "\n")
     os.chown(pwfile, account.pw_uid, account.pw_gid)
     server = Postgres(bin_dir, base / "data", free_port(), password, account.pw_name)
-    subprocess.run(server._as_user(str(bin_dir / "initdb"), "-D", str(server.data), "-U", SUPERUSER,
-                                   "--pwfile", str(pwfile), "--auth", "scram-sha-256", "-E", "UTF8",
-                                   "--no-sync", "--locale", "C"), check=True, capture_output=True)
-    pwfile.unlink()
-    server.start()
     try:
+        subprocess.run(server._as_user(str(bin_dir / "initdb"), "-D", str(server.data), "-U", SUPERUSER,
+                                       "--pwfile", str(pwfile), "--auth", "scram-sha-256", "-E", "UTF8",
+                                       "--no-sync", "--locale", "C"), check=True, capture_output=True)
+        pwfile.unlink()
+        server.start()
         yield server
     finally:
         subprocess.run(server._as_user(str(bin_dir / "pg_ctl"), "-D", str(server.data), "-m", "immediate",
                                        "stop"), capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    bin_dir = server_bin()
+    if bin_dir is None:
+        message = "PostgreSQL server binaries are missing (/usr/lib/postgresql/*/bin): install the postgresql package"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    with running_postgres(bin_dir) as server:
+        yield server
 
 PASSWORD_VARIABLE = "CENTRAL_PG_PASSWORD"
 
