@@ -36,6 +36,7 @@ from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
 
 MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+_PRELOAD_DELAY = 0.5  # seconds after the child started before the shipper is imported (see _preload_shipping)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -360,9 +361,10 @@ def _import_in_background(module: str) -> asyncio.Future[ModuleType]:
 
 
 def _preload_shipping(home: Path) -> None:
-    """Import the shipper (psycopg: a few hundred ms on a busy machine) while the child runs, not after it.
+    """Import the shipper (psycopg: a few hundred ms of CPU) while the child runs, not after it.
 
-    Only once the child is started, so the start-up cost is the same with or without a central database.
+    Not before the child has had a moment to start: on a small machine the import would compete with the
+    child's own start-up for the CPU, and start-up must cost the same with or without a central database.
     """
     try:
         if load_central(home) is None:
@@ -374,7 +376,9 @@ def _preload_shipping(home: Path) -> None:
         with contextlib.suppress(Exception):  # ship_after_run imports it again and reports what fails
             importlib.import_module("outloop_cli.audit.central_ship")
 
-    threading.Thread(target=work, name="outloop-ship-import", daemon=True).start()
+    timer = threading.Timer(_PRELOAD_DELAY, work)
+    timer.name, timer.daemon = "outloop-ship-import", True
+    timer.start()
 
 
 def _settle(future: asyncio.Future[ModuleType], value: ModuleType | None, error: BaseException | None) -> None:
