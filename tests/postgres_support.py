@@ -120,10 +120,11 @@ def postgres() -> Iterator[Postgres]:
 PASSWORD_VARIABLE = "CENTRAL_PG_PASSWORD"
 
 
-def ship_to(world: World, server: Postgres, dbname: str, host_id: str) -> None:
-    """Point a World's outloop at the central database as host ``host_id``; the password comes from env:."""
+def ship_to(world: World, server: Postgres, dbname: str, host_id: str, password: str | None = None) -> None:
+    """Point a World's outloop at the central database as host ``host_id``; the password comes from env: unless
+    ``password`` names another source (the caller puts the password there)."""
     world.extra_env[PASSWORD_VARIABLE] = server.password
     (world.home / "config.toml").write_text(
-        f'[audit.central]\ndsn = "{server.dsn(dbname)}"\npassword = "env:{PASSWORD_VARIABLE}"\n'
+        f'[audit.central]\ndsn = "{server.dsn(dbname)}"\npassword = "{password or "env:" + PASSWORD_VARIABLE}"\n'
         f'host_id = "{host_id}"\n'
     )

@@ -120,8 +120,13 @@ def test_an_edited_or_deleted_central_row_is_detected(postgres: Postgres,  # noq
     assert verdict["run_id"] == other and "deleted centrally" in verdict["problem"]
 
 
-def test_a_consistent_local_rewrite_after_shipping_is_caught_against_central(fleet: tuple[World, World, str]) -> None:
-    cron, _, _ = fleet
+def test_a_consistent_local_rewrite_after_shipping_is_caught_against_central(
+        postgres: Postgres, fleet: tuple[World, World, str]) -> None:  # noqa: F811
+    cron, _, dbname = fleet
+    password_file = cron.work / "central-password"
+    password_file.write_text(postgres.password + "\n")
+    password_file.chmod(0o600)
+    ship_to(cron, postgres, dbname, "cron-01", password=f"file:{password_file}")
     assert cron.run_loop(ACME_LOOP).code == 0
     assert cron.run_loop(ACME_LOOP).code == 0
     rewritten = cron.last_run_id()
@@ -183,6 +188,8 @@ def test_a_shipper_killed_mid_batch_leaves_no_gap_and_no_duplicate(postgres: Pos
 def test_with_the_server_down_runs_are_unaffected_and_ship_catches_up(postgres: Postgres,  # noqa: F811
                                                                       fleet: tuple[World, World, str]) -> None:
     cron, _, dbname = fleet
+    cron.set_keyring("audit.central", "password", postgres.password)
+    ship_to(cron, postgres, dbname, "cron-01", password="keyring")
     postgres.stop()
     try:
         down = [cron.run_loop(ACME_LOOP), cron.run_loop(GLOBEX_LOOP, workspace="globex")]
