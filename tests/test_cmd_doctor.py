@@ -8,6 +8,7 @@ import sqlite3
 from conftest import World
 from operator_support import AuditedWorld
 
+from outloop_cli.audit.store import SCHEMA_VERSION
 from outloop_cli.sandbox import capabilities
 
 
@@ -19,7 +20,7 @@ def test_doctor_reports_keyring_sandbox_paths_audit_and_versions(audited_world: 
         assert f"\n{section}\n" in f"\n{result.out}"
     assert "PlaintextKeyring: set/get/delete of a test entry works" in result.out
     assert f"OUTLOOP_HOME: {world.home}" in result.out
-    assert "schema 1, journal wal, quick_check ok, 21 runs" in result.out
+    assert f"schema {SCHEMA_VERSION}, journal wal, quick_check ok, 21 runs" in result.out
     report = json.loads(world.outloop("doctor", "--json").out)
     assert report["usable"] is True and report["problems"] == 0
     assert {"outloop", "python", "aiohttp", "keyring", "kernel"} <= set(report["versions"])

@@ -215,9 +215,9 @@ def events(
     if central:
         from outloop_cli.commands import audit_central
 
-        audit_central.events({"workspace": workspace, "credential": credential,
-                              "decision": decision.value if decision else None, "since": since_ts,
-                              "until": until_ts}, limit, as_json)
+        audit_central.events(workspace=workspace, credential=credential,
+                             decision=decision.value if decision else None, since=since_ts, until=until_ts,
+                             limit=limit, as_json=as_json)
         return
     with _database() as conn:
         found = query_events(conn, workspace=workspace, credential=credential,

@@ -131,13 +131,15 @@ def recent(limit: int, workspace: str | None, as_json: bool) -> None:
                 right=("exit", "duration", "allowed", "denied"), whole=("started", "run"))
 
 
-def events(filters: dict[str, object], limit: int, as_json: bool) -> None:
+def events(*, workspace: str | None, credential: str | None, decision: str | None, since: float | None,
+           until: float | None, limit: int, as_json: bool) -> None:
     from outloop_cli.audit.central_queries import query_events
     from outloop_cli.audit.queries import event_record
     from outloop_cli.commands.audit import EVENT_HEADER, _event_cells
 
     with _central() as (_, conn):
-        found = query_events(conn, limit=limit, **filters)  # type: ignore[arg-type]
+        found = query_events(conn, workspace=workspace, credential=credential, decision=decision, since=since,
+                             until=until, limit=limit)
     if as_json:
         print_json([{"host_id": item.host_id, **event_record(item.event)} for item in found])
         return
