@@ -65,22 +65,25 @@ def startup(server: Postgres, dbname: str, base: Path, repeat: int) -> None:
     homes = {"no [audit.central]": home_for(base, None, dbname, "off"),
              "server down": home_for(base, server, dbname, "down", port=down_port),
              "server up": home_for(base, server, dbname, "up")}
-    child = [PYTHON, "-S", "-c", "import time; print(time.time())"]
+    child = [PYTHON, "-S", "-c", "import sys, time; print(time.time()); time.sleep(float(sys.argv[1]))"]
     start: dict[str, list[float]] = {name: [] for name in homes}
-    total: dict[str, list[float]] = {name: [] for name in homes}
+    total: dict[str, dict[str, list[float]]] = {length: {name: [] for name in homes} for length in ("0", "1")}
     for _ in range(repeat):
-        for name, home in homes.items():
-            launched = time.time()
-            done = subprocess.run([OUTLOOP, "run", "-w", "bench", "-q", "--", *child], env=env_for(home, server),
-                                  capture_output=True, text=True, check=True)
-            ended = time.time()
-            start[name].append(float(done.stdout.strip()) - launched)
-            total[name].append(ended - launched)
-    print(f"\n1. `outloop run` start-up (launch to the child's first line) and whole run, median of {repeat}")
-    print(f"{'configuration':<22} {'start-up':>10} {'whole run':>10}")
+        for length in total:
+            for name, home in homes.items():
+                launched = time.time()
+                done = subprocess.run([OUTLOOP, "run", "-w", "bench", "-q", "--", *child, length],
+                                      env=env_for(home, server), capture_output=True, text=True, check=True)
+                ended = time.time()
+                start[name].append(float(done.stdout.strip()) - launched)
+                total[length][name].append(ended - launched - float(length))
+    print(f"\n1. `outloop run` start-up (launch to the child's first line, {2 * repeat} runs) and the whole run less "
+          f"the child's own sleep ({repeat} runs each), medians")
+    print(f"{'configuration':<22} {'start-up':>10} {'run, 0 s child':>15} {'run, 1 s child':>15}")
     for name in homes:
         print(f"{name:<22} {statistics.median(start[name]) * 1000:>8.1f}ms "
-              f"{statistics.median(total[name]) * 1000:>8.1f}ms")
+              f"{statistics.median(total['0'][name]) * 1000:>13.1f}ms "
+              f"{statistics.median(total['1'][name]) * 1000:>13.1f}ms")
 
 
 def fresh_central(server: Postgres, base: Path) -> str:

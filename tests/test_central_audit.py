@@ -172,7 +172,8 @@ def test_a_shipper_killed_mid_batch_leaves_no_gap_and_no_duplicate(postgres: Pos
         shipper = subprocess.Popen([OUTLOOP, "audit", "ship", "--batch-size", "100"], env=cron.env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                       "AND application_name = 'outloop cron-01'").fetchone()[0] == 1)
+                                       "AND application_name = 'outloop cron-01'").fetchone()[0] == 1,
+                 timeout=120)
         os.kill(shipper.pid, signal.SIGKILL)
         shipper.wait()
         assert len(central_rows(postgres, dbname, "cron-01")) == 300  # three whole batches, nothing of the 4th
