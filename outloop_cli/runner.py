@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 from outloop_cli import sandbox
 from outloop_cli.audit.central_config import load_central
+from outloop_cli.audit.central_probe import unreachable
 from outloop_cli.audit.store import RunLog
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.broker.stats import BrokerStats
@@ -152,6 +153,10 @@ def ship_after_run(home: Path, environ: Mapping[str, str], run_id: str) -> str |
         config = load_central(home)
         if config is None:
             return None
+        down = unreachable(config.dsn, config.timeout)
+        if down is not None:
+            return f"not shipped: cannot connect to the central audit database ({down}); `outloop audit ship` " \
+                   "sends it later"
         from outloop_cli.audit.central_ship import ship  # psycopg loads only where shipping is configured
 
         result = ship(audit_db_path(home), config, environ, run_id=run_id, timeout=config.timeout)
