@@ -372,12 +372,15 @@ def _preload_shipping(home: Path) -> None:
     child's own start-up for the CPU, and start-up must cost the same with or without a central database.
     """
     try:
-        if load_central(home) is None:
-            return
+        config = load_central(home)
     except OutloopError:
         return  # reported by ship_after_run, which never fails the run either
+    if config is None:
+        return
 
     def work() -> None:
+        if unreachable(config.dsn, config.timeout) is not None:
+            return  # a server that is down costs the run nothing; ship_after_run says so
         with contextlib.suppress(Exception):  # ship_after_run imports it again and reports what fails
             importlib.import_module("outloop_cli.audit.central_ship")
 
