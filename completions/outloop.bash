@@ -5,7 +5,8 @@
 _outloop_subcommands() {  # subcommands of a command path
     case "$1" in
         '') echo 'audit doctor run secret workspace' ;;
-        'audit') echo 'events export prune show tail verify' ;;
+        'audit') echo 'central events export prune ship show tail verify' ;;
+        'audit central') echo 'init' ;;
         'secret') echo 'check list rm set' ;;
         'workspace') echo 'check current list new show use' ;;
     esac
@@ -14,13 +15,16 @@ _outloop_subcommands() {  # subcommands of a command path
 _outloop_options() {  # options of a command path
     case "$1" in
         '') echo '--version --help' ;;
-        'audit') echo '--limit -n --workspace -w --json --help' ;;
-        'audit events') echo '--workspace -w --credential -c --decision --since --until --limit -n --json --help' ;;
+        'audit') echo '--limit -n --workspace -w --central --json --help' ;;
+        'audit central') echo '--help' ;;
+        'audit central init') echo '--json --help' ;;
+        'audit events') echo '--workspace -w --credential -c --decision --since --until --limit -n --central --json --help' ;;
         'audit export') echo '--format --since --until --workspace -w --help' ;;
         'audit prune') echo '--older-than --json --help' ;;
-        'audit show') echo '--limit -n --json --help' ;;
+        'audit ship') echo '--batch-size --json --help' ;;
+        'audit show') echo '--limit -n --central --json --help' ;;
         'audit tail') echo '--lines -n --workspace -w --json --help' ;;
-        'audit verify') echo '--json --help' ;;
+        'audit verify') echo '--central --against-central --json --help' ;;
         'doctor') echo '--json --help' ;;
         'run') echo '-w --workspace --profiles --timeout --network --summary-json --quiet -q --help' ;;
         'secret') echo '--help' ;;
@@ -59,6 +63,7 @@ _outloop_value_kind() {  # what the value of PATH|OPTION is
         'audit export|--workspace') echo 'workspaces' ;;
         'audit export|-w') echo 'workspaces' ;;
         'audit prune|--older-than') echo 'none' ;;
+        'audit ship|--batch-size') echo 'none' ;;
         'audit show|--limit') echo 'none' ;;
         'audit show|-n') echo 'none' ;;
         'audit tail|--lines') echo 'none' ;;
