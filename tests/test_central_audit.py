@@ -84,6 +84,8 @@ def test_two_hosts_ship_and_the_central_queries_show_both(postgres: Postgres,  #
 
     verified = cron.outloop("audit", "verify", "--central", "--json")
     assert verified.code == 0 and json.loads(verified.out)["ok"] == 3, verified.combined
+    again = ci.outloop("audit", "central", "init")
+    assert again.code == 0 and "is current (version 1)" in again.out  # safe to repeat, from any host
     for host in (cron, ci):
         against = host.outloop("audit", "verify", "--against-central")
         assert against.code == 0, against.combined

@@ -9,7 +9,7 @@ what already arrived. No gap, no duplicate.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -62,7 +62,6 @@ def ship(
     run_id: str | None = None,
     batch_size: int = DEFAULT_BATCH,
     timeout: float | None = None,
-    on_batch: Callable[[int], None] = lambda sent: None,
 ) -> ShipResult:
     """Ship every unshipped event (or only ``run_id``'s); raises CentralError, with the backlog untouched, when
     the server cannot be reached or refuses."""
@@ -80,7 +79,6 @@ def ship(
                 mark(writer, reached)
                 sent += len(rows)
                 batches += 1
-                on_batch(sent)
         except psycopg.Error as exc:
             raise CentralError(f"shipping to {describe(config)} failed: {first_line(exc)}") from None
         finally:
