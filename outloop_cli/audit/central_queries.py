@@ -14,7 +14,7 @@ import psycopg
 
 from outloop_cli.audit.central_db import CHAIN_COLUMNS, EVENTS
 from outloop_cli.audit.queries import RunState, RunView, sandbox_status
-from outloop_cli.audit.store import EventRow, RunRow, loads_lenient
+from outloop_cli.audit.store import EventRow, RunRow, _event_filter, loads_lenient
 from outloop_cli.errors import UsageError
 
 
@@ -90,22 +90,9 @@ def query_events(
     limit: int = 100,
 ) -> list[HostEvent]:
     """Events across hosts and runs, newest first; the same filters as the local `audit events`."""
-    clauses: list[str] = []
-    params: list[object] = []
-    for column, value in (("workspace", workspace), ("credential", credential), ("decision", decision)):
-        if value is not None:
-            clauses.append(f"{column} = %s")
-            params.append(value)
-    if since is not None:
-        clauses.append("ts >= %s")
-        params.append(since)
-    if until is not None:
-        clauses.append("ts < %s")
-        params.append(until)
-    if kinds is not None:
-        clauses.append("kind = ANY(%s)")
-        params.append(list(kinds))
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    # The local WHERE clause, so both copies filter alike; it holds column names and placeholders only.
+    clause, params = _event_filter(workspace, credential, decision, since, until, kinds)
+    where = " " + clause.replace("?", "%s") if clause else ""
     rows = central.execute(f"{_EVENT_SELECT}{where} ORDER BY ts DESC, host_id, run_id, seq DESC LIMIT %s",
                            [*params, limit]).fetchall()
     return [HostEvent(str(row[0]), _event(row[1:])) for row in rows]
