@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import OUTLOOP, World, make_world
 from operator_support import ACME_LOOP, GLOBEX_LOOP, rewrite_consistently, wait_for
 from postgres_support import PASSWORD_VARIABLE, Postgres, postgres, ship_to  # noqa: F401  (postgres: the session fixture)
 
+from outloop_cli.audit.central_probe import unreachable
 from outloop_cli.audit.store import EVENT_COLUMNS
 
 CHAIN = ", ".join((*EVENT_COLUMNS, "hash"))
@@ -226,3 +229,21 @@ def test_a_bad_central_table_is_named_with_its_key(world: World, table: str, mes
 def test_ship_without_a_central_table_says_how_to_add_one(world: World) -> None:
     result = world.outloop("audit", "ship")
     assert result.code == 2 and "[audit.central]" in result.err
+
+
+def test_the_end_of_run_probe_only_answers_certainly_down_or_try(tmp_path: Path) -> None:
+    """A server that is plainly down is named without psycopg; anything the probe cannot read is left to libpq."""
+    socket_dir = tmp_path / "sockets"
+    socket_dir.mkdir()
+    assert unreachable(f"host={socket_dir} port=5432 dbname=outloop", 1.0) == (
+        f"no server socket at {socket_dir}/.s.PGSQL.5432")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, not listening: a connection is refused
+        assert "Connection refused" in str(unreachable(f"postgresql://u@127.0.0.1:{port}/db", 1.0))
+        with socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen()
+            assert unreachable(f"postgresql://u@127.0.0.1:{listening.getsockname()[1]}/db", 1.0) is None
+    for unreadable in ("postgresql://u@a,b/db", "postgresql:///db", "service=audit", "postgresql://u@h/db?host=/x"):
+        assert unreachable(unreadable, 1.0) is None
