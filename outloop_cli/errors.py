@@ -13,7 +13,8 @@ EXIT_NOT_FOUND = 127
 # Operator commands (audit, workspace, secret, doctor) use these.
 EXIT_USAGE = 2
 EXIT_PROBLEMS_FOUND = 1
-EXIT_UNAVAILABLE = 3  # a server the command needs (the central audit database) cannot be reached or used
+EXIT_AMBIGUOUS = 3  # a shortened run id matches several runs: the message lists them
+EXIT_UNAVAILABLE = 4  # a server the command needs (the central audit database) cannot be reached or used
 
 
 class OutloopError(Exception):

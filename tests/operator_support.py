@@ -6,11 +6,16 @@ and tampering tests work on copies made with SQLite's backup API, which carries 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
 import sqlite3
+import struct
 import subprocess
+import termios
 import textwrap
 import time
 from collections.abc import Callable
@@ -20,7 +25,7 @@ from pathlib import Path
 
 from conftest import OUTLOOP, PYTHON, World
 
-from outloop_cli.audit.store import EVENT_COLUMNS, GENESIS_HASH, event_hash
+from outloop_cli.audit.chain import EVENT_COLUMNS, GENESIS_HASH, event_hash
 
 # Three allowed requests and two denied ones (a deny rule, and no matching rule), then exit 0.
 ACME_LOOP = """
@@ -156,3 +161,29 @@ def rewrite_consistently(db: Path, run_id: str) -> str:
     conn.commit()
     conn.close()
     return head
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_in_terminal(world: World, *args: str, columns: int, lines: int = 50) -> tuple[int, str]:
+    """`outloop ARGS` with stdout on a pseudo-terminal `columns` wide (what an operator's terminal shows), colour
+    codes stripped; returns the exit code and the screen text."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+    env = {key: value for key, value in world.env.items() if key != "NO_COLOR"}
+    env.update(COLUMNS=str(columns), LINES=str(lines), TERM="xterm-256color")
+    process = subprocess.Popen([OUTLOOP, *args], stdout=slave, stderr=subprocess.PIPE, env=env, cwd=world.work)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's last writer has gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    code = process.wait(timeout=30)
+    assert process.stderr is not None
+    process.stderr.close()
+    return code, ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")

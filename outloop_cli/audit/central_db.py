@@ -16,7 +16,7 @@ import psycopg
 from psycopg import conninfo
 
 from outloop_cli.audit.central_config import CentralConfig
-from outloop_cli.audit.store import EVENT_COLUMNS
+from outloop_cli.audit.chain import EVENT_COLUMNS
 from outloop_cli.errors import EXIT_UNAVAILABLE, OutloopError, UsageError
 
 if TYPE_CHECKING:
@@ -64,6 +64,8 @@ _EVENTS_V1: Final = (
     f"CREATE INDEX events_by_run ON {EVENTS} (run_id, seq)",
     f"CREATE INDEX run_starts ON {EVENTS} (ts, run_id) WHERE kind = 'run_start'",
     f"CREATE INDEX run_ends ON {EVENTS} (host_id, run_id) WHERE kind = 'run_end'",
+    # Each request joined to the response event that recorded its outcome, as the listings show them.
+    f"CREATE INDEX events_by_request ON {EVENTS} (host_id, run_id, request_seq) WHERE request_seq IS NOT NULL",
 )
 
 # Applied in order from outloop.schema_version; append, never edit, once released.

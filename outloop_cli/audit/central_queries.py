@@ -6,15 +6,15 @@ whose end has not arrived is shown with what its shipped events say so far.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Final
 
 import psycopg
 
 from outloop_cli.audit.central_db import CHAIN_COLUMNS, EVENTS
+from outloop_cli.audit.chain import error_sql
 from outloop_cli.audit.queries import RunState, RunView, sandbox_status
-from outloop_cli.audit.store import EventRow, RunRow, _event_filter, loads_lenient
+from outloop_cli.audit.store import EventRow, Exchange, RunRow, _event_filter, loads_lenient
 from outloop_cli.errors import UsageError
 
 
@@ -25,18 +25,25 @@ class HostRun:
 
 
 @dataclass(frozen=True)
-class HostEvent:
+class HostExchange:
     host_id: str
-    event: EventRow
+    exchange: Exchange
 
 
-_EVENT_SELECT: Final = f"SELECT host_id, {', '.join(CHAIN_COLUMNS)} FROM {EVENTS}"
+# A request with the response event that recorded its outcome, as the local listings join them (store.py).
+_EXCHANGE_SELECT: Final = (
+    f"SELECT q.host_id, {', '.join(f'q.{name}' for name in CHAIN_COLUMNS)}, "
+    f"{', '.join(f'r.{name}' for name in CHAIN_COLUMNS)} FROM {EVENTS} q LEFT JOIN {EVENTS} r "
+    "ON q.kind = 'request' AND r.host_id = q.host_id AND r.run_id = q.run_id AND r.request_seq = q.seq "
+    "AND r.kind = 'response'"
+)
 # For a run without its run_end, the counts the runs row would hold, from its shipped events.
 _RUN_SELECT: Final = f"""
     SELECT s.host_id, s.run_id, s.workspace, s.ts, s.detail, e.ts, e.detail, e.hash,
         CASE WHEN e.run_id IS NULL THEN (
             SELECT json_build_array(count(*) FILTER (WHERE x.kind = 'request' AND x.decision = 'allow'),
                                     count(*) FILTER (WHERE x.kind = 'request' AND x.decision = 'deny'),
+                                    count(*) FILTER (WHERE x.kind = 'response' AND {error_sql('x.')}),
                                     count(*), (array_agg(x.hash ORDER BY x.seq DESC))[1])::text
             FROM {EVENTS} x WHERE x.host_id = s.host_id AND x.run_id = s.run_id) END
     FROM {EVENTS} s
@@ -69,16 +76,18 @@ def find_run(central: psycopg.Connection, run_id: str) -> HostRun:
     return _host_run(rows[0])
 
 
-def run_events(central: psycopg.Connection, run: HostRun, *, limit: int) -> tuple[list[EventRow], int]:
-    """A run's first ``limit`` events in chain order, and how many it has."""
+def run_exchanges(central: psycopg.Connection, run: HostRun, *, limit: int) -> tuple[list[Exchange], int]:
+    """A run's first ``limit`` events in chain order, each request carrying its outcome, and how many it has."""
     key = (run.host_id, run.view.run.run_id)
-    rows = central.execute(f"{_EVENT_SELECT} WHERE host_id = %s AND run_id = %s ORDER BY seq LIMIT %s",
-                           [*key, limit]).fetchall()
+    rows = central.execute(
+        f"{_EXCHANGE_SELECT} WHERE q.host_id = %s AND q.run_id = %s AND NOT (q.kind = 'response' AND EXISTS "
+        f"(SELECT 1 FROM {EVENTS} p WHERE p.host_id = q.host_id AND p.run_id = q.run_id AND p.seq = q.request_seq "
+        "AND p.kind = 'request')) ORDER BY q.seq LIMIT %s", [*key, limit]).fetchall()
     total = central.execute(f"SELECT count(*) FROM {EVENTS} WHERE host_id = %s AND run_id = %s", key).fetchone()
-    return [_event(row[1:]) for row in rows], int(total[0]) if total else 0
+    return [_exchange(row[1:]) for row in rows], int(total[0]) if total else 0
 
 
-def query_events(
+def query_exchanges(
     central: psycopg.Connection,
     *,
     workspace: str | None = None,
@@ -86,16 +95,20 @@ def query_events(
     decision: str | None = None,
     since: float | None = None,
     until: float | None = None,
-    kinds: Collection[str] | None = ("request",),
     limit: int = 100,
-) -> list[HostEvent]:
-    """Events across hosts and runs, newest first; the same filters as the local `audit events`."""
-    # The local WHERE clause, so both copies filter alike; it holds column names and placeholders only.
-    clause, params = _event_filter(workspace, credential, decision, since, until, kinds)
-    where = " " + clause.replace("?", "%s") if clause else ""
-    rows = central.execute(f"{_EVENT_SELECT}{where} ORDER BY ts DESC, host_id, run_id, seq DESC LIMIT %s",
-                           [*params, limit]).fetchall()
-    return [HostEvent(str(row[0]), _event(row[1:])) for row in rows]
+) -> list[HostExchange]:
+    """Requests across hosts and runs with their outcomes, newest first; the local `audit events` filters."""
+    # The local conditions, so both copies filter alike; they hold column names and placeholders only.
+    clause, params = _event_filter(workspace, credential, decision, since, until, ("request",), table="q.")
+    rows = central.execute(f"{_EXCHANGE_SELECT} WHERE {clause.replace('?', '%s')} "
+                           "ORDER BY q.ts DESC, q.host_id, q.run_id, q.seq DESC LIMIT %s", [*params, limit]).fetchall()
+    return [HostExchange(str(row[0]), _exchange(row[1:])) for row in rows]
+
+
+def _exchange(row: tuple[object, ...]) -> Exchange:
+    width = len(CHAIN_COLUMNS)
+    response = row[width:]
+    return Exchange(_event(row[:width]), None if response[0] is None else _event(response))
 
 
 def _event(row: tuple[object, ...]) -> EventRow:
@@ -116,18 +129,18 @@ def _host_run(row: tuple[object, ...]) -> HostRun:
     start, end = _dict(start_text), _dict(end_text)
     command = start.get("command")
     counts = loads_lenient(partial) if partial is not None else None
-    if isinstance(counts, list) and len(counts) == 4:
-        allowed, denied, event_count, head = counts
+    if isinstance(counts, list) and len(counts) == 5:
+        allowed, denied, errors, event_count, head = counts
     else:
-        allowed, denied, event_count, head = (end.get("allowed"), end.get("denied"),
-                                              _plus_one(end.get("event_count")), end_hash)
+        allowed, denied, errors, event_count, head = (end.get("allowed"), end.get("denied"), end.get("errors"),
+                                                      _plus_one(end.get("event_count")), end_hash)
     run = RunRow(
         run_id=str(run_id), workspace=str(workspace),
         command=[str(part) for part in command] if isinstance(command, list) else [str(command)],
         started_at=float(started_at),  # type: ignore[arg-type]
         ended_at=float(ended_at) if isinstance(ended_at, float) else None,
         exit_code=_int(end.get("exit_code")), duration=_float(end.get("duration")),
-        allowed=_int(allowed) or 0, denied=_int(denied) or 0, sandbox=start.get("sandbox"),
+        allowed=_int(allowed) or 0, denied=_int(denied) or 0, errors=_int(errors) or 0, sandbox=start.get("sandbox"),
         head_hash=str(head) if head is not None else None, event_count=_int(event_count),
         incomplete=ended_at is None,
     )

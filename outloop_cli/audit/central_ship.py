@@ -26,8 +26,8 @@ from outloop_cli.audit.central_db import (
     first_line,
     require_schema,
 )
+from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, open_readonly
 from outloop_cli.audit.shipped import Backlog, Pending, backlog, mark, pending_runs
-from outloop_cli.audit.store import DEFAULT_BUSY_TIMEOUT, open_readonly
 
 DEFAULT_BATCH: Final = 5000
 _COLUMNS: Final = ("host_id", *CHAIN_COLUMNS)

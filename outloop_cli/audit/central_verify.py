@@ -17,8 +17,8 @@ import psycopg
 
 from outloop_cli.audit.central_config import CentralConfig
 from outloop_cli.audit.central_db import CHAIN_COLUMNS, EVENTS
+from outloop_cli.audit.schema import snapshot
 from outloop_cli.audit.shipped import shipped_counts
-from outloop_cli.audit.store import snapshot
 from outloop_cli.audit.verify import RunVerdict, verify_run, walk_chain
 
 _FETCH: Final = 10_000  # rows per round trip of the server-side cursor

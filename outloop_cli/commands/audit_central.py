@@ -17,7 +17,7 @@ import typer
 from outloop_cli.audit.central_config import CentralConfig, load_central
 from outloop_cli.commands.options import JsonFlag
 from outloop_cli.commands.output import print_json
-from outloop_cli.commands.tables import note, print_pairs, print_table
+from outloop_cli.commands.tables import note
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, UsageError
 from outloop_cli.home import audit_db_path, config_path, outloop_home
 
@@ -87,7 +87,7 @@ def ship_command(
 ) -> None:
     """Send every event not yet in the central audit database; safe to repeat, and to kill (for cron/timers).
 
-    Exit 3 when the server cannot be reached: the backlog stays in the local audit for the next try.
+    Exit 4 when the server cannot be reached: the backlog stays in the local audit for the next try.
     """
     from outloop_cli.audit.central_ship import local_backlog, ship
 
@@ -117,7 +117,7 @@ def ship_command(
 def recent(limit: int, workspace: str | None, as_json: bool) -> None:
     from outloop_cli.audit.central_queries import recent_runs
     from outloop_cli.audit.queries import run_record
-    from outloop_cli.commands.audit import RUN_HEADER, _run_cells
+    from outloop_cli.commands.audit import print_runs
 
     with _central() as (_, conn):
         runs = recent_runs(conn, limit=limit, workspace=workspace)
@@ -127,52 +127,50 @@ def recent(limit: int, workspace: str | None, as_json: bool) -> None:
     if not runs:
         note("no runs shipped yet" + (f" for workspace {workspace!r}" if workspace else ""))
         return
-    print_table(("host", *RUN_HEADER), [[item.host_id, *_run_cells(item.view)] for item in runs],
-                right=("exit", "duration", "allowed", "denied"), whole=("started", "run"))
+    # Whole ids: a prefix unique on one host may not be across the fleet.
+    print_runs([item.view for item in runs], {item.view.run.run_id: item.view.run.run_id for item in runs},
+               hosts=[item.host_id for item in runs])
 
 
 def events(*, workspace: str | None, credential: str | None, decision: str | None, since: float | None,
            until: float | None, limit: int, as_json: bool) -> None:
-    from outloop_cli.audit.central_queries import query_events
-    from outloop_cli.audit.queries import event_record
-    from outloop_cli.commands.audit import EVENT_HEADER, _event_cells
+    from outloop_cli.audit.central_queries import query_exchanges
+    from outloop_cli.audit.queries import exchange_record
+    from outloop_cli.commands.audit import print_exchanges
 
     with _central() as (_, conn):
-        found = query_events(conn, workspace=workspace, credential=credential, decision=decision, since=since,
-                             until=until, limit=limit)
+        found = query_exchanges(conn, workspace=workspace, credential=credential, decision=decision, since=since,
+                                until=until, limit=limit)
     if as_json:
-        print_json([{"host_id": item.host_id, **event_record(item.event)} for item in found])
+        print_json([{"host_id": item.host_id, **exchange_record(item.exchange)} for item in found])
         return
     if not found:
         note("no matching requests")
         return
-    print_table(("host", *EVENT_HEADER),
-                [[item.host_id, *_event_cells(item.event, with_run=True)] for item in found],
-                right=("status", "ms", "in", "out"), whole=("time", "run"))
-    if len(found) == limit:
-        note(f"showing the newest {limit}; narrow with --since/--until or raise --limit")
+    print_exchanges([item.exchange for item in found], {item.exchange.event.run_id: item.exchange.event.run_id
+                                                        for item in found}, limit,
+                    hosts=[item.host_id for item in found])
 
 
 def show(run_id: str, limit: int, as_json: bool) -> None:
-    from outloop_cli.audit.central_queries import find_run, run_events
-    from outloop_cli.audit.queries import event_record, run_record
-    from outloop_cli.commands.audit import _print_run
+    from outloop_cli.audit.central_queries import find_run, run_exchanges
+    from outloop_cli.audit.queries import exchange_record, run_record
+    from outloop_cli.commands.audit import print_run
 
     with _central() as (_, conn):
         item = find_run(conn, run_id)
-        found, total = run_events(conn, item, limit=limit)
+        found, total = run_exchanges(conn, item, limit=limit)
     if as_json:
         print_json({"host_id": item.host_id, **run_record(item.view), "events_total": total,
-                    "events": [event_record(e) for e in found]})
+                    "events": [exchange_record(e) for e in found]})
         return
-    print_pairs([("host", item.host_id)])
-    _print_run(item.view, found, total)
+    print_run(item.view, found, total, [], host=item.host_id)
 
 
 def verify(*, against: bool, as_json: bool) -> None:
     from outloop_cli.audit.central_verify import verify_against_central, verify_central
-    from outloop_cli.audit.store import open_readonly
-    from outloop_cli.commands.audit import _report_verdicts
+    from outloop_cli.audit.schema import open_readonly
+    from outloop_cli.commands.audit import report_verdicts
 
     with _central() as (config, conn):
         if against:
@@ -184,5 +182,5 @@ def verify(*, against: bool, as_json: bool) -> None:
                 local.close()
         else:
             verdicts = [(item.host_id, item.verdict) for item in verify_central(conn)]
-    if not _report_verdicts(verdicts, as_json):
+    if not report_verdicts(verdicts, as_json):
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
