@@ -33,7 +33,7 @@ from common import OUTLOOP, PYTHON, machine
 from postgres_support import PASSWORD_VARIABLE, Postgres, running_postgres, server_bin
 
 from outloop_cli.audit.central_db import MIGRATIONS
-from outloop_cli.audit.central_queries import query_events, recent_runs
+from outloop_cli.audit.central_queries import query_exchanges, recent_runs
 
 QUERY = ["audit", "events", "--central", "--workspace", WORKSPACES[3], "--since", "7d", "--decision", "deny"]
 PROFILE = """version = 1
@@ -161,7 +161,7 @@ def query(server: Postgres, base: Path, rows: int, repeat: int) -> None:
     print(f"\n3. query: {rows:,} central rows generated in {loaded:.0f}s, indexed and analysed in "
           f"{time.perf_counter() - began - loaded:.0f}s")
     with server.connect(dbname) as conn:
-        for name, work in (("query_events (the SQL of the first command)", lambda: query_events(
+        for name, work in (("query_exchanges (the SQL of the first command)", lambda: query_exchanges(
                                conn, workspace=WORKSPACES[3], decision="deny", since=time.time() - 7 * 86400,
                                limit=50)),
                            ("recent_runs (the SQL of `audit --central`)", lambda: recent_runs(conn, limit=20))):
