@@ -17,6 +17,7 @@ import pytest
 from conftest import OUTLOOP, World, make_world
 from operator_support import ACME_LOOP, GLOBEX_LOOP, rewrite_consistently, wait_for
 from postgres_support import PASSWORD_VARIABLE, Postgres, postgres, ship_to  # noqa: F401  (postgres: the session fixture)
+from sandbox_support import require_layer
 
 from outloop_cli.audit.central_probe import unreachable
 from outloop_cli.audit.store import EVENT_COLUMNS
@@ -247,3 +248,19 @@ def test_the_end_of_run_probe_only_answers_certainly_down_or_try(tmp_path: Path)
             assert unreachable(f"postgresql://u@127.0.0.1:{listening.getsockname()[1]}/db", 1.0) is None
     for unreadable in ("postgresql://u@a,b/db", "postgresql:///db", "service=audit", "postgresql://u@h/db?host=/x"):
         assert unreachable(unreadable, 1.0) is None
+
+
+def test_a_loop_cannot_read_the_central_password_file(world: World) -> None:
+    """The central database's password is a secret like any credential's: a `file:` source is kept out of the
+    loop's view. Positive control: until config.toml names it, the loop reads the same file."""
+    require_layer("user_namespaces")
+    password = world.work / "central-password"
+    password.write_text("cnry-central-file\n")
+    password.chmod(0o600)
+    loop = f"print(open({str(password)!r}).read().strip())"
+    assert "cnry-central-file" in world.run_loop(loop).out  # not a secret yet: the loop reads it
+    (world.home / "config.toml").write_text(
+        f'[audit.central]\ndsn = "postgresql://u@127.0.0.1:1/db"\npassword = "file:{password}"\n')
+    refused = world.run_loop(loop)
+    assert refused.code == 125 and f"contains the secret file {password}" in refused.err, refused.combined
+    assert "cnry-central-file" not in refused.out + refused.err
