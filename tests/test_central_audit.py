@@ -129,7 +129,7 @@ def test_an_edited_or_deleted_central_row_is_detected(postgres: Postgres,  # noq
 def test_a_consistent_local_rewrite_after_shipping_is_caught_against_central(
         postgres: Postgres, fleet: tuple[World, World, str]) -> None:  # noqa: F811
     cron, _, dbname = fleet
-    password_file = cron.work / "central-password"
+    password_file = cron.home.parent / "central-password"  # outside the loop's working directory
     password_file.write_text(postgres.password + "\n")
     password_file.chmod(0o600)
     ship_to(cron, postgres, dbname, "cron-01", password=f"file:{password_file}")
