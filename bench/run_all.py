@@ -19,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import broker as broker_bench
+import guard as guard_bench
 import startup as startup_bench
 from common import REPO, fmt, machine, wait_for_quiet
 
@@ -93,7 +94,8 @@ def targets(broker: dict[str, Any] | None, startup: dict[str, Any] | None) -> li
 
 
 def render(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[str, Any] | None,
-           profile: str | None, experiments: dict[str, Any] | None, failures: list[str], seconds: float) -> str:
+           guard: dict[str, Any] | None, profile: str | None, experiments: dict[str, Any] | None,
+           failures: list[str], seconds: float) -> str:
     lines = [
         "## Machine",
         "",
@@ -116,6 +118,10 @@ def render(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[st
         "## Start-up",
         "",
         startup_bench.render(startup) if startup else "Not measured (see failures below).",
+        "",
+        "## Wrong-client guard",
+        "",
+        guard_bench.render(guard) if guard else "Not measured (see failures below).",
     ]
     if experiments:
         lines += ["", "## What-if experiments (bench-only monkeypatches, not product options)", "",
@@ -209,6 +215,7 @@ def main() -> int:
     broker = section("broker", lambda: broker_bench.run(rounds=args.rounds, duration=args.duration, log=log),
                      failures)
     startup = section("startup", lambda: startup_bench.run(runs=args.runs, log=log), failures)
+    guard = section("guard", lambda: guard_bench.run(rounds=1 if args.quick else 5, log=log), failures)
     experiments = None
     if args.experiments:
         experiments = section("experiments", lambda: broker_bench.run(
@@ -228,7 +235,7 @@ def main() -> int:
 
         profile = section("profile", do_profile, failures)
     info["load average after (1/5/15 min)"] = load_average()
-    text = render(info, broker, startup, profile, experiments, failures, time.monotonic() - started)
+    text = render(info, broker, startup, guard, profile, experiments, failures, time.monotonic() - started)
     if not args.no_write:
         try:
             write_doc(text)

@@ -13,6 +13,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -26,17 +27,26 @@ WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 CREDENTIAL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENV_GLOB = re.compile(r"[A-Za-z0-9_*?]+")
-NETWORK_MODES = ("auto", "broker-only", "open")
 FILESYSTEM_MODES = ("workspace", "host")
 DEFAULT_ENV_KEEP = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TERM")
 DEFAULT_INJECT_HEADER = "Authorization"
 DEFAULT_INJECT_VALUE = "Bearer {secret}"
 CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
 
-NetworkMode = Literal["auto", "broker-only", "open"]
 FilesystemMode = Literal["workspace", "host"]
 
-TOP_KEYS = ("version", "description", "extends", "run", "credentials")
+
+class NetworkMode(StrEnum):
+    """`run.network` and `--network`: spelt once, here."""
+
+    auto = "auto"
+    broker_only = "broker-only"
+    open = "open"
+
+
+NETWORK_MODES = tuple(mode.value for mode in NetworkMode)
+
+TOP_KEYS = ("version", "description", "extends", "run", "credentials", "tags", "guard")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
             "cpu_seconds", "filesystem", "read", "write")
 CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
@@ -44,6 +54,11 @@ CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 120.0  # longest silence between upstream bytes; LLM streams pause while "thinking"
 INJECT_KEYS = ("header", "value", "query", "basic")
+GUARD_KEYS = ("identifiers", "responses", "max_body")
+GUARD_RESPONSES = ("flag", "deny")
+DEFAULT_GUARD_MAX_BODY = 4 * 1024 * 1024
+# Shorter identifiers would match inside ordinary words and ids, refusing the workspace's own traffic.
+MIN_IDENTIFIER_LENGTH = 3
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,7 @@ class RunSettings:
     max_requests: int | None = None
     env_keep: tuple[str, ...] = DEFAULT_ENV_KEEP
     env_set: Mapping[str, str] = field(default_factory=dict)
-    network: NetworkMode = "auto"
+    network: NetworkMode = NetworkMode.auto
     hide: tuple[str, ...] = ()
     memory: int | None = None
     processes: int | None = None
@@ -91,6 +106,16 @@ class RunSettings:
     filesystem: FilesystemMode = "workspace"
     read: tuple[str, ...] = ()  # extra read-only paths of the workspace view
     write: tuple[str, ...] = ()  # extra read-write paths of the workspace view
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """`[guard]`: this client's identifiers (never inherited: they name one client's data) and how this
+    workspace's own runs treat other clients' identifiers (inherited like `[run]`)."""
+
+    identifiers: tuple[str, ...] = ()
+    responses: Literal["flag", "deny"] = "flag"
+    max_body: int = DEFAULT_GUARD_MAX_BODY
 
 
 @dataclass(frozen=True)
@@ -102,6 +127,8 @@ class Profile:
     run: RunSettings
     credentials: Mapping[str, Credential]
     sources: tuple[Path, ...]  # this file and every file it extends, nearest first
+    tags: tuple[str, ...] = ()  # this file's own, for `run --each @TAG`; not inherited
+    guard: GuardSettings = GuardSettings()
 
 
 def check_workspace_name(name: str) -> str:
@@ -146,8 +173,16 @@ def load_profile(workspace: str, dirs: Sequence[Path]) -> Profile:
     return _load(workspace, dirs, chain=())
 
 
-def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profile:
-    path = find_profile(workspace, dirs)
+def load_draft(path: Path, workspace: str, dirs: Sequence[Path]) -> Profile:
+    """A profile file that is not (yet) on the lookup path, read as `workspace`'s: `policy replay --profile`
+    judges past requests by a draft before it goes live. Its `extends` resolve along `dirs` as usual."""
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile file")
+    return _load(workspace, dirs, chain=(), path=path)
+
+
+def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...], path: Path | None = None) -> Profile:
+    path = path or find_profile(workspace, dirs)
     if workspace in chain:
         cycle = " -> ".join((*chain, workspace))
         raise ProfileError(f"{path}: extends: cycle {cycle}. Remove one of the `extends` keys.")
@@ -183,7 +218,45 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
         run=run,
         credentials=credentials,
         sources=(path, *(parent.sources if parent else ())),
+        tags=_parse_tags(reader, raw.get("tags", [])),
+        guard=_parse_guard(reader, raw.get("guard", {}), parent.guard if parent else GuardSettings()),
     )
+
+
+def read_guard_identifiers(path: Path) -> tuple[str, ...]:
+    """Another workspace's `guard.identifiers`, read without loading the rest of its profile.
+
+    A run guards against every other client's identifiers, so another profile's unrelated mistake must not stop
+    it; a `[guard]` table that cannot be read does (the guard fails closed).
+    """
+    return _parse_guard(_Reader(path), _read_toml(path).get("guard", {}), GuardSettings()).identifiers
+
+
+def _parse_tags(reader: _Reader, value: Any) -> tuple[str, ...]:
+    tags = reader.string_list("tags", value)
+    for tag in tags:
+        if not WORKSPACE_NAME.fullmatch(tag):
+            raise reader.fail("tags", f"{tag!r} is not a valid tag: use lower-case letters, digits, '-' and '_'")
+    return tags
+
+
+def _parse_guard(reader: _Reader, value: Any, inherited: GuardSettings) -> GuardSettings:
+    table = reader.table("guard", value)
+    reader.check_keys("guard.", table, GUARD_KEYS)
+    identifiers = reader.string_list("guard.identifiers", table.get("identifiers", []))
+    for index, identifier in enumerate(identifiers):
+        if len(identifier.strip()) < MIN_IDENTIFIER_LENGTH or identifier != identifier.strip():
+            raise reader.fail(f"guard.identifiers[{index}]", f"{identifier!r}: an identifier is at least "
+                              f"{MIN_IDENTIFIER_LENGTH} characters without leading or trailing blanks, so it "
+                              "cannot match inside ordinary text")
+    responses: str = inherited.responses
+    if "responses" in table:
+        responses = reader.string("guard.responses", table["responses"])
+        if responses not in GUARD_RESPONSES:
+            raise reader.fail("guard.responses", f"expected one of {', '.join(GUARD_RESPONSES)}, got {responses!r}")
+    max_body = (reader.converted("guard.max_body", table["max_body"], parse_size) if "max_body" in table
+                else inherited.max_body)
+    return GuardSettings(identifiers=identifiers, responses=responses, max_body=max_body)  # type: ignore[arg-type]
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -291,7 +364,7 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
         network = reader.string("run.network", table["network"])
         if network not in NETWORK_MODES:
             raise reader.fail("run.network", f"expected one of {', '.join(NETWORK_MODES)}, got {network!r}")
-        updates["network"] = network
+        updates["network"] = NetworkMode(network)
     if "hide" in table:
         updates["hide"] = (*base.hide, *reader.string_list("run.hide", table["hide"]))
     if "filesystem" in table:

@@ -31,8 +31,10 @@ from outloop_cli.audit.tally import Counts, Tally, run_tally
 from outloop_cli.audit.writer import RunLog
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.errors import OutloopError, ProfileError
+from outloop_cli.guard import Guard, load_guard
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
+from outloop_cli.policy_snapshot import policy_hash
 from outloop_cli.profiles import Profile, check_workspace_name, load_profile
 from outloop_cli.sandbox.plan import Target
 from outloop_cli.sandbox.plan import plan as sandbox_plan
@@ -53,6 +55,7 @@ class RunRequest:
     timeout: float | None = None
     network: str | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    batch_id: str | None = None  # set by `run --each`: recorded with the run so `audit --batch` finds it
 
 
 @dataclass
@@ -82,6 +85,8 @@ class RunReport:
     limit_hit: str | None = None
     counts_error: str | None = None
     central: str | None = None  # what shipping to the central audit database did, when it is configured
+    policy_hash: str = ""
+    batch_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Stable snake_case keys; credential names are the only keys taken from the profile."""
@@ -93,6 +98,7 @@ class RunReport:
         data["unattributed"] = _counts_json(self.tally.unattributed)
         data["denials"] = tally["denials"]
         data["errors"] = tally["failures"]
+        data["flagged"] = tally["flags"]
         return data
 
 
@@ -141,12 +147,14 @@ def execute(request: RunRequest) -> RunReport:
         for name, cred in profile.credentials.items():
             resolved_secrets[name] = resolve_secret(cred.owner, name, cred.secret_ref, environ)
         refuse_secrets_in_child_env(profile, environ, resolved_secrets)
+        guard = load_guard(profile, dirs)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
-            report = loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network))
+            report = loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network,
+                                            guard))
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
-        _record_failed_start(home, workspace, request.command, error)
+        _record_failed_start(home, workspace, request, error)
         raise
     finally:
         for secret in resolved_secrets.values():
@@ -218,18 +226,24 @@ class _StartFailed(Exception):
         self.error = error
 
 
-def _record_failed_start(home: Path, workspace: str, command: Sequence[str], error: OutloopError) -> None:
+def _record_failed_start(home: Path, workspace: str, request: RunRequest, error: OutloopError) -> None:
     """A run that never started still belongs in "what ran last night"; best effort, the error matters more."""
     try:
-        log = RunLog.start(audit_db_path(home), run_id=new_run_id(), workspace=workspace, command=list(command),
-                           detail={"error": error.message})
+        log = RunLog.start(audit_db_path(home), run_id=new_run_id(), workspace=workspace,
+                           command=list(request.command),
+                           detail={"error": error.message, **_batch_detail(request)})
         log.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
     except OutloopError:
         pass
 
 
+def _batch_detail(request: RunRequest) -> dict[str, str]:
+    return {"batch_id": request.batch_id} if request.batch_id else {}
+
+
 async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: Profile,
-                   resolved: Mapping[str, Secret], timeout: float | None, network: str) -> RunReport:
+                   resolved: Mapping[str, Secret], timeout: float | None, network: str, guard: Guard | None
+                   ) -> RunReport:
     run_id = new_run_id()
     started_at = time.time()
     ensure_private_dir(home)
@@ -264,8 +278,10 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         url = f"http://127.0.0.1:{plan.relay_port or listeners.loopback_port}"
         env.update(_base_url_env(profile, url, run_token))
 
+    policy = policy_hash(profile)
     audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
-                         command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid()})
+                         command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid(),
+                                                                "policy_hash": policy, **_batch_detail(request)})
     broker: Broker | None = None
     try:
         supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)
@@ -288,7 +304,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             if await _before_exit(child, server_module):
                 broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved,
                                                        audit=audit, run_token=run_token if base_url_mode else None,
-                                                       timeout=timeout)
+                                                       timeout=timeout, guard=guard)
                 broker.child_pid = child_pid
                 await broker.serve(listeners)
         result = await child
@@ -312,7 +328,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         tally=tally, counts_error=counts_error, sandbox=plan.layers,
         peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
         strays_killed=result.strays_killed, audit_head=head, audit_events=count,
-        audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
+        audit_db=str(audit_db_path(home)), limit_hit=limit_hit, policy_hash=policy, batch_id=request.batch_id,
     )
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, ProfileError, UsageError
+from outloop_cli.guard import declared_identifiers, overlapping_identifiers
 from outloop_cli.home import current_workspace, ensure_private_dir, load_config, save_config
 from outloop_cli.profiles import (
     Credential,
@@ -182,6 +183,7 @@ class WorkspaceCheck:
     path: Path | None
     secrets: list[SecretStatus] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # worth a look, but no reason to fail a cron check
 
 
 def check_workspaces(dirs: Sequence[Path], names: Sequence[str] | None, home: Path,
@@ -199,8 +201,24 @@ def check_workspaces(dirs: Sequence[Path], names: Sequence[str] | None, home: Pa
             find_profile(name, dirs)  # an unknown name is an error with hints, not a problem line
     cache: dict[tuple[str, str, str], SecretStatus] = {}
     results = [_check_one(name, found.get(name), dirs, environ, cache) for name in names]
+    _check_guard_overlaps(results, dirs)
     _check_choice(results, home, environ, found)
     return results
+
+
+def _check_guard_overlaps(results: list[WorkspaceCheck], dirs: Sequence[Path]) -> None:
+    try:
+        declared = declared_identifiers(dirs)
+    except ProfileError:
+        return  # the unreadable [guard] is already that workspace's problem line
+    by_name = {result.name: result for result in results}
+    for overlap in overlapping_identifiers(declared):
+        message = (f"guard identifiers overlap: {overlap.first.rule} and {overlap.second.rule} (one contains the "
+                   "other, ignoring case), so a run of one workspace refuses data of its own client; make them "
+                   "more specific")
+        for name in dict.fromkeys((overlap.first.workspace, overlap.second.workspace)):
+            if name in by_name:
+                by_name[name].warnings.append(message)
 
 
 def _check_one(name: str, path: Path | None, dirs: Sequence[Path], environ: Mapping[str, str],

@@ -40,7 +40,7 @@ def test_committed_scripts_match_the_commands(tmp_path: Path) -> None:
 
 
 def test_bash_completes_commands_options_and_fixed_choices(world: World) -> None:
-    assert bash_complete(world, "") == ["audit", "doctor", "run", "secret", "workspace"]
+    assert bash_complete(world, "") == ["audit", "doctor", "policy", "run", "secret", "workspace"]
     assert bash_complete(world, "audit", "") == ["central", "events", "export", "prune", "ship", "show", "tail",
                                                  "verify"]
     assert bash_complete(world, "audit", "events", "--d") == ["--decision"]
@@ -115,3 +115,12 @@ def test_zsh_autoloads_the_function_from_fpath_and_completes(world: World) -> No
         return found
 
     assert complete("outloop secret set globex ") == {"billing", "crm", "llm"}
+
+
+def test_bash_completes_each_selections_and_policy_subcommands(world: World) -> None:
+    path = world.profiles / "acme.toml"
+    path.write_text(path.read_text().replace('extends = "agency"', 'extends = "agency"\ntags = ["crm", "nightly"]'))
+    assert bash_complete(world, "run", "--each", "") == ["all", "acme", "agency", "globex", "@crm", "@nightly"]
+    assert bash_complete(world, "run", "--each", "@n") == ["@nightly"]
+    assert bash_complete(world, "policy", "") == ["lint", "replay", "suggest", "test"]
+    assert bash_complete(world, "policy", "suggest", "g") == ["globex"]

@@ -180,7 +180,7 @@ def test_errors_are_profile_errors_with_outloops_failure_exit_code(pdir: Path) -
     ("version = 1\nextend = 'agency'", "extend", "did you mean `extends`?"),
     ("version = 1\n[credential.crm]\nsecret = 'keyring'", "credential", "did you mean `credentials`?"),
     ("version = 1\n[runs]\ntimeout = '1h'", "runs", "did you mean `run`?"),
-    ("version = 1\nzzz = 1", "zzz", "allowed keys: version, description, extends, run, credentials"),
+    ("version = 1\nzzz = 1", "zzz", "allowed keys: version, description, extends, run, credentials, tags, guard"),
     (with_run("timout = '1h'"), "run.timout", "did you mean `timeout`?"),
     (with_run("max_request = 5"), "run.max_requests".replace("requests", "request"), "did you mean `max_requests`?"),
     (with_run("env_kep = []"), "run.env_kep", "did you mean `env_keep`?"),

@@ -119,6 +119,10 @@ def _event(row: tuple[object, ...]) -> EventRow:
     return EventRow(**values)  # type: ignore[arg-type]
 
 
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def _dict(text: object) -> dict[str, object]:
     value = loads_lenient(text)
     return value if isinstance(value, dict) else {}
@@ -142,6 +146,7 @@ def _host_run(row: tuple[object, ...]) -> HostRun:
         exit_code=_int(end.get("exit_code")), duration=_float(end.get("duration")),
         allowed=_int(allowed) or 0, denied=_int(denied) or 0, errors=_int(errors) or 0, sandbox=start.get("sandbox"),
         head_hash=str(head) if head is not None else None, event_count=_int(event_count),
+        batch_id=_text(start.get("batch_id")), policy_hash=_text(start.get("policy_hash")),
         incomplete=ended_at is None,
     )
     state: RunState = "ended" if ended_at is not None else "no end"

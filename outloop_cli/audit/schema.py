@@ -104,6 +104,16 @@ def _migrate_to_v2(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_to_v3(conn: sqlite3.Connection) -> None:
+    """Runs of one `run --each` share a batch id; every run names the hash of the policy it ran under.
+
+    Both are also in the run_start event's detail, so the chain covers them; these columns are for lookups.
+    """
+    conn.execute("ALTER TABLE runs ADD COLUMN batch_id TEXT")
+    conn.execute("ALTER TABLE runs ADD COLUMN policy_hash TEXT")
+    conn.execute("CREATE INDEX runs_by_batch ON runs (batch_id, started_at) WHERE batch_id IS NOT NULL")
+
+
 def _migrate_to_shipped(conn: sqlite3.Connection) -> None:
     for statement in SHIPPED_SCHEMA:
         conn.execute(statement)
@@ -111,7 +121,7 @@ def _migrate_to_shipped(conn: sqlite3.Connection) -> None:
 
 # Applied in order from the database's user_version; append, never edit, once released.
 MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
-    _migrate_to_v1, _migrate_to_v2, _migrate_to_shipped,
+    _migrate_to_v1, _migrate_to_v2, _migrate_to_v3, _migrate_to_shipped,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -19,7 +19,7 @@ from outloop_cli.errors import AuditError
 
 _RUN_COLUMNS: Final = (
     "run_id", "workspace", "command", "started_at", "ended_at", "exit_code", "duration", "allowed",
-    "denied", "errors", "sandbox", "head_hash", "event_count",
+    "denied", "errors", "sandbox", "head_hash", "event_count", "batch_id", "policy_hash",
 )  # fmt: skip
 
 
@@ -40,6 +40,8 @@ class RunRow:
     sandbox: object
     head_hash: str | None
     event_count: int | None
+    batch_id: str | None
+    policy_hash: str | None
     incomplete: bool
 
 
@@ -116,14 +118,17 @@ def list_runs(
     workspace: str | None = None,
     failed: bool = False,
     statuses: Sequence[StatusRange] = (),
+    batch_id: str | None = None,
 ) -> list[RunRow]:
     """Newest runs first. ``failed``: runs that exited non-zero, saw failed outcomes, or recorded no end;
-    ``statuses``: runs where some request was answered with one of those statuses (by upstream or broker)."""
+    ``statuses``: runs where some request was answered with one of those statuses (by upstream or broker);
+    ``batch_id``: the runs of one `run --each`."""
     clauses: list[str] = []
     params: list[object] = []
-    if workspace is not None:
-        clauses.append("workspace = ?")
-        params.append(workspace)
+    for column, value in (("workspace", workspace), ("batch_id", batch_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
     if failed:
         clauses.append("(exit_code != 0 OR errors > 0 OR ended_at IS NULL)")
     if statuses:

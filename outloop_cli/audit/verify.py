@@ -122,6 +122,8 @@ def _compare_run(run: dict[str, object], chain: _Chain) -> tuple[str, int] | Non
     recorded_start = (loads_lenient(run["command"]), loads_lenient(run["sandbox"]))
     if recorded_start != (start_detail.get("command"), start_detail.get("sandbox")):
         return "the runs row's command or sandbox does not match run_start", 0
+    if (run["batch_id"], run["policy_hash"]) != (start_detail.get("batch_id"), start_detail.get("policy_hash")):
+        return "the runs row's batch id or policy hash does not match run_start", 0
     if end is not None:
         end_detail = end["detail"]
         assert isinstance(end_detail, dict)
@@ -132,7 +134,7 @@ def _compare_run(run: dict[str, object], chain: _Chain) -> tuple[str, int] | Non
 
 
 _RUN_FIELDS = ("workspace", "command", "started_at", "ended_at", "exit_code", "duration", "allowed",
-               "denied", "errors", "sandbox", "head_hash", "event_count")  # fmt: skip
+               "denied", "errors", "sandbox", "head_hash", "event_count", "batch_id", "policy_hash")  # fmt: skip
 
 
 def verify_run(conn: sqlite3.Connection, run_id: str) -> RunVerdict:

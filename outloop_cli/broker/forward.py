@@ -86,10 +86,14 @@ def upstream_headers(
     return headers
 
 
-def upstream_query(raw_query: str, injector: Injector, drop_values_containing: str | None) -> str:
-    """Keep the child's query byte for byte, except a parameter named like the injected one."""
+def check_query(raw_query: str) -> None:
     if not _QUERY_OK.fullmatch(raw_query):
         raise BadQuery("the query string holds characters that must be percent-encoded")
+
+
+def upstream_query(raw_query: str, injector: Injector, drop_values_containing: str | None) -> str:
+    """Keep the child's query byte for byte, except a parameter named like the injected one."""
+    check_query(raw_query)
     pairs = [pair for pair in raw_query.split("&") if pair] if raw_query else []
     if injector.query:
         name = injector.query[0]

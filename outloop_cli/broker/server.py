@@ -13,18 +13,27 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.broker.admission import (
+    HTTP_PREFIX,
+    MAX_AUDITED_PATH,
+    RUN_INFO,
+    Admitted,
+    Denial,
+    admit,
+    foreign_identifier,
+)
 from outloop_cli.broker.forward import (
     DECODABLE_ENCODINGS,
-    BadQuery,
     BodyTooLarge,
     Injector,
     child_response_headers,
@@ -33,20 +42,26 @@ from outloop_cli.broker.forward import (
     upstream_headers,
     upstream_query,
 )
+from outloop_cli.broker.guard import (
+    FLAG_REASON,
+    GUARD_REASON,
+    TOO_LARGE_REASON,
+    UNREADABLE_REASON,
+    StreamScanner,
+    body_texts,
+    held_body,
+)
 from outloop_cli.broker.http_server import BrokerHTTPServer
 from outloop_cli.broker.limits import Limits
 from outloop_cli.broker.listeners import Listeners
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
 from outloop_cli.errors import AuditError
-from outloop_cli.policy import PathRejected, decide, normalise_path
+from outloop_cli.guard import Guard, Identifier
 from outloop_cli.profiles import Credential, Profile
 from outloop_cli.secrets import Secret
 
-HTTP_PREFIX = "/v1/http/"
-SECRET_PREFIX = "/v1/secret/"
 MAX_REQUEST_BODY = 256 * 1024 * 1024
-MAX_AUDITED_PATH = 1024
 STREAM_CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are answered in one write
 # close() runs once the child's tree is gone, so no one waits for an answer any more: a handler still waiting on
@@ -66,9 +81,13 @@ class Broker:
         audit: RunLog,
         run_token: str | None = None,
         timeout: float | None = None,
+        guard: Guard | None = None,
     ) -> None:
-        """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it."""
+        """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it.
+
+        `guard` holds the other workspaces' identifiers; None when nobody declared any."""
         self.run_id = run_id
+        self.guard = guard
         self.timeout = timeout
         self.profile = profile
         self.audit = audit
@@ -189,22 +208,19 @@ class Broker:
         return any(hmac.compare_digest(candidate, token) for candidate in candidates)
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.raw_path.partition("?")[0]
-        if path.startswith(HTTP_PREFIX):
-            return await self._http(request)
-        if path.startswith(SECRET_PREFIX):
-            return await self._reveal(request, path[len(SECRET_PREFIX):])
-        if path == "/v1/run":
-            if request.method != "GET":
-                return await self._deny(request, None, 400, "bad_request", "bad_method", "use GET /v1/run")
-            try:  # every broker request is an event, this harmless one too, so counts reconcile
-                await self._audit_request(request, None, "/v1/run", "allow", "run_info", None, 200)
-            except AuditError:
-                return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
-            return web.json_response(self.run_info())
-        return await self._deny(request, None, 400, "bad_request", "unknown_route",
-                                "routes: GET /v1/run, ANY /v1/http/<credential>/<path>, "
-                                "GET /v1/secret/<credential>")
+        admitted = admit(request.method, request.raw_path, self.profile, self.guard)
+        if isinstance(admitted, Denial):
+            return await self._refuse(request, admitted)
+        if admitted.route == "http":
+            return await self._http(request, admitted)
+        if admitted.route == "reveal":
+            assert admitted.credential is not None
+            return await self._reveal(request, admitted.credential)
+        try:  # every broker request is an event, this harmless one too, so counts reconcile
+            await self._audit_request(request, None, RUN_INFO, "allow", "run_info", None, 200)
+        except AuditError:
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
+        return web.json_response(self.run_info())
 
     # ----- /v1/run ---------------------------------------------------------------------------------------
 
@@ -231,16 +247,8 @@ class Broker:
 
     # ----- /v1/secret/<credential> -----------------------------------------------------------------------
 
-    async def _reveal(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
-        credential = self.profile.credentials.get(name)
-        if credential is None:
-            return await self._unknown_credential(request, name)
-        if request.method != "GET":
-            return await self._deny(request, credential, 400, "bad_request", "bad_method",
-                                    "use GET /v1/secret/<credential>", path=f"/v1/secret/{name}")
-        if not credential.reveal:
-            return await self._deny(request, credential, 403, "denied", "reveal_not_allowed",
-                                    f"credential {name!r} has reveal = false", path=f"/v1/secret/{name}")
+    async def _reveal(self, request: web.BaseRequest, credential: Credential) -> web.StreamResponse:
+        name = credential.name
         try:
             await self._audit_request(request, credential, f"/v1/secret/{name}", "allow", "revealed", None, 200)
         except AuditError:
@@ -251,33 +259,23 @@ class Broker:
 
     # ----- /v1/http/<credential>/<path> ------------------------------------------------------------------
 
-    async def _http(self, request: web.BaseRequest) -> web.StreamResponse:
-        raw_path, _, raw_query = request.raw_path.partition("?")
-        name, slash, rest = raw_path[len(HTTP_PREFIX):].partition("/")
-        credential = self.profile.credentials.get(name)
-        if credential is None:
-            return await self._unknown_credential(request, name)
-        upstream_path = slash + rest if slash else "/"
-        try:
-            path = normalise_path(upstream_path)
-        except PathRejected as exc:
-            return await self._deny(request, credential, 400, "bad_request", exc.reason, str(exc), path=upstream_path)
-        try:
-            query = upstream_query(raw_query, self._injectors[name], self.run_token)
-        except BadQuery as exc:
-            return await self._deny(request, credential, 400, "bad_request", "bad_query", str(exc),
-                                    path=upstream_path)
-        decision = decide(request.method, path, credential.allow, credential.deny)
-        if not decision.allowed:
-            message = (f"{request.method} {_short(upstream_path)} is not allowed for {name!r}"
-                       + (f" (denied by rule {decision.rule!r})" if decision.rule else " (no allow rule matches)"))
-            return await self._deny(request, credential, 403, "denied", decision.reason, message,
-                                    rule=decision.rule, path=upstream_path)
+    async def _http(self, request: web.BaseRequest, admitted: Admitted) -> web.StreamResponse:
+        """Admitted by policy; what remains needs the live request: body size, the body's guard scan, limits."""
+        credential, upstream_path, decision = admitted.credential, admitted.path, admitted.decision
+        assert credential is not None and decision is not None
+        name = credential.name
         if request.content_length is not None and request.content_length > MAX_REQUEST_BODY:
             # Refused before anything goes upstream; a chunked body is cut at the same size while it streams.
             return await self._deny(request, credential, 413, "bad_request", "body_too_large",
                                     f"request body larger than {MAX_REQUEST_BODY} bytes", rule=decision.rule,
                                     path=upstream_path)
+        held: bytes | None = None
+        if self.guard is not None and request.body_exists:
+            scanned = await self._scan_body(request, credential, upstream_path)
+            if isinstance(scanned, Denial):
+                return await self._refuse(request, scanned)
+            held = scanned
+        query = upstream_query(admitted.raw_query, self._injectors[name], self.run_token)
         verdict = self.limits.admit(name)
         if not verdict.ok:
             scope = "this run" if verdict.scope == "run" else f"credential {name!r}"
@@ -292,17 +290,39 @@ class Broker:
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing "
                                    "to forward (fail closed)", name, decision.rule)
-        return await self._forward(request, credential, upstream_path, query, seq)
+        return await self._forward(request, credential, upstream_path, query, seq, held)
+
+    async def _scan_body(self, request: web.BaseRequest, credential: Credential, path: str) -> bytes | Denial:
+        """Hold the body back and scan it before anything goes upstream; too large or unreadable is refused."""
+        assert self.guard is not None
+        limit = self.guard.settings.max_body
+        too_large = Denial(413, "bad_request", TOO_LARGE_REASON, f"request body larger than guard.max_body "
+                           f"({limit} bytes): the wrong-client guard must read a body before it goes upstream",
+                           credential, path=path)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            return Denial(400, "bad_request", UNREADABLE_REASON, f"request body with Content-Encoding {encoding!r}: "
+                          "the wrong-client guard reads bodies as sent, so send it uncompressed", credential,
+                          path=path)
+        if request.content_length is not None and request.content_length > limit:
+            return too_large
+        body = await held_body(request.content.iter_chunked(STREAM_CHUNK), limit)
+        if body is None:
+            return too_large
+        found = self.guard.search(body_texts(body))
+        return body if found is None else foreign_identifier(credential, found, path)
 
     async def _forward(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                       seq: int) -> web.StreamResponse:
-        """Stream the request up and the answer back; the outcome is audited whatever happens."""
+                       seq: int, held: bytes | None) -> web.StreamResponse:
+        """Stream the request up and the answer back; the outcome is audited whatever happens.
+
+        `held` is the body when the guard already read it; otherwise the body streams."""
         outcome = _Outcome(started=time.perf_counter())
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
         try:
-            return await self._exchange(request, credential, path, query, outcome)
+            return await self._exchange(request, credential, path, query, outcome, held)
         except BodyTooLarge as exc:
             return outcome.fail(413, "bad_request", str(exc), credential, request)
         except TimeoutError:
@@ -322,16 +342,20 @@ class Broker:
             self.audit.record_response(ResponseRecord(
                 request_seq=seq, status=outcome.status,
                 latency_ms=(time.perf_counter() - outcome.started) * 1000,
-                bytes_in=outcome.received[0], bytes_out=outcome.sent, error=outcome.error))
+                bytes_in=outcome.received[0], bytes_out=outcome.sent, error=outcome.error,
+                reason=FLAG_REASON if outcome.flagged is not None else None, rule=outcome.rule))
 
     async def _exchange(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                        outcome: _Outcome) -> web.StreamResponse:
+                        outcome: _Outcome, held: bytes | None) -> web.StreamResponse:
         assert self._session is not None
         name = credential.name
         url = URL(credential.base_url + path + (f"?{query}" if query else ""), encoded=True)
         headers = upstream_headers(request.raw_headers, self._injectors[name], self.run_token)
-        body = None
-        if request.body_exists:
+        body: AsyncIterator[bytes] | bytes | None = None
+        if held is not None:
+            body, outcome.received[0] = held, len(held)
+            headers["Content-Length"] = str(len(held))
+        elif request.body_exists:
             body = counted(request.content.iter_chunked(STREAM_CHUNK), outcome.received, MAX_REQUEST_BODY)
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
@@ -355,21 +379,40 @@ class Broker:
                                         reason="redirect_off_host")
             reason = redact_text(upstream.reason, self._variants) if upstream.reason else None  # may echo a key
             child_headers = child_response_headers(upstream.raw_headers, self._variants, location)
+            guarding = self.guard is not None and request.method != "HEAD"
+            if guarding and self.guard is not None and self.guard.settings.responses == "deny":
+                # Held back whole and scanned before the child sees a byte of it.
+                data = await held_body(upstream.content.iter_any(), self.guard.settings.max_body)
+                if data is None:
+                    return outcome.fail(502, "upstream_error", "the response is larger than guard.max_body, so "
+                                        "the wrong-client guard cannot check it", credential,
+                                        reason=TOO_LARGE_REASON)
+                found = self.guard.search(body_texts(data))
+                if found is not None:
+                    outcome.rule = found.rule
+                    return outcome.fail(403, "denied", "the response carries an identifier that another workspace "
+                                        "declared in its [guard]; outloop withheld it", credential,
+                                        reason=GUARD_REASON)
+                return self._answer(upstream.status, reason, child_headers, data, outcome)
             if (encoding in ("", "identity") and upstream.content_length is not None
                     and upstream.content_length <= SMALL_BODY and request.method != "HEAD"
                     and upstream.status not in (204, 304)):
                 # Small and complete: read it, mask it once, answer in one write instead of three.
-                redactor = StreamRedactor(self._variants)
-                data = redactor.feed(await upstream.read()) + redactor.flush()
-                outcome.sent = len(data)
-                return web.Response(status=upstream.status, reason=reason, headers=child_headers, body=data)
+                data = await upstream.read()
+                if guarding and self.guard is not None:
+                    outcome.flag(self.guard.search(body_texts(data)))
+                return self._answer(upstream.status, reason, child_headers, data, outcome)
             response = web.StreamResponse(status=upstream.status, reason=reason, headers=child_headers)
             if encoding in ("", "identity") and upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)
             outcome.prepared = response
             redactor = StreamRedactor(self._variants)
+            scanner = StreamScanner(self.guard) if guarding and self.guard is not None else None
             async for chunk in upstream.content.iter_any():
+                if scanner is not None:
+                    scanner.feed(chunk)
+                    outcome.flag(scanner.found)
                 out = redactor.feed(chunk)
                 if out:
                     await response.write(out)
@@ -380,6 +423,14 @@ class Broker:
                 outcome.sent += len(tail)
             await response.write_eof()
             return response
+
+    def _answer(self, status: int, reason: str | None, headers: CIMultiDict[str], data: bytes,
+                outcome: _Outcome) -> web.Response:
+        """A whole body, masked once and answered in one write."""
+        redactor = StreamRedactor(self._variants)
+        masked = redactor.feed(data) + redactor.flush()
+        outcome.sent = len(masked)
+        return web.Response(status=status, reason=reason, headers=headers, body=masked)
 
     def _protocol_error(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
         """A request aiohttp could not parse (or a broker bug): answer in the broker's format, audit it."""
@@ -399,25 +450,27 @@ class Broker:
 
     # ----- denials ---------------------------------------------------------------------------------------
 
-    async def _unknown_credential(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
-        # Same answer whether the name exists in another workspace or nowhere: no oracle for other clients.
-        return await self._deny(request, None, 404, "unknown_credential", "unknown_credential",
-                                f"no credential named {_short(name, 64)!r} in this workspace",
-                                asked_for=name)
+    async def _refuse(self, request: web.BaseRequest, denial: Denial) -> web.Response:
+        return await self._deny(request, denial.credential, denial.status, denial.code, denial.reason,
+                                denial.message, rule=denial.rule, asked_for=denial.asked_for,
+                                headers=denial.headers, path=denial.path, rule_to_child=denial.identifier is None)
 
     async def _deny(self, request: web.BaseRequest, credential: Credential | None, status: int, code: str,
                     reason: str, message: str, *, rule: str | None = None, asked_for: str | None = None,
-                    headers: Mapping[str, str] | None = None, path: str | None = None) -> web.Response:
+                    headers: Mapping[str, str] | None = None, path: str | None = None,
+                    rule_to_child: bool = True) -> web.Response:
         """Audit the refusal (committed first), count it, answer it. `path` is the upstream path when known, so
-        a request is recorded under the same spelling whether it was allowed or denied."""
+        a request is recorded under the same spelling whether it was allowed or denied. `rule_to_child` is False
+        where the rule names another client (the guard's identifier rules)."""
         name = credential.name if credential else asked_for
         path = path if path is not None else request.raw_path.partition("?")[0]
         try:
             await self._audit_request(request, credential, path, "deny", reason, rule, status,
                                       credential_name=name)
         except AuditError:
-            return _error_response(503, "audit_unavailable", "the audit log cannot be written", name, rule)
-        return _error_response(status, code, message, name, rule, headers)
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written", name,
+                                   rule if rule_to_child else None)
+        return _error_response(status, code, message, name, rule if rule_to_child else None, headers)
 
     async def _audit_request(self, request: web.BaseRequest, credential: Credential | None, path: str,
                              decision: str, reason: str, rule: str | None, status: int | None,
@@ -437,8 +490,14 @@ class _Outcome:
     status: int = 0
     sent: int = 0
     error: str | None = None
+    rule: str | None = None  # the guard's identifier rule, when it withheld or flagged the response
+    flagged: Identifier | None = None
     prepared: web.StreamResponse | None = None
     received: list[int] = field(default_factory=lambda: [0])
+
+    def flag(self, found: Identifier | None) -> None:
+        if found is not None and self.flagged is None:
+            self.flagged, self.rule = found, found.rule
 
     def fail(self, status: int, code: str, message: str, credential: Credential,
              request: web.BaseRequest | None = None, reason: str | None = None) -> web.StreamResponse:

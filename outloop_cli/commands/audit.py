@@ -5,11 +5,8 @@ Every subcommand opens audit.db read-only (except `prune`) and prints; the queri
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import sys
-from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated
 
@@ -25,12 +22,12 @@ from outloop_cli.audit.queries import (
     find_run,
     follow,
     live_or_next_run,
+    operator_database,
     recent_runs,
     resolve_run_id,
     run_record,
     short_ids,
 )
-from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.store import (
     EventRow,
     Exchange,
@@ -117,16 +114,6 @@ def _central_refuses(failed: bool, statuses: list[StatusRange]) -> None:
         raise UsageError("--failed and --status read the local audit only; drop them, or leave out --central")
 
 
-@contextlib.contextmanager
-def _database(*, missing_ok: bool = True) -> Iterator[sqlite3.Connection]:
-    """The audit DB read-only; before the first run it reads as empty, so listings print nothing, not an error."""
-    conn = open_readonly(audit_db_path(outloop_home()), missing_ok=missing_ok)
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
 # --------------------------------------------------------------------------------------------------
 # audit (recent runs)
 
@@ -139,6 +126,9 @@ def recent(
     failed: FailedRunsFlag = False,
     status: RunStatusOption = None,
     central: CentralFlag = False,
+    batch: Annotated[str | None, typer.Option("--batch", metavar="ID", help="Only the runs of this `run --each` "
+                                              "batch (its id is in the batch summary).", show_default=False)]
+    = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recent runs, newest first; NO END marks a run that never recorded its end (killed, e.g. kill -9)."""
@@ -151,15 +141,16 @@ def recent(
         _central_refuses(failed, statuses)
         audit_central.recent(limit, workspace, as_json)
         return
-    with _database() as conn:
-        runs = recent_runs(conn, limit=limit, workspace=workspace, failed=failed, statuses=statuses)
+    with operator_database() as conn:
+        runs = recent_runs(conn, limit=limit, workspace=workspace, failed=failed, statuses=statuses, batch_id=batch)
         shown = short_ids(conn, [item.run.run_id for item in runs])
     if as_json:
         print_json([run_record(item) for item in runs])
         return
     if not runs:
-        filtered = " matching" if failed or statuses else ""
+        filtered = " matching" if failed or statuses or batch else ""
         note(f"no{filtered} runs recorded yet" + (f" for workspace {workspace!r}" if workspace else "")
+             + (f" in batch {batch!r}" if batch else "")
              + ("" if filtered else "; `outloop run -w WORKSPACE -- COMMAND` records one"))
         return
     print_runs(runs, shown)
@@ -209,7 +200,7 @@ def show(
             raise UsageError("--workspace reads the local audit only; with --central give the run id")
         audit_central.show(run_id, limit, as_json)
         return
-    with _database() as conn:
+    with operator_database() as conn:
         item = find_run(conn, run_id, workspace=workspace)
         exchanges = run_exchanges(conn, item.run.run_id, limit=limit)
         total = count_events(conn, item.run.run_id)
@@ -236,6 +227,7 @@ def print_run(item: RunView, exchanges: list[Exchange], total: int, reasons: lis
         ("sandbox", ", ".join(f"{k}: {v}" for k, v in run.sandbox.items()) if isinstance(run.sandbox, dict)
          else run.sandbox),
         ("events", f"{total}, head {(run.head_hash or '')[:16]}"),
+        ("policy", run.policy_hash), ("batch", run.batch_id),
     ]
     print_pairs(pairs)
     sys.stdout.write("\n")
@@ -305,7 +297,7 @@ def events(
                              decision=decision.value if decision else None, since=since_ts, until=until_ts,
                              limit=limit, as_json=as_json)
         return
-    with _database() as conn:
+    with operator_database() as conn:
         found = query_exchanges(conn, workspace=workspace, credential=credential,
                                 decision=decision.value if decision else None, since=since_ts, until=until_ts,
                                 failed=failed, statuses=statuses, limit=limit)
@@ -345,7 +337,7 @@ def tail(
     as_json: JsonFlag = False,
 ) -> None:
     """Follow a run's events as they are recorded; ends when the run ends (or is found killed)."""
-    with _database(missing_ok=False) as conn:
+    with operator_database(missing_ok=False) as conn:
         if run_id is not None:
             run = find_run(conn, run_id, workspace=workspace).run
         else:
@@ -412,7 +404,7 @@ def verify(
             raise UsageError("--central and --against-central check every run: give one of them, and no RUN_ID")
         audit_central.verify(against=against_central, as_json=as_json)
         return
-    with _database() as conn:
+    with operator_database() as conn:
         verdicts = [verify_run(conn, resolve_run_id(conn, run_id))] if run_id else verify_all(conn)
     if not report_verdicts([(None, verdict) for verdict in verdicts], as_json):
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
@@ -467,7 +459,7 @@ def export(
     """Write every event (all kinds, oldest first) to stdout; redirect it to a file."""
     since_ts = parse_point("--since", since) if since else None
     until_ts = parse_point("--until", until) if until else None
-    with _database() as conn:
+    with operator_database() as conn:
         only = resolve_run_id(conn, run_id, workspace=workspace) if run_id else None
         count = write_events(iter_events(conn, workspace=workspace, since=since_ts, until=until_ts, run_id=only),
                              sys.stdout, fmt.value)

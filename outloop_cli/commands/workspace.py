@@ -147,14 +147,16 @@ def _status_record(status: SecretStatus) -> dict[str, object]:
 
 def _check_record(result: WorkspaceCheck) -> dict[str, object]:
     return {"workspace": result.name, "path": str(result.path) if result.path else None,
-            "ok": not result.problems, "problems": result.problems,
+            "ok": not result.problems, "problems": result.problems, "warnings": result.warnings,
             "secrets": [_status_record(s) for s in result.secrets]}
 
 
 def _print_check(result: WorkspaceCheck) -> None:
     if not result.problems:
         sys.stdout.write(f"ok       {result.name}: {plural(len(result.secrets), 'secret')} present\n")
-        return
-    sys.stdout.write(f"PROBLEM  {result.name}\n")
+    else:
+        sys.stdout.write(f"PROBLEM  {result.name}\n")
     for problem in result.problems:
         sys.stdout.write(f"  - {problem}\n")
+    for warning in result.warnings:
+        sys.stdout.write(f"  warning: {warning}\n")

@@ -138,13 +138,18 @@ def build_view(profile: Profile, target: Target) -> view.View:
         keep.append(str(_ensure_workspace_home(target.home, profile.workspace)))
     lookup = [str(d) for d in target.profile_dirs]
     own = outloop_dirs()
+    keyring_config = os.path.join(environ.get("XDG_CONFIG_HOME") or os.path.join(home_dir, ".config"),
+                                  "python_keyring")
+    if mode == view.HOST:  # made to exist, so it can be bound read-only (view.build protects only what exists)
+        os.makedirs(keyring_config, mode=0o700, exist_ok=True)
     request = view.ViewRequest(
         mode=mode, cwd=os.getcwd(), user_home=home_dir, outloop_home=str(target.home), keep=tuple(keep),
         installation=(*command_dirs(target.executable, target.search_path), *own, *system_links()),
         read=tuple(expand(p, home_dir) for p in profile.run.read),
         write=tuple(expand(p, home_dir) for p in profile.run.write),
         masks=tuple(masks), secret_files=tuple(secrets),
-        protected=(*lookup, str(target.home), *own), lookup_dirs=tuple(lookup),
+        # keyring's keyringrc.cfg names a backend module and a path to import it from: the broker would run it
+        protected=(*lookup, str(target.home), *own, keyring_config), lookup_dirs=tuple(lookup),
     )
     return view.build(request)
 
