@@ -5,7 +5,8 @@
 _outloop_subcommands() {  # subcommands of a command path
     case "$1" in
         '') echo 'audit doctor policy run secret workspace' ;;
-        'audit') echo 'events export prune show tail verify' ;;
+        'audit') echo 'central events export prune ship show tail verify' ;;
+        'audit central') echo 'init' ;;
         'policy') echo 'lint replay suggest test' ;;
         'secret') echo 'check list rm set' ;;
         'workspace') echo 'check current list new show use' ;;
@@ -15,13 +16,16 @@ _outloop_subcommands() {  # subcommands of a command path
 _outloop_options() {  # options of a command path
     case "$1" in
         '') echo '--version --help' ;;
-        'audit') echo '--limit -n --workspace -w --failed --status --batch --json --help' ;;
-        'audit events') echo '--workspace -w --credential -c --decision --failed --status --since --until --limit -n --json --help' ;;
+        'audit') echo '--limit -n --workspace -w --failed --status --central --batch --json --help' ;;
+        'audit central') echo '--help' ;;
+        'audit central init') echo '--json --help' ;;
+        'audit events') echo '--workspace -w --credential -c --decision --failed --status --since --until --limit -n --central --json --help' ;;
         'audit export') echo '--format --since --until --workspace -w --run --help' ;;
         'audit prune') echo '--older-than --json --help' ;;
-        'audit show') echo '--limit -n --workspace -w --json --help' ;;
+        'audit ship') echo '--batch-size --json --help' ;;
+        'audit show') echo '--limit -n --workspace -w --central --json --help' ;;
         'audit tail') echo '--lines -n --workspace -w --json --help' ;;
-        'audit verify') echo '--json --help' ;;
+        'audit verify') echo '--central --against-central --json --help' ;;
         'doctor') echo '-w --workspace --profiles --json --help' ;;
         'policy') echo '--help' ;;
         'policy lint') echo '--since --profiles --json --help' ;;
@@ -69,6 +73,7 @@ _outloop_value_kind() {  # what the value of PATH|OPTION is
         'audit export|-w') echo 'workspaces' ;;
         'audit export|--run') echo 'runs' ;;
         'audit prune|--older-than') echo 'none' ;;
+        'audit ship|--batch-size') echo 'none' ;;
         'audit show|--limit') echo 'none' ;;
         'audit show|-n') echo 'none' ;;
         'audit show|--workspace') echo 'workspaces' ;;

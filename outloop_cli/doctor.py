@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Literal
 
 from outloop_cli import __version__
+from outloop_cli.audit.central_config import load_central
 from outloop_cli.audit.health import inspect_database
+from outloop_cli.audit.shipped import backlog_readonly
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
 from outloop_cli.profiles import Profile, available_workspaces, load_profile
@@ -66,6 +68,7 @@ def diagnose(environ: Mapping[str, str]) -> Report:
         *_sandbox(needs_isolation=[p.workspace for p in profiles if p.run.network == "broker-only"],
                   host_view=[p.workspace for p in profiles if p.run.filesystem == "host"]),
         *_audit(audit_db_path(home)),
+        *_central(home, environ),
     ]
     return Report(findings, versions())
 
@@ -230,4 +233,36 @@ def _audit(path: Path) -> list[Finding]:
     findings = [Finding("audit", "database", "info" if health.problems else "ok", summary)]
     findings += [Finding("audit", "database", "problem", problem, fix) for problem, fix in health.problems]
     findings += [Finding("audit", "database", "info", note) for note in health.notes]
+    return findings
+
+
+def _central(home: Path, environ: Mapping[str, str]) -> list[Finding]:
+    """Whether this host ships its audit, what still waits to be shipped, and whether the server answers."""
+    try:
+        config = load_central(home)
+    except OutloopError as exc:
+        return [Finding("central audit", "config", "warn", exc.message, "fix [audit.central] in config.toml")]
+    if config is None:
+        return [Finding("central audit", "config", "info", "not configured (no [audit.central] in config.toml)")]
+    from outloop_cli.audit.central_db import connect, describe, require_schema
+
+    target = f"{describe(config)} as host {config.host_id}"
+    findings = [Finding("central audit", "config", "ok", target)]
+    waiting = backlog_readonly(audit_db_path(home))
+    if waiting is not None:
+        status: Status = "ok" if waiting.events == 0 else "info"
+        findings.append(Finding("central audit", "backlog", status,
+                                f"{waiting.events} events in {waiting.runs} runs not shipped yet",
+                                None if waiting.events == 0 else "`outloop audit ship` (or a timer running it)"))
+    try:
+        conn = connect(config, environ, timeout=config.timeout)
+        try:
+            require_schema(conn, config)
+        finally:
+            conn.close()
+    except OutloopError as exc:
+        findings.append(Finding("central audit", "server", "warn", exc.message,
+                                "runs are unaffected; start the server or fix the dsn, then `outloop audit ship`"))
+    else:
+        findings.append(Finding("central audit", "server", "ok", "reachable, schema current"))
     return findings

@@ -14,6 +14,7 @@ EXIT_NOT_FOUND = 127
 EXIT_USAGE = 2
 EXIT_PROBLEMS_FOUND = 1
 EXIT_AMBIGUOUS = 3  # a shortened run id matches several runs: the message lists them
+EXIT_UNAVAILABLE = 4  # a server the command needs (the central audit database) cannot be reached or used
 
 
 class OutloopError(Exception):

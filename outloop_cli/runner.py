@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from outloop_cli.broker.server import Broker
 
+from outloop_cli.audit.central_config import load_central
+from outloop_cli.audit.central_probe import unreachable
 from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.tally import Counts, Tally, run_tally
 from outloop_cli.audit.writer import RunLog
@@ -42,6 +44,7 @@ from outloop_cli.supervisor import Supervisor, child_environment, resolve_comman
 from outloop_cli.timespec import iso_time
 
 MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+_PRELOAD_DELAY = 0.5  # seconds after the child started before the shipper is imported (see _preload_shipping)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -83,6 +86,7 @@ class RunReport:
     audit_db: str
     limit_hit: str | None = None
     counts_error: str | None = None
+    central: str | None = None  # what shipping to the central audit database did, when it is configured
     policy_hash: str = ""
     batch_id: str | None = None
     notify: dict[str, Any] | None = None  # what the [notify] hook did, when it ran (notify.NotifyOutcome)
@@ -150,7 +154,7 @@ def execute(request: RunRequest) -> RunReport:
         refuse_secrets_in_child_env(profile, environ, resolved_secrets)
         guard = load_guard(profile, dirs)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
-            return loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network,
+            report = loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network,
                                             guard))
     except _StartFailed as failure:
         raise failure.error from None
@@ -160,6 +164,31 @@ def execute(request: RunRequest) -> RunReport:
     finally:
         for secret in resolved_secrets.values():
             secret.wipe()
+    report.central = ship_after_run(home, environ, report.run_id)
+    return report
+
+
+def ship_after_run(home: Path, environ: Mapping[str, str], run_id: str) -> str | None:
+    """Try to ship this run's events to the central audit database, if one is configured; never raises.
+
+    The local audit already holds the run, so a slow or absent server costs at most the configured timeout
+    and a line in the summary, never the exit code; `outloop audit ship` sends what this could not.
+    """
+    try:
+        config = load_central(home)
+        if config is None:
+            return None
+        down = unreachable(config.dsn, config.timeout)
+        if down is not None:
+            return f"not shipped: cannot connect to the central audit database ({down}); `outloop audit ship` " \
+                   "sends it later"
+        from outloop_cli.audit.central_ship import ship  # psycopg loads only where shipping is configured
+
+        result = ship(audit_db_path(home), config, environ, run_id=run_id, timeout=config.timeout)
+    except Exception as exc:  # whatever went wrong, the run itself succeeded or failed on its own terms
+        reason = exc.message if isinstance(exc, OutloopError) else f"unexpected {type(exc).__name__}"
+        return f"not shipped: {reason}; `outloop audit ship` sends it later"
+    return f"shipped {result.sent} events to {result.target} as {result.host_id}"
 
 
 MIN_SUBSTRING_SECRET = 8  # shorter secrets are only refused as a whole value: "abc" may well occur in a PATH
@@ -303,6 +332,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             audit.finish(exit_code=error.exit_code, duration=0.0,
                          detail=_start_failure_detail(profile, run_id, request, error))
             raise _StartFailed(error) from None
+        _preload_shipping(home)
         child = asyncio.ensure_future(supervisor.wait())
         # The broker stack (aiohttp: ~150 ms to import) loads only once a connection is waiting, so a loop that
         # never calls it, or exits at once, never pays for it; connections wait in the backlog meanwhile.
@@ -432,6 +462,30 @@ def _import_in_background(module: str) -> asyncio.Future[ModuleType]:
 
     threading.Thread(target=work, name="outloop-broker-import", daemon=True).start()
     return future
+
+
+def _preload_shipping(home: Path) -> None:
+    """Import the shipper (psycopg: a few hundred ms of CPU) while the child runs, not after it.
+
+    Not before the child has had a moment to start: on a small machine the import would compete with the
+    child's own start-up for the CPU, and start-up must cost the same with or without a central database.
+    """
+    try:
+        config = load_central(home)
+    except OutloopError:
+        return  # reported by ship_after_run, which never fails the run either
+    if config is None:
+        return
+
+    def work() -> None:
+        if unreachable(config.dsn, config.timeout) is not None:
+            return  # a server that is down costs the run nothing; ship_after_run says so
+        with contextlib.suppress(Exception):  # ship_after_run imports it again and reports what fails
+            importlib.import_module("outloop_cli.audit.central_ship")
+
+    timer = threading.Timer(_PRELOAD_DELAY, work)
+    timer.name, timer.daemon = "outloop-ship-import", True
+    timer.start()
 
 
 def _settle(future: asyncio.Future[ModuleType], value: ModuleType | None, error: BaseException | None) -> None:

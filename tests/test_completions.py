@@ -40,7 +40,8 @@ def test_committed_scripts_match_the_commands(tmp_path: Path) -> None:
 
 def test_bash_completes_commands_options_and_fixed_choices(world: World) -> None:
     assert bash_complete(world, "") == ["audit", "doctor", "policy", "run", "secret", "workspace"]
-    assert bash_complete(world, "audit", "") == ["events", "export", "prune", "show", "tail", "verify"]
+    assert bash_complete(world, "audit", "") == ["central", "events", "export", "prune", "ship", "show", "tail",
+                                                 "verify"]
     assert bash_complete(world, "audit", "events", "--d") == ["--decision"]
     assert bash_complete(world, "audit", "events", "--decision", "") == ["allow", "deny"]
     assert bash_complete(world, "audit", "events", "--decision", "=", "d") == ["deny"]

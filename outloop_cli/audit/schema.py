@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Final
 
 from outloop_cli.audit.chain import error_sql
+from outloop_cli.audit.shipped import SHIPPED_SCHEMA
 from outloop_cli.errors import AuditError
 from outloop_cli.private_fs import check_private_file
 
@@ -115,9 +116,15 @@ def _migrate_to_v3(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX runs_by_batch ON runs (batch_id, started_at) WHERE batch_id IS NOT NULL")
 
 
+def _migrate_to_shipped(conn: sqlite3.Connection) -> None:
+    for statement in SHIPPED_SCHEMA:
+        conn.execute(statement)
+
+
 # Applied in order from the database's user_version; append, never edit, once released.
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migrate_to_v1, _migrate_to_v2,
-                                                                       _migrate_to_v3)
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
+    _migrate_to_v1, _migrate_to_v2, _migrate_to_v3, _migrate_to_shipped,
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -46,7 +46,9 @@ def _stop(chain: _Chain, problem: str, seq: int) -> _Chain:
     return chain
 
 
-def _walk(rows: Iterable[tuple[object, ...]]) -> _Chain:
+def walk_chain(rows: Iterable[tuple[object, ...]]) -> _Chain:
+    """Walk one run's events (EVENT_COLUMNS + hash, in seq order) up to the first problem; the central verify
+    walks shipped chains with it too, so both copies are held to one definition of intact."""
     chain = _Chain()
     for row in rows:
         fields = dict(zip((*EVENT_COLUMNS, "hash"), row, strict=True))
@@ -143,7 +145,7 @@ def verify_run(conn: sqlite3.Connection, run_id: str) -> RunVerdict:
     with snapshot(conn):
         row = conn.execute(f"SELECT {', '.join(_RUN_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         marker = conn.execute("SELECT event_count FROM pruned WHERE run_id = ?", (run_id,)).fetchone()
-        chain = _walk(
+        chain = walk_chain(
             conn.execute(
                 f"SELECT {', '.join((*EVENT_COLUMNS, 'hash'))} FROM events WHERE run_id = ? ORDER BY seq",
                 (run_id,),

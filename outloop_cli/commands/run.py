@@ -173,6 +173,8 @@ def _plain_summary(report: RunReport) -> str:
                  f"({report.audit_db})")
     if report.notify is not None:
         lines.append(f"  notify     {notify_line(report.notify)}")
+    if report.central:
+        lines.append(f"  central    {report.central}")
     return "\n".join(lines) + "\n"
 
 
@@ -210,6 +212,8 @@ def _rich_summary(report: RunReport) -> None:
     if report.notify is not None:
         failed = report.notify["error"] is not None
         header.add_row("notify", Text(notify_line(report.notify), style="bold red" if failed else ""))
+    if report.central:
+        header.add_row("central", Text(report.central))
     table = Table(title=None, expand=False, caption="errors: allowed, but the answer failed; "
                   "rate-limited: among the denied; bytes are bodies sent to and received from upstream")
     for column in ("credential", "allowed", "errors", "denied", "rate-limited", "sent", "received"):

@@ -125,7 +125,8 @@ def build_view(profile: Profile, target: Target) -> view.View:
     """The workspace (or host) view for this profile, run and machine."""
     environ = target.environ
     home_dir = user_home(environ)
-    secrets = secret_files(profile, [*target.profile_dirs, target.home / "profiles"], home_dir)
+    # target.home: config.toml's [audit.central] password may be a file: secret too.
+    secrets = secret_files(profile, [*target.profile_dirs, target.home / "profiles", target.home], home_dir)
     runtime = environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
     masks = [str(target.home), *view.home_masks(home_dir, runtime), *secrets]
     if environ.get("XDG_DATA_HOME"):
