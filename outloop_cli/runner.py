@@ -24,13 +24,14 @@ if TYPE_CHECKING:
 
 from outloop_cli import sandbox
 from outloop_cli.audit.store import RunLog
+from outloop_cli.auth.documents import resolve_credential_secret
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
 from outloop_cli.profiles import Profile, check_workspace_name, load_profile
-from outloop_cli.secrets import Secret, resolve_secret
+from outloop_cli.secrets import Secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
 
 MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
@@ -78,6 +79,7 @@ class RunReport:
     audit_events: int
     audit_db: str
     limit_hit: str | None = None
+    warnings: list[str] = field(default_factory=list)  # things the operator must act on, e.g. an unstored token
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +124,7 @@ def execute(request: RunRequest) -> RunReport:
         timeout = request.timeout if request.timeout is not None else profile.run.timeout
         network = request.network or profile.run.network
         for name, cred in profile.credentials.items():
-            resolved_secrets[name] = resolve_secret(cred.owner, name, cred.secret_ref, environ)
+            resolved_secrets[name] = resolve_credential_secret(cred, environ)
         refuse_secrets_in_child_env(profile, environ, resolved_secrets)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
             return loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network))
@@ -266,7 +268,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         credentials=credentials, denials=dict(stats.denials), sandbox=plan.layers,
         peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
         strays_killed=result.strays_killed, audit_head=head, audit_events=count,
-        audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
+        audit_db=str(audit_db_path(home)), limit_hit=limit_hit, warnings=list(stats.warnings),
     )
 
 

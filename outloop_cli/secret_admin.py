@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from outloop_cli.auth.documents import check_document, document_kind, resolve_credential_secret
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, SecretError, UsageError
 from outloop_cli.profiles import Credential, Profile
-from outloop_cli.secrets import MAX_SECRET_BYTES, keyring_service, resolve_secret, source_kind, usable_keyring
+from outloop_cli.secrets import MAX_SECRET_BYTES, keyring_service, source_kind, usable_keyring
 
 SecretState = Literal["present", "missing", "not checked"]
 
@@ -50,7 +51,7 @@ def secret_status(credential: Credential, environ: Mapping[str, str], *, run_com
         return SecretStatus(credential.name, credential.owner, source, "not checked",
                             "cmd: sources run only in `outloop workspace check` and `outloop secret check`")
     try:
-        resolve_secret(credential.owner, credential.name, credential.secret_ref, environ).wipe()
+        resolve_credential_secret(credential, environ).wipe()
     except SecretError as exc:
         return SecretStatus(credential.name, credential.owner, source, "missing", exc.message)
     return SecretStatus(credential.name, credential.owner, source, "present")
@@ -95,10 +96,21 @@ def one_line(text: str) -> str:
     return text
 
 
-def check_value(value: str) -> None:
-    """The checks `outloop run` would apply, made now, so a bad value is refused before it is stored."""
-    if not value:
+def check_value(value: str, credential: Credential | None = None) -> None:
+    """The checks `outloop run` would apply, made now, so a bad value is refused before it is stored.
+
+    An `auth` credential's value is a document checked against its scheme (a missing field is named).
+    """
+    if not value.strip():
         raise UsageError("the secret is empty; nothing was stored")
+    if credential is not None and credential.auth is not None:
+        if len(value.encode("utf-8")) > MAX_SECRET_BYTES:
+            raise UsageError(f"the secret is larger than {MAX_SECRET_BYTES} bytes; nothing was stored")
+        try:
+            check_document(credential.auth, value, f"credential {credential.name!r} ({document_kind(credential.auth)})")
+        except SecretError as exc:
+            raise UsageError(f"{exc.message}\nnothing was stored") from None
+        return
     if any(ch in value for ch in "\r\n\0"):
         raise UsageError("the secret contains a line break or NUL, which would corrupt request headers; "
                          "nothing was stored")
@@ -106,9 +118,9 @@ def check_value(value: str) -> None:
         raise UsageError(f"the secret is larger than {MAX_SECRET_BYTES} bytes; nothing was stored")
 
 
-def store_secret(workspace: str, credential: str, value: str) -> str:
+def store_secret(workspace: str, credential: str, value: str, checked_as: Credential | None = None) -> str:
     """Write the keyring entry (service outloop/<workspace>, user <credential>); return the backend's name."""
-    check_value(value)
+    check_value(value, checked_as)
     backend = usable_keyring()
     try:
         backend.set_password(keyring_service(workspace), credential, value)
@@ -133,3 +145,17 @@ def delete_secret(workspace: str, credential: str) -> None:
         raise OutloopError(f"no keyring entry for workspace {workspace!r}, credential {credential!r} "
                            f"(service {service!r}, user {credential!r}); nothing was removed",
                            exit_code=EXIT_PROBLEMS_FOUND)
+
+
+def write_back_document(credential: Credential, text: str) -> bool:
+    """Store an `auth` credential's updated document (a rotated refresh token) whole, in one keyring write.
+
+    False when the source is not the keyring (env:, file:, cmd: are the operator's to change) or the write failed.
+    """
+    if source_kind(credential.secret_ref)[0] != "keyring":
+        return False
+    try:
+        store_secret(credential.owner, credential.name, text, credential)
+    except OutloopError:
+        return False
+    return True

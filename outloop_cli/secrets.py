@@ -60,13 +60,17 @@ class Secret:
 
 
 class SecretSource(Protocol):
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str: ...
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
+              whole: bool = False) -> str:
+        """`whole`: the value is a multi-line document (an `auth` credential's), not one line."""
+        ...
 
 
 class KeyringSource:
     """Service `outloop/<workspace>`, username `<credential>`, as `outloop secret set` stores them."""
 
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
+              whole: bool = False) -> str:
         backend = usable_keyring()
         try:
             value = backend.get_password(keyring_service(workspace), credential)
@@ -112,7 +116,8 @@ def usable_keyring() -> KeyringBackend:
 class EnvSource:
     """Read from outloop's own environment; the child never inherits it (see supervisor.child_environment)."""
 
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
+              whole: bool = False) -> str:
         if argument not in environ:
             raise SecretError(
                 f"workspace {workspace!r}, credential {credential!r}: environment variable {argument} "
@@ -124,7 +129,8 @@ class EnvSource:
 class FileSource:
     """Read a file that only its owner may read, like ssh insists for private keys."""
 
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
+              whole: bool = False) -> str:
         path = Path(argument).expanduser()
         where = f"workspace {workspace!r}, credential {credential!r}: secret file {path}"
         try:
@@ -151,7 +157,8 @@ def _open_nonblocking(path: str, flags: int) -> int:
 class CommandSource:
     """Run a password manager (`pass show x`, `op read op://...`) without a shell unless the user wrote one."""
 
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
+              whole: bool = False) -> str:
         where = f"workspace {workspace!r}, credential {credential!r}: secret command"
         try:
             argv = shlex.split(argument)
@@ -179,6 +186,8 @@ class CommandSource:
             raise SecretError(f"{where} printed more than {MAX_SECRET_BYTES} bytes; print only the secret")
         # Like `pass show`, take the first line: password managers print metadata after it.
         text = _decode(where, completed.stdout)
+        if whole:
+            return text
         return text.splitlines()[0] if text.strip() else ""
 
 
@@ -207,15 +216,24 @@ def source_kind(secret_ref: str) -> tuple[str, str]:
     return scheme, argument
 
 
-def resolve_secret(workspace: str, credential: str, secret_ref: str, environ: Mapping[str, str]) -> Secret:
-    """Fetch one secret; every failure names the workspace and credential, never the value."""
+def resolve_secret(workspace: str, credential: str, secret_ref: str, environ: Mapping[str, str], *,
+                   document: bool = False) -> Secret:
+    """Fetch one secret; every failure names the workspace and credential, never the value.
+
+    `document`: the secret is an `auth` credential's TOML/JSON document, so line breaks belong in it; the fields are
+    checked by outloop_cli.auth.documents.
+    """
     scheme, argument = source_kind(secret_ref)
     source = _SOURCES.get(scheme)
     if source is None:
         raise SecretError(f"workspace {workspace!r}, credential {credential!r}: unknown secret source {scheme!r}")
-    value = source.fetch(workspace, credential, argument, environ)
-    if not value:
+    value = source.fetch(workspace, credential, argument, environ, whole=document)
+    if not value.strip():
         raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret is empty")
+    if document:
+        if "\0" in value:
+            raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret document contains NUL")
+        return Secret(value)
     if any(ch in value for ch in "\r\n\0"):
         raise SecretError(
             f"workspace {workspace!r}, credential {credential!r}: the secret contains a line break or NUL, "

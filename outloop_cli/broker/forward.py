@@ -12,6 +12,7 @@ from urllib.parse import quote, unquote
 
 from multidict import CIMultiDict
 
+from outloop_cli.auth.config import child_signing_headers
 from outloop_cli.broker.redact import basic_auth_variant, redact_text
 from outloop_cli.profiles import Credential
 from outloop_cli.secrets import Secret
@@ -43,9 +44,12 @@ class Injector:
 
     header: tuple[str, str] | None
     query: tuple[str, str] | None  # (name, url-encoded secret)
+    drop: frozenset[str] = frozenset()  # more child headers to drop (lower case): an auth scheme's signing headers
 
     @classmethod
     def for_credential(cls, credential: Credential, secret: Secret) -> Injector:
+        if credential.auth is not None:  # its scheme authorizes each request (outloop_cli.auth)
+            return cls(header=None, query=None, drop=child_signing_headers(credential.auth))
         value = secret.reveal()
         style = credential.inject.style
         if style == "header":
@@ -73,7 +77,7 @@ def upstream_headers(
     injected_name = injector.header[0].lower() if injector.header else None
     for name, value in decoded:
         lower = name.lower()
-        if lower in NEVER_FROM_CHILD or lower in connection_listed or lower == injected_name:
+        if lower in NEVER_FROM_CHILD or lower in connection_listed or lower == injected_name or lower in injector.drop:
             continue
         if lower.startswith("outloop-"):
             continue

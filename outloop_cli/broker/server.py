@@ -13,15 +13,17 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.auth.schemes import IDEMPOTENT_METHODS, AuthContext, AuthFailed, Outgoing, build_scheme, secret_forms
 from outloop_cli.broker.forward import (
     DECODABLE_ENCODINGS,
     BadQuery,
@@ -42,6 +44,7 @@ from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import AuditError
 from outloop_cli.policy import PathRejected, decide, normalise_path
 from outloop_cli.profiles import Credential, Profile
+from outloop_cli.secret_admin import write_back_document
 from outloop_cli.secrets import Secret
 
 HTTP_PREFIX = "/v1/http/"
@@ -84,6 +87,10 @@ class Broker:
         self._secrets = dict(secrets)
         self._injectors = {name: Injector.for_credential(cred, secrets[name])
                            for name, cred in profile.credentials.items()}
+        self._auth_context = AuthContext(audit=audit, learn=self._learn_secret, warn=self.stats.warnings.append,
+                                         write_back=write_back_document)
+        self._schemes = {name: build_scheme(cred, secrets[name], self._auth_context)
+                         for name, cred in profile.credentials.items() if cred.auth is not None}
         self._variants = secret_variants(self._all_secret_forms())
         self._timeouts = {name: aiohttp.ClientTimeout(total=None, connect=cred.connect_timeout,
                                                       sock_read=cred.read_timeout)
@@ -96,17 +103,24 @@ class Broker:
     def _all_secret_forms(self) -> list[str]:
         forms = []
         for name, cred in self.profile.credentials.items():
+            if name in self._schemes:  # each field of its document, and every token it minted
+                forms += secret_forms(self._schemes[name])
+                continue
             value = self._secrets[name].reveal()
             forms.append(value)
             if cred.inject.style == "basic":
                 forms.append(basic_auth_variant(cred.inject.name, value))
         return forms
 
+    def _learn_secret(self, value: str) -> None:
+        """A scheme minted a token (or got a rotated one): from now on it is masked in every answer."""
+        self._variants = secret_variants(self._all_secret_forms())
+
     # ----- lifecycle -------------------------------------------------------------------------------------
 
     async def serve(self, listeners: Listeners) -> None:
         """Serve on sockets bound before the child started; connections made meanwhile wait in the backlog."""
-        self._session = self._new_session()
+        self._session = self._auth_context.session = self._new_session()
         await self._serve(listeners.broker, self.handle)
         if listeners.relay is not None:
             await self._serve(listeners.relay, self.handle_relayed)
@@ -142,6 +156,8 @@ class Broker:
             await self._session.close()
         for secret in self._secrets.values():
             secret.wipe()
+        for scheme in self._schemes.values():
+            scheme.wipe()
         self._injectors.clear()
         self._variants = ()
 
@@ -270,6 +286,9 @@ class Broker:
         except BadQuery as exc:
             return await self._deny(request, credential, 400, "bad_request", "bad_query", str(exc),
                                     path=upstream_path)
+        refusal = self._schemes[name].refusal(raw_query) if name in self._schemes else None
+        if refusal is not None:  # e.g. a presigned URL for a SigV4 credential
+            return await self._deny(request, credential, 403, "denied", refusal[0], refusal[1], path=upstream_path)
         decision = decide(request.method, path, credential.allow, credential.deny)
         if not decision.allowed:
             message = (f"{request.method} {_short(upstream_path)} is not allowed for {name!r}"
@@ -310,6 +329,10 @@ class Broker:
             return await self._exchange(request, credential, path, query, outcome)
         except BodyTooLarge as exc:
             return outcome.fail(413, "bad_request", str(exc), credential, request)
+        except AuthFailed as exc:  # the token endpoint or signing failed; nothing went upstream
+            response = outcome.fail(exc.status, exc.code, exc.message, credential, request)
+            outcome.error = exc.reason
+            return response
         except TimeoutError:
             return outcome.fail(504, "upstream_timeout", f"{credential.host} did not answer in time", credential,
                                 request)
@@ -346,8 +369,7 @@ class Broker:
             body = counted(request.content.iter_chunked(STREAM_CHUNK), outcome.received, MAX_REQUEST_BODY)
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
-        async with self._session.request(request.method, url, headers=headers, data=body,
-                                         allow_redirects=False, timeout=self._timeouts[name]) as upstream:
+        async with await self._send(request, credential, url, headers, body) as upstream:
             outcome.status = upstream.status
             # One coding at most: with several (or the header twice) aiohttp decodes one of them, so the body the
             # redactor sees, and the length the child is told, would not be what the upstream meant.
@@ -391,6 +413,28 @@ class Broker:
                 outcome.sent += len(tail)
             await response.write_eof()
             return response
+
+    async def _send(self, request: web.BaseRequest, credential: Credential, url: URL, headers: CIMultiDict[str],
+                    body: AsyncIterator[bytes] | None) -> aiohttp.ClientResponse:
+        """Send upstream; an `auth` credential authorizes the request first and, after a 401 to a replayable
+        idempotent request, gets one chance to refresh and retry."""
+        scheme = self._schemes.get(credential.name)
+        out = Outgoing(method=request.method, url=url, headers=headers, body=body, length=request.content_length)
+        if scheme is not None:
+            await scheme.authorize(out)
+        response = await self._request(out, credential)
+        if (response.status == 401 and scheme is not None and scheme.refreshable and out.replayable
+                and out.method in IDEMPOTENT_METHODS):
+            response.release()
+            await scheme.refresh_after_401()
+            await scheme.authorize(out)
+            response = await self._request(out, credential)
+        return response
+
+    async def _request(self, out: Outgoing, credential: Credential) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        return await self._session.request(out.method, out.url, headers=out.headers, data=out.body,
+                                           allow_redirects=False, timeout=self._timeouts[credential.name])
 
     def _protocol_error(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
         """A request aiohttp could not parse (or a broker bug): answer in the broker's format, audit it."""

@@ -20,6 +20,7 @@ class BrokerStats:
 
     per_credential: dict[str, CredentialStats] = field(default_factory=dict)
     denials: dict[str, int] = field(default_factory=dict)  # "reason (rule)" -> count
+    warnings: list[str] = field(default_factory=list)  # for the summary, e.g. a rotated token not stored
 
     def credential(self, name: str) -> CredentialStats:
         return self.per_credential.setdefault(name, CredentialStats())

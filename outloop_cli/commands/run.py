@@ -107,6 +107,7 @@ def _plain_summary(report: RunReport) -> str:
         lines.append(f"  denied     {count} x {reason}")
     lines.append("  sandbox    " + ", ".join(f"{k}: {v}" for k, v in report.sandbox.items()))
     lines += [f"  WARNING    {k}: {v}" for k, v in report.sandbox.items() if "NOT" in v]
+    lines += [f"  WARNING    {warning}" for warning in report.warnings]
     lines.append(f"  child      peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                  f"strays killed {report.strays_killed}")
     lines.append(f"  audit      {report.audit_events} events, head {report.audit_head[:16]}  ({report.audit_db})")
@@ -143,3 +144,5 @@ def _rich_summary(report: RunReport) -> None:
     out.print(table)
     for reason, count in sorted(report.denials.items(), key=lambda item: -item[1]):
         out.print(f"  [red]denied[/] {count} x {escape(reason)}")
+    for warning in report.warnings:
+        out.print(f"  [bold red]WARNING[/] {escape(warning)}")

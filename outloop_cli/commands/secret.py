@@ -41,22 +41,31 @@ def set_command(
     workspace: WorkspaceArgument,
     credential: CredentialArgument,
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the value from stdin (one line; one trailing "
-                                                        "newline is dropped) instead of prompting.")] = False,
+                                                        "newline is dropped; for an `auth` credential, its whole "
+                                                        "TOML or JSON document) instead of prompting.")] = False,
     profiles: ProfilesOption = None,
 ) -> None:
     """Store CREDENTIAL's secret for WORKSPACE in the keyring; only for `secret = "keyring"` credentials."""
     profile = load_profile(workspace, profile_dirs(profiles))
-    keyring_credential(profile, credential)
-    value = _read_stdin() if stdin else _prompt(workspace, credential)
-    backend = store_secret(workspace, credential, value)
+    cred = keyring_credential(profile, credential)
+    if cred.auth is not None:
+        if not stdin:
+            raise UsageError(f"credential {credential!r} uses auth {cred.auth.scheme}: its secret is a TOML or JSON "
+                             f"document; pipe it in, e.g. `outloop secret set {workspace} {credential} --stdin < "
+                             "secret.toml`")
+        value = _read_stdin(whole=True)
+    else:
+        value = _read_stdin() if stdin else _prompt(workspace, credential)
+    backend = store_secret(workspace, credential, value, cred)
     sys.stdout.write(f"stored {workspace}/{credential} in the keyring ({backend}, service "
                      f"{keyring_service(workspace)!r})\n")
 
 
-def _read_stdin() -> str:
+def _read_stdin(*, whole: bool = False) -> str:
     if sys.stdin.isatty():  # typing it there would echo it: the hidden prompt is for terminals
         raise UsageError("--stdin reads a pipe or a file; on a terminal leave out --stdin to get a hidden prompt")
-    return one_line(sys.stdin.read())
+    text = sys.stdin.read()
+    return text if whole else one_line(text)
 
 
 def _prompt(workspace: str, credential: str) -> str:
