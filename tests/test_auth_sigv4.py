@@ -128,3 +128,36 @@ def test_presigned_urls_are_refused_before_anything_goes_upstream(world: World, 
     (event,) = world.events()
     assert event["decision"] == "deny" and event["reason"] == "presigned_url"
     assert json.loads(body)  # the broker's own JSON error, not S3's XML
+
+
+def test_an_unmodified_boto3_in_base_url_mode_works_with_no_key(world: World, s3: MotoS3) -> None:
+    # The SDK signs with a dummy key and carries the run token as its session token (the loopback listener's
+    # authentication); the broker drops both and signs with the workspace's key.
+    world.write_profile("data", f"""
+        version = 1
+        [run]
+        env_keep = ["PATH", "HOME", "LANG"]
+        [credentials.s3]
+        secret = "keyring"
+        base_url = "{s3.url}"
+        auth = {{ aws_sigv4 = {{ service = "s3", region = "{REGION}" }} }}
+        allow = ["* /{BUCKET}", "* /{BUCKET}/**"]
+        [credentials.s3.child_env]
+        AWS_ENDPOINT_URL_S3 = "{{url}}"
+        AWS_ACCESS_KEY_ID = "outloop"
+        AWS_SECRET_ACCESS_KEY = "outloop"
+        AWS_SESSION_TOKEN = "{{token}}"
+        AWS_DEFAULT_REGION = "{REGION}"
+    """)
+    world.set_keyring("data", "s3", s3.document())
+    world.canaries["secret_access_key"] = s3.secret_access_key
+    result = world.run_loop(f"""
+        import boto3
+        s3 = boto3.client("s3")
+        s3.put_object(Bucket="{BUCKET}", Key="sdk/d.txt", Body=b"from boto3")
+        print(s3.get_object(Bucket="{BUCKET}", Key="sdk/d.txt")["Body"].read().decode())
+        print(sorted(item["Key"] for item in s3.list_objects_v2(Bucket="{BUCKET}", Prefix="sdk/")["Contents"]))
+    """, workspace="data")
+    assert result.code == 0, result.err
+    assert result.out.splitlines() == ["from boto3", "['sdk/d.txt']"]
+    world.assert_no_canary(result.out, result.err)
