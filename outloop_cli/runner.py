@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 from outloop_cli import sandbox
 from outloop_cli.audit.store import RunLog
-from outloop_cli.auth.documents import resolve_credential_secret
+from outloop_cli.auth.documents import document_values, resolve_credential_secret
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
@@ -151,9 +151,13 @@ def refuse_secrets_in_child_env(profile: Profile, environ: Mapping[str, str], se
     for credential in profile.credentials.values():
         values.update(credential.child_env)
     for name, secret in secrets.items():
-        value = secret.reveal()
-        if not value:
-            continue
+        auth = profile.credentials[name].auth
+        for value in document_values(auth, secret.reveal()) if auth else [secret.reveal()]:
+            _refuse_in(values, value, profile, name)
+
+
+def _refuse_in(values: Mapping[str, str], value: str, profile: Profile, name: str) -> None:
+    if value:
         for variable, text in values.items():
             if text == value or (len(value) >= MIN_SUBSTRING_SECRET and value in text):
                 raise ProfileError(

@@ -199,3 +199,16 @@ def test_an_upstream_echoing_the_minted_token_is_masked(world: World, idp: Ident
     """, workspace="sales")
     (token,) = idp.all_access_tokens()
     assert token not in result.out and "Bearer " + "*" * len(token) in result.out
+
+
+def test_a_document_field_pasted_into_the_childs_environment_stops_the_run(world: World,
+                                                                          idp: IdentityProvider) -> None:
+    _oauth2(world, idp)
+    profile = world.profiles / "sales.toml"
+    profile.write_text(profile.read_text().replace(
+        "version = 1\n", f'version = 1\n[run]\nenv_set = {{ SF_REFRESH = "{idp.refresh_token}" }}\n', 1))
+    result = world.run("true", workspace="sales")
+    assert result.code == 125
+    assert "SF_REFRESH would hold the secret of credential 'sf'" in result.err
+    assert idp.token_calls == []
+    world.assert_no_canary(result.err)

@@ -183,6 +183,15 @@ def resolve_credential_secret(credential: Credential, environ: Mapping[str, str]
     return secret
 
 
+def document_values(auth: AuthConfig, text: str) -> list[str]:
+    """Each secret field's value (for checks that the child's environment holds none of them)."""
+    secrets = document_secrets(parse_document(auth, text, "the secret document"))
+    values = [secret.reveal() for secret in secrets]
+    for secret in secrets:
+        secret.wipe()
+    return values
+
+
 def check_document(auth: AuthConfig, text: str, where: str) -> None:
     """Parse the document only to judge it; the parsed secrets are wiped at once."""
     for secret in document_secrets(parse_document(auth, text, where)):
