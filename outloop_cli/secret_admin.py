@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from outloop_cli.auth.documents import check_document, document_kind, resolve_credential_secret
+from outloop_cli.auth.documents import compact_document, document_kind, resolve_credential_secret
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, SecretError, UsageError
 from outloop_cli.profiles import Credential, Profile
 from outloop_cli.secrets import MAX_SECRET_BYTES, keyring_service, source_kind, usable_keyring
@@ -96,21 +96,10 @@ def one_line(text: str) -> str:
     return text
 
 
-def check_value(value: str, credential: Credential | None = None) -> None:
-    """The checks `outloop run` would apply, made now, so a bad value is refused before it is stored.
-
-    An `auth` credential's value is a document checked against its scheme (a missing field is named).
-    """
-    if not value.strip():
+def check_value(value: str) -> None:
+    """The checks `outloop run` would apply, made now, so a bad value is refused before it is stored."""
+    if not value:
         raise UsageError("the secret is empty; nothing was stored")
-    if credential is not None and credential.auth is not None:
-        if len(value.encode("utf-8")) > MAX_SECRET_BYTES:
-            raise UsageError(f"the secret is larger than {MAX_SECRET_BYTES} bytes; nothing was stored")
-        try:
-            check_document(credential.auth, value, f"credential {credential.name!r} ({document_kind(credential.auth)})")
-        except SecretError as exc:
-            raise UsageError(f"{exc.message}\nnothing was stored") from None
-        return
     if any(ch in value for ch in "\r\n\0"):
         raise UsageError("the secret contains a line break or NUL, which would corrupt request headers; "
                          "nothing was stored")
@@ -118,9 +107,9 @@ def check_value(value: str, credential: Credential | None = None) -> None:
         raise UsageError(f"the secret is larger than {MAX_SECRET_BYTES} bytes; nothing was stored")
 
 
-def store_secret(workspace: str, credential: str, value: str, checked_as: Credential | None = None) -> str:
+def store_secret(workspace: str, credential: str, value: str) -> str:
     """Write the keyring entry (service outloop/<workspace>, user <credential>); return the backend's name."""
-    check_value(value, checked_as)
+    check_value(value)
     backend = usable_keyring()
     try:
         backend.set_password(keyring_service(workspace), credential, value)
@@ -147,6 +136,19 @@ def delete_secret(workspace: str, credential: str) -> None:
                            exit_code=EXIT_PROBLEMS_FOUND)
 
 
+def keyring_document(credential: Credential, text: str) -> str:
+    """An `auth` credential's document as the keyring keeps it: checked against its scheme (a missing field is
+    named, nothing stored), then one line of compact JSON, like every other keyring value."""
+    assert credential.auth is not None
+    if len(text.encode("utf-8")) > MAX_SECRET_BYTES:
+        raise UsageError(f"the secret is larger than {MAX_SECRET_BYTES} bytes; nothing was stored")
+    try:
+        return compact_document(credential.auth, text, f"credential {credential.name!r} "
+                                f"({document_kind(credential.auth)})")
+    except SecretError as exc:
+        raise UsageError(f"{exc.message}\nnothing was stored") from None
+
+
 def write_back_document(credential: Credential, text: str) -> bool:
     """Store an `auth` credential's updated document (a rotated refresh token) whole, in one keyring write.
 
@@ -155,7 +157,7 @@ def write_back_document(credential: Credential, text: str) -> bool:
     if source_kind(credential.secret_ref)[0] != "keyring":
         return False
     try:
-        store_secret(credential.owner, credential.name, text, credential)
+        store_secret(credential.owner, credential.name, keyring_document(credential, text))
     except OutloopError:
         return False
     return True

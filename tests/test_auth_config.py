@@ -11,6 +11,7 @@ import pytest
 from conftest import World
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from test_cmd_secret import keyring_value
 
 from outloop_cli.auth.config import AwsSigV4, GoogleServiceAccount, OAuth2
 from outloop_cli.auth.documents import AwsKeys, OAuth2Secret, ServiceAccountKey, parse_document
@@ -136,6 +137,7 @@ def test_secret_set_takes_a_document_on_stdin_and_checks_it_first(world: World) 
     document = f'refresh_token = "{canary}"\nclient_secret = "cs"\n'
     stored = world.outloop("secret", "set", "sales", "sf", "--stdin", stdin=document)
     assert stored.code == 0, stored.err
+    assert json.loads(keyring_value(world, "sales", "sf") or "") == {"refresh_token": canary, "client_secret": "cs"}
     assert world.outloop("secret", "check", "sales").code == 0
     world.assert_no_canary()
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 from auth_support import IdentityProvider, write_auth_profile
-from conftest import PYTHON, World
+from conftest import World
+from test_cmd_secret import keyring_value
 
 LOOP_PRINTS_ENV = """
     import json, os
@@ -61,11 +61,6 @@ def _assert_child_saw_no_token(world: World, idp: IdentityProvider, *texts: str)
             assert token not in text
 
 
-def _keyring_value(world: World, workspace: str, credential: str) -> str:
-    code = f"import keyring; print(keyring.get_password('outloop/{workspace}', '{credential}'))"
-    return subprocess.run([PYTHON, "-c", code], env=world.env, capture_output=True, text=True, check=True).stdout
-
-
 def test_the_access_token_is_minted_once_cached_and_sent_as_bearer(world: World, idp: IdentityProvider) -> None:
     _oauth2(world, idp)
     statuses, env, err = _run(world, [("GET", "/ok"), ("GET", "/ok"), ("POST", "/ok")])
@@ -113,9 +108,9 @@ def test_a_rotated_refresh_token_is_written_back_to_the_keyring(world: World, id
     first = idp.refresh_token
     assert _run(world, [("GET", "/ok")])[0] == [200]
     assert idp.refresh_token != first  # the endpoint rotated it, and the old one is dead now
-    stored = _keyring_value(world, "sales", "sf")
-    assert f'refresh_token = "{idp.refresh_token}"' in stored
-    assert f'client_secret = "{idp.client_secret}"' in stored  # the document is written back whole
+    # The document is written back whole, as one line of JSON like every keyring value.
+    stored = json.loads(keyring_value(world, "sales", "sf") or "")
+    assert stored == {"refresh_token": idp.refresh_token, "client_secret": idp.client_secret}
     # The next run starts from the rotated token: it would be refused with the old one.
     assert _run(world, [("GET", "/ok")])[0] == [200]
     assert [call.ok for call in idp.token_calls] == [True, True]

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import tomli_w
-
 from outloop_cli.auth.config import AuthConfig, AwsSigV4, GoogleServiceAccount, OAuth2
 from outloop_cli.errors import SecretError
 from outloop_cli.secrets import Secret, resolve_secret
@@ -116,14 +114,16 @@ def document_secrets(document: Document) -> list[Secret]:
 
 
 def with_refresh_token(text: str, new_token: str) -> str:
-    """The document with its refresh token replaced, in the format it was written in, for writing back whole."""
-    if text.lstrip().startswith("{"):
-        data = json.loads(text)
-        data["refresh_token"] = new_token
-        return json.dumps(data, indent=2) + "\n"
-    data = tomllib.loads(text)
+    """The document with its refresh token replaced (as compact JSON), for writing back whole."""
+    data = json.loads(text) if text.lstrip().startswith("{") else tomllib.loads(text)
     data["refresh_token"] = new_token
-    return tomli_w.dumps(data)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def compact_document(auth: AuthConfig, text: str, where: str) -> str:
+    """The checked document as one line of JSON: keyring values stay single-line whatever the input format."""
+    check_document(auth, text, where)
+    return json.dumps(_load(text, where, auth), separators=(",", ":"))
 
 
 def _load(text: str, where: str, auth: AuthConfig) -> dict[str, Any]:

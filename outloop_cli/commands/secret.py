@@ -22,6 +22,7 @@ from outloop_cli.secret_admin import (
     SecretStatus,
     delete_secret,
     keyring_credential,
+    keyring_document,
     one_line,
     profile_secrets,
     store_secret,
@@ -53,10 +54,10 @@ def set_command(
             raise UsageError(f"credential {credential!r} uses auth {cred.auth.scheme}: its secret is a TOML or JSON "
                              f"document; pipe it in, e.g. `outloop secret set {workspace} {credential} --stdin < "
                              "secret.toml`")
-        value = _read_stdin(whole=True)
+        value = keyring_document(cred, _read_stdin(whole=True))
     else:
         value = _read_stdin() if stdin else _prompt(workspace, credential)
-    backend = store_secret(workspace, credential, value, cred)
+    backend = store_secret(workspace, credential, value)
     sys.stdout.write(f"stored {workspace}/{credential} in the keyring ({backend}, service "
                      f"{keyring_service(workspace)!r})\n")
 
