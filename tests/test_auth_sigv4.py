@@ -124,9 +124,9 @@ def test_presigned_urls_are_refused_before_anything_goes_upstream(world: World, 
         print(response.status, response.body.decode())
     """, workspace="data")
     status, body = result.out.split(" ", 1)
-    assert status == "403" and "presigned" in body
+    assert status == "400" and "presigned URLs carry their own signature" in body
     (event,) = world.events()
-    assert event["decision"] == "deny" and event["reason"] == "presigned_url"
+    assert event["decision"] == "deny" and event["reason"] == "bad_query"
     assert json.loads(body)  # the broker's own JSON error, not S3's XML
 
 

@@ -103,3 +103,14 @@ def test_chunk_signatures_made_with_the_childs_key_are_refused_and_unsigned_fram
     out = _authorize(_scheme(log, "s3"), _chunks(b"x"), 1,
                      {"X-Amz-Content-Sha256": "STREAMING-UNSIGNED-PAYLOAD-TRAILER"})
     assert out.headers["X-Amz-Content-Sha256"] == "STREAMING-UNSIGNED-PAYLOAD-TRAILER"
+
+
+def test_the_forwarder_refuses_a_presigned_query_for_a_sigv4_credential_only() -> None:
+    from outloop_cli.broker.forward import BadQuery, Injector, upstream_query
+
+    presigned = "X-Amz-Credential=AKIAX%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Signature=ab"
+    sigv4 = Injector(header=None, query=None, refuse_presigned=True)
+    with pytest.raises(BadQuery, match="presigned URLs carry their own signature"):
+        upstream_query(presigned, sigv4, None)
+    assert upstream_query(presigned, Injector(header=None, query=None), None) == presigned
+    assert upstream_query("list-type=2", sigv4, None) == "list-type=2"

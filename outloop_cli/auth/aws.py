@@ -2,7 +2,7 @@
 
 The payload hash is signed whenever the body can be held (up to SIGNED_BODY_LIMIT); a larger S3 upload streams as
 UNSIGNED-PAYLOAD, which S3 accepts over TLS. Presigned URLs are refused: they carry a signature the broker did not
-make, with keys it does not know.
+make, with keys it does not know (the forwarder refuses them with the query's other checks).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from outloop_cli.auth.config import SIGV4_CHILD_HEADERS, AwsSigV4
 from outloop_cli.auth.documents import AwsKeys, document_secrets
 from outloop_cli.auth.schemes import AuthContext, AuthFailed, Outgoing, Scheme
-from outloop_cli.auth.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, is_presigned, sign
+from outloop_cli.auth.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, sign
 from outloop_cli.secrets import Secret
 
 if TYPE_CHECKING:
@@ -32,12 +32,6 @@ class SigV4Scheme(Scheme):
         super().__init__(credential, document, context)
         self.auth = auth
         self.parsed = parsed
-
-    def refusal(self, raw_query: str) -> tuple[str, str] | None:
-        if is_presigned(raw_query):
-            return ("presigned_url", "presigned URLs carry their own signature; outloop signs every request "
-                    "itself: drop the X-Amz-* (or Signature) query parameters")
-        return None
 
     async def authorize(self, out: Outgoing) -> None:
         for name in [name for name in out.headers if name.lower() in SIGV4_CHILD_HEADERS]:

@@ -1,4 +1,4 @@
-"""What the forwarder asks of an `auth` credential: refuse what it must, authorize each request, react to a 401.
+"""What the forwarder asks of an `auth` credential: authorize each request, and react to a 401.
 
 One `Scheme` per credential, built once per run by `build_scheme`; it keeps every secret it holds in `Secret`s and
 hands the broker each minted token (`AuthContext.learn`) so echoes of it are masked like any other secret.
@@ -71,10 +71,6 @@ class Scheme:
         self.credential = credential
         self.document = document  # the whole secret text, replaced (and written back) when a token rotates
         self.context = context
-
-    def refusal(self, raw_query: str) -> tuple[str, str] | None:
-        """(reason, message) when the request must be refused before it is admitted, else None."""
-        return None
 
     async def authorize(self, out: Outgoing) -> None:
         raise NotImplementedError

@@ -12,7 +12,8 @@ from urllib.parse import quote, unquote
 
 from multidict import CIMultiDict
 
-from outloop_cli.auth.config import child_signing_headers
+from outloop_cli.auth.config import AwsSigV4, child_signing_headers
+from outloop_cli.auth.sigv4 import is_presigned
 from outloop_cli.broker.redact import basic_auth_variant, redact_text
 from outloop_cli.profiles import Credential
 from outloop_cli.secrets import Secret
@@ -45,11 +46,13 @@ class Injector:
     header: tuple[str, str] | None
     query: tuple[str, str] | None  # (name, url-encoded secret)
     drop: frozenset[str] = frozenset()  # more child headers to drop (lower case): an auth scheme's signing headers
+    refuse_presigned: bool = False  # a SigV4 credential: a query carrying its own signature is refused
 
     @classmethod
     def for_credential(cls, credential: Credential, secret: Secret) -> Injector:
         if credential.auth is not None:  # its scheme authorizes each request (outloop_cli.auth)
-            return cls(header=None, query=None, drop=child_signing_headers(credential.auth))
+            return cls(header=None, query=None, drop=child_signing_headers(credential.auth),
+                       refuse_presigned=isinstance(credential.auth, AwsSigV4))
         value = secret.reveal()
         style = credential.inject.style
         if style == "header":
@@ -94,6 +97,9 @@ def upstream_query(raw_query: str, injector: Injector, drop_values_containing: s
     """Keep the child's query byte for byte, except a parameter named like the injected one."""
     if not _QUERY_OK.fullmatch(raw_query):
         raise BadQuery("the query string holds characters that must be percent-encoded")
+    if injector.refuse_presigned and is_presigned(raw_query):
+        raise BadQuery("presigned URLs carry their own signature; outloop signs every request for this credential "
+                       "itself: drop the X-Amz-* (or Signature) query parameters")
     pairs = [pair for pair in raw_query.split("&") if pair] if raw_query else []
     if injector.query:
         name = injector.query[0]

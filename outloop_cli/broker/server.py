@@ -286,9 +286,6 @@ class Broker:
         except BadQuery as exc:
             return await self._deny(request, credential, 400, "bad_request", "bad_query", str(exc),
                                     path=upstream_path)
-        refusal = self._schemes[name].refusal(raw_query) if name in self._schemes else None
-        if refusal is not None:  # e.g. a presigned URL for a SigV4 credential
-            return await self._deny(request, credential, 403, "denied", refusal[0], refusal[1], path=upstream_path)
         decision = decide(request.method, path, credential.allow, credential.deny)
         if not decision.allowed:
             message = (f"{request.method} {_short(upstream_path)} is not allowed for {name!r}"
