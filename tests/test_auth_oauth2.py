@@ -80,6 +80,8 @@ def test_token_calls_are_audited_as_their_own_events_without_values(world: World
     assert detail == {"scheme": "oauth2", "trigger": "first_use", "grant": "refresh_token", "rotated": True}
     verify = world.outloop("audit", "verify", world.last_run_id())
     assert verify.code == 0, verify.combined
+    shown = world.outloop("audit", "show", "last")
+    assert shown.code == 0 and "token" in shown.out, shown.combined
 
 
 def test_the_token_is_refreshed_before_it_expires(world: World, idp: IdentityProvider) -> None:

@@ -114,3 +114,11 @@ def test_the_forwarder_refuses_a_presigned_query_for_a_sigv4_credential_only() -
         upstream_query(presigned, sigv4, None)
     assert upstream_query(presigned, Injector(header=None, query=None), None) == presigned
     assert upstream_query("list-type=2", sigv4, None) == "list-type=2"
+
+
+def test_wiping_the_scheme_wipes_every_field_of_its_document(log: RunLog) -> None:
+    scheme = _scheme(log, "s3")
+    held = scheme.secrets()
+    assert {secret.reveal() for secret in held} >= {"AKIATEST", "sk-test", "st-test"}
+    scheme.wipe()
+    assert all(len(secret) == 0 for secret in held)
