@@ -56,6 +56,7 @@ class IdentityProvider:
     issued: dict[str, tuple[float, float]] = field(default_factory=dict)  # access token -> (issued, expires)
     revoked: set[str] = field(default_factory=set)
     refresh_tokens_issued: list[str] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)  # request bodies the API received
     lock: threading.Lock = field(default_factory=threading.Lock)
     _server: http.server.ThreadingHTTPServer | None = None
 
@@ -180,6 +181,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._handle()
 
+    def do_DELETE(self) -> None:
+        self._handle()
+
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
@@ -193,6 +197,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 basic = (user, password)
             status, answer = self.idp.token(form, basic)
         else:
+            if body:
+                self.idp.bodies.append(body)
             status, answer = self.idp.api(self.command, path, self.headers.get("Authorization"))
         data = json.dumps(answer).encode()
         self.send_response(status)

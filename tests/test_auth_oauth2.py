@@ -133,17 +133,26 @@ def test_a_rotation_the_source_cannot_store_is_a_warning_in_the_summary(world: W
 def test_a_401_gets_one_refresh_and_retry_for_idempotent_methods_only(world: World, idp: IdentityProvider) -> None:
     _oauth2(world, idp)
     # /revoke kills the token it is called with, so the next call meets a 401 from the API.
-    statuses, _, _ = _run(world, [("GET", "/ok"), ("GET", "/revoke"), ("GET", "/ok"), ("GET", "/revoke"),
-                                  ("POST", "/ok")])
-    assert statuses == [200, 200, 200, 200, 401]
+    result = world.run_loop("""
+        import json
+        from outloop_cli.client import Outloop
+        client = Outloop()
+        calls = [("GET", "/ok", None), ("GET", "/revoke", None), ("GET", "/ok", None), ("GET", "/revoke", None),
+                 ("PUT", "/ok", b'{"name": "Ada"}'), ("GET", "/revoke", None), ("POST", "/ok", b"{}")]
+        print(json.dumps([client.request("sf", method, path, body=body).status for method, path, body in calls]))
+    """, workspace="sales")
+    assert json.loads(result.out) == [200, 200, 200, 200, 200, 200, 401], result.err
     assert [(call.method, call.path, call.status) for call in idp.api_calls] == [
         ("GET", "/api/ok", 200), ("GET", "/api/revoke", 200),
         ("GET", "/api/ok", 401), ("GET", "/api/ok", 200),  # one refresh, one retry
+        ("GET", "/api/revoke", 200),
+        ("PUT", "/api/ok", 401), ("PUT", "/api/ok", 200),  # a small body is held, so PUT is retried with it
         ("GET", "/api/revoke", 200), ("POST", "/api/ok", 401),  # POST is not retried
     ]
-    assert len(idp.token_calls) == 2
+    assert idp.bodies == [b'{"name": "Ada"}', b'{"name": "Ada"}', b"{}"]
+    assert len(idp.token_calls) == 3
     triggers = [json.loads(str(event["detail"]))["trigger"] for event in world.events(kind="token")]
-    assert triggers == ["first_use", "after_401"]
+    assert triggers == ["first_use", "after_401", "after_401"]
 
 
 def test_a_token_endpoint_that_is_down_gives_502_with_a_clear_reason(world: World, idp: IdentityProvider) -> None:

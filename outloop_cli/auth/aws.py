@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from outloop_cli.auth.config import SIGV4_CHILD_HEADERS, AwsSigV4
 from outloop_cli.auth.documents import AwsKeys, document_secrets
-from outloop_cli.auth.schemes import AuthContext, AuthFailed, Outgoing, Scheme
+from outloop_cli.auth.schemes import AuthContext, AuthFailed, Outgoing, Scheme, hold
 from outloop_cli.auth.sigv4 import EMPTY_SHA256, UNSIGNED_PAYLOAD, sign
 from outloop_cli.secrets import Secret
 
@@ -61,7 +61,7 @@ class SigV4Scheme(Scheme):
             if s3:
                 return UNSIGNED_PAYLOAD
             raise _too_large(self.auth.service)
-        held, rest = await _hold(out.body, SIGNED_BODY_LIMIT)
+        held, rest = await hold(out.body, SIGNED_BODY_LIMIT)
         if rest is None:
             out.body = held
             out.headers["Content-Length"] = str(len(held))
@@ -79,18 +79,6 @@ def _too_large(service: str) -> AuthFailed:
     return AuthFailed(413, "bad_request", "body_too_large_to_sign",
                       f"{service} requests are signed with their body's hash, so outloop holds bodies of at most "
                       f"{SIGNED_BODY_LIMIT} bytes for them")
-
-
-async def _hold(body: AsyncIterator[bytes], limit: int) -> tuple[bytes, AsyncIterator[bytes] | None]:
-    """Read up to `limit` bytes; (all of it, None) when the body ended, else (what was read, the rest)."""
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in body:
-        parts.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return b"".join(parts), body
-    return b"".join(parts), None
 
 
 async def _chain(head: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

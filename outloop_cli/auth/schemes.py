@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from outloop_cli.profiles import Credential
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+REPLAYABLE_BODY = 64 * 1024  # an idempotent request's body up to this size is held, so a 401 retry can resend it
 
 
 class AuthFailed(Exception):
@@ -62,6 +63,25 @@ class AuthContext:
     warn: Callable[[str], None]  # a line for the run summary
     write_back: Callable[[Credential, str], bool]  # store an updated secret document; False: source not writable
     session: aiohttp.ClientSession | None = None  # the broker's pooled session, set when it starts serving
+
+
+async def hold(body: AsyncIterator[bytes], limit: int) -> tuple[bytes, AsyncIterator[bytes] | None]:
+    """Read up to `limit` bytes; (all of it, None) when the body ended, else (what was read, the rest)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in body:
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(parts), body
+    return b"".join(parts), None
+
+
+async def held_body(out: Outgoing) -> bytes:
+    """The whole body of a request whose Content-Length is known to be small."""
+    assert out.body is not None and not isinstance(out.body, bytes)
+    data, _ = await hold(out.body, max(out.length or 0, 0))
+    return data
 
 
 class Scheme:
@@ -121,6 +141,9 @@ class BearerScheme(Scheme):
         self._minted: list[Secret] = []
 
     async def authorize(self, out: Outgoing) -> None:
+        if (not out.replayable and out.method in IDEMPOTENT_METHODS and out.length is not None
+                and out.length <= REPLAYABLE_BODY):
+            out.body = await held_body(out)  # small enough to keep, so a 401 can be retried with it
         token = await self._current()
         out.headers["Authorization"] = "Bearer " + token.reveal()
 
