@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from outloop_cli.auth.config import GoogleServiceAccount
 from outloop_cli.auth.documents import ServiceAccountKey, document_secrets
-from outloop_cli.auth.schemes import AuthContext, BearerScheme, TokenCall
+from outloop_cli.auth.schemes import AuthContext
+from outloop_cli.auth.tokens import BearerScheme, TokenCall
 from outloop_cli.secrets import Secret
 
 if TYPE_CHECKING:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 from outloop_cli.auth.config import OAuth2
 from outloop_cli.auth.documents import OAuth2Secret, document_secrets, with_refresh_token
-from outloop_cli.auth.schemes import AuthContext, BearerScheme, TokenCall
+from outloop_cli.auth.schemes import AuthContext
+from outloop_cli.auth.tokens import BearerScheme, TokenCall
 from outloop_cli.secrets import Secret
 
 if TYPE_CHECKING:
