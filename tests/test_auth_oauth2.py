@@ -218,3 +218,16 @@ def test_a_document_field_pasted_into_the_childs_environment_stops_the_run(world
     assert "SF_REFRESH would hold the secret of credential 'sf'" in result.err
     assert idp.token_calls == []
     world.assert_no_canary(result.err)
+
+
+def test_concurrent_first_requests_share_one_token_exchange(world: World, idp: IdentityProvider) -> None:
+    _oauth2(world, idp)
+    result = world.run_loop("""
+        import json
+        from concurrent.futures import ThreadPoolExecutor
+        from outloop_cli.client import Outloop
+        with ThreadPoolExecutor(8) as pool:
+            print(json.dumps(list(pool.map(lambda _: Outloop().request("sf", "GET", "/ok").status, range(16)))))
+    """, workspace="sales")
+    assert json.loads(result.out) == [200] * 16, result.err
+    assert len(idp.token_calls) == 1

@@ -136,7 +136,11 @@ async def exchange(credential: Credential, call: TokenCall, context: AuthContext
                                         headers={"Accept": "application/json"},
                                         timeout=aiohttp.ClientTimeout(total=TOKEN_TIMEOUT_SECONDS)) as response:
             status = response.status
-            body = await response.content.read(MAX_TOKEN_ANSWER)
+            body = b""
+            async for chunk in response.content.iter_any():  # read(n) may stop at what has arrived so far
+                body += chunk
+                if len(body) > MAX_TOKEN_ANSWER:
+                    break
     except (aiohttp.ClientError, TimeoutError) as exc:
         await _audit(context, credential, call, status, started, "token_endpoint_unreachable")
         raise AuthFailed(502, "upstream_error", "token_endpoint_unreachable",
