@@ -85,14 +85,14 @@ def test_token_calls_are_audited_as_their_own_events_without_values(world: World
 
 
 def test_the_token_is_refreshed_before_it_expires(world: World, idp: IdentityProvider) -> None:
-    idp.lifetime = 2.0
+    idp.lifetime = 3.0  # refreshed 0.75 s before it expires
     _oauth2(world, idp)
-    # Calls for two and a half token lifetimes: every one must carry a live token, none may meet a 401.
+    # Calls for more than two token lifetimes: every one must carry a live token, none may meet a 401.
     result = world.run_loop("""
         import json, time
         from outloop_cli.client import Outloop
         client = Outloop()
-        end, statuses = time.monotonic() + 5.0, []
+        end, statuses = time.monotonic() + 7.0, []
         while time.monotonic() < end:
             statuses.append(client.request("sf", "GET", "/ok").status)
         print(json.dumps(statuses))

@@ -92,6 +92,7 @@ class BearerScheme(Scheme):
         """The endpoint issued a new refresh token (only OAuth2 refresh grants do)."""
 
     async def _mint(self, trigger: str) -> _Token:
+        asked = time.monotonic()  # the lifetime counts from here: the token may be older than its answer
         call = self._token_call(trigger)
         answer = await exchange(self.credential, call, self.context)
         value = str(answer["access_token"])  # exchange() checked it is a non-empty string
@@ -104,7 +105,7 @@ class BearerScheme(Scheme):
             self.context.learn(rotated)
             await self._rotated(rotated)
         early = min(self.EARLY_SECONDS, lifetime / 4)
-        return _Token(secret, time.monotonic() + lifetime - early)
+        return _Token(secret, asked + lifetime - early)
 
     def secrets(self) -> list[Secret]:
         return [*super().secrets(), *self._minted]
