@@ -60,17 +60,13 @@ class Secret:
 
 
 class SecretSource(Protocol):
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
-              whole: bool = False) -> str:
-        """`whole`: the value is a multi-line document (an `auth` credential's), not one line."""
-        ...
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str: ...
 
 
 class KeyringSource:
     """Service `outloop/<workspace>`, username `<credential>`, as `outloop secret set` stores them."""
 
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
-              whole: bool = False) -> str:
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
         backend = usable_keyring()
         try:
             value = backend.get_password(keyring_service(workspace), credential)
@@ -116,8 +112,7 @@ def usable_keyring() -> KeyringBackend:
 class EnvSource:
     """Read from outloop's own environment; the child never inherits it (see supervisor.child_environment)."""
 
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
-              whole: bool = False) -> str:
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
         if argument not in environ:
             raise SecretError(
                 f"workspace {workspace!r}, credential {credential!r}: environment variable {argument} "
@@ -129,8 +124,7 @@ class EnvSource:
 class FileSource:
     """Read a file that only its owner may read, like ssh insists for private keys."""
 
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
-              whole: bool = False) -> str:
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
         path = Path(argument).expanduser()
         where = f"workspace {workspace!r}, credential {credential!r}: secret file {path}"
         try:
@@ -157,8 +151,7 @@ def _open_nonblocking(path: str, flags: int) -> int:
 class CommandSource:
     """Run a password manager (`pass show x`, `op read op://...`) without a shell unless the user wrote one."""
 
-    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str],
-              whole: bool = False) -> str:
+    def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
         where = f"workspace {workspace!r}, credential {credential!r}: secret command"
         try:
             argv = shlex.split(argument)
@@ -184,11 +177,7 @@ class CommandSource:
             raise SecretError(f"{where} {argv[0]!r} exited with code {completed.returncode}{detail}")
         if len(completed.stdout) > MAX_SECRET_BYTES:
             raise SecretError(f"{where} printed more than {MAX_SECRET_BYTES} bytes; print only the secret")
-        # Like `pass show`, take the first line: password managers print metadata after it.
-        text = _decode(where, completed.stdout)
-        if whole:
-            return text
-        return text.splitlines()[0] if text.strip() else ""
+        return _decode(where, completed.stdout)  # resolve_secret keeps the first line, or all of a document
 
 
 def _decode(where: str, data: bytes) -> str:
@@ -220,20 +209,23 @@ def resolve_secret(workspace: str, credential: str, secret_ref: str, environ: Ma
                    document: bool = False) -> Secret:
     """Fetch one secret; every failure names the workspace and credential, never the value.
 
-    `document`: the secret is an `auth` credential's TOML/JSON document, so line breaks belong in it; the fields are
+    `document`: the secret is an `auth` credential's TOML/JSON document, so line breaks belong in it; its fields are
     checked by outloop_cli.auth.documents.
     """
     scheme, argument = source_kind(secret_ref)
     source = _SOURCES.get(scheme)
     if source is None:
         raise SecretError(f"workspace {workspace!r}, credential {credential!r}: unknown secret source {scheme!r}")
-    value = source.fetch(workspace, credential, argument, environ, whole=document)
-    if not value.strip():
-        raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret is empty")
+    value = source.fetch(workspace, credential, argument, environ)
     if document:
-        if "\0" in value:
-            raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret document contains NUL")
+        if not value.strip() or "\0" in value:
+            raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret document is empty "
+                              "or contains NUL")
         return Secret(value)
+    if scheme == "cmd":  # like `pass show`, the first line: password managers print metadata after it
+        value = value.splitlines()[0] if value.strip() else ""
+    if not value:
+        raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret is empty")
     if any(ch in value for ch in "\r\n\0"):
         raise SecretError(
             f"workspace {workspace!r}, credential {credential!r}: the secret contains a line break or NUL, "

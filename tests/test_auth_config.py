@@ -152,3 +152,14 @@ def test_workspace_check_names_the_missing_field_of_a_stored_document(world: Wor
     credential = json.loads(shown.out)["credentials"]["sf"]
     assert credential["auth"]["oauth2"]["grant"] == "refresh_token" and credential["inject"] is None
     world.assert_no_canary()
+
+
+def test_a_cmd_source_gives_its_whole_output_for_a_document(world: World) -> None:
+    document = world.work / "sf.toml"
+    document.write_text('refresh_token = "rt"\nclient_secret = "cs"\n')
+    world.write_profile("sales", SALES.replace('secret = "keyring"', f'secret = "cmd:cat {document}"'))
+    result = world.outloop("workspace", "check", "sales")
+    assert result.code == 0, result.out
+    document.write_text('client_secret = "cs"\nrefresh_token = ""\n')
+    result = world.outloop("workspace", "check", "sales")
+    assert result.code == 1 and "field `refresh_token` of the secret document must be a non-empty string" in result.out
