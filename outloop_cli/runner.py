@@ -24,14 +24,13 @@ if TYPE_CHECKING:
 
 from outloop_cli import sandbox
 from outloop_cli.audit.store import RunLog
-from outloop_cli.auth.documents import document_values, resolve_credential_secret
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
-from outloop_cli.profiles import Profile, check_workspace_name, load_profile
-from outloop_cli.secrets import Secret
+from outloop_cli.profiles import Credential, Profile, check_workspace_name, load_profile
+from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
 
 MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
@@ -124,7 +123,7 @@ def execute(request: RunRequest) -> RunReport:
         timeout = request.timeout if request.timeout is not None else profile.run.timeout
         network = request.network or profile.run.network
         for name, cred in profile.credentials.items():
-            resolved_secrets[name] = resolve_credential_secret(cred, environ)
+            resolved_secrets[name] = _resolve(cred, environ)
         refuse_secrets_in_child_env(profile, environ, resolved_secrets)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
             return loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network))
@@ -136,6 +135,14 @@ def execute(request: RunRequest) -> RunReport:
     finally:
         for secret in resolved_secrets.values():
             secret.wipe()
+
+
+def _resolve(credential: Credential, environ: Mapping[str, str]) -> Secret:
+    if credential.auth is None:
+        return resolve_secret(credential.owner, credential.name, credential.secret_ref, environ)
+    from outloop_cli.auth.documents import resolve_credential_secret  # loaded only by runs that need it
+
+    return resolve_credential_secret(credential, environ)
 
 
 MIN_SUBSTRING_SECRET = 8  # shorter secrets are only refused as a whole value: "abc" may well occur in a PATH
@@ -152,7 +159,12 @@ def refuse_secrets_in_child_env(profile: Profile, environ: Mapping[str, str], se
         values.update(credential.child_env)
     for name, secret in secrets.items():
         auth = profile.credentials[name].auth
-        for value in document_values(auth, secret.reveal()) if auth else [secret.reveal()]:
+        if auth is None:
+            _refuse_in(values, secret.reveal(), profile, name)
+            continue
+        from outloop_cli.auth.documents import document_values
+
+        for value in document_values(auth, secret.reveal()):  # each field of an `auth` credential's document
             _refuse_in(values, value, profile, name)
 
 

@@ -7,7 +7,7 @@ and is every one of them ready to run" without ever holding a secret for longer 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from outloop_cli.auth.config import AuthConfig
@@ -100,7 +100,7 @@ def resolved_profile(profile: Profile, statuses: Sequence[SecretStatus]) -> dict
 
 def auth_settings(auth: AuthConfig) -> dict[str, object]:
     """The scheme's profile settings (no secret lives there), lists as lists for JSON."""
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(auth).items()}
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in auth._asdict().items()}
 
 
 def _credential(cred: Credential, status: SecretStatus) -> dict[str, object]:

@@ -6,8 +6,7 @@ Kept apart from profiles.py so a new scheme is one dataclass and one parser here
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from outloop_cli.profiles import _Reader
@@ -27,28 +26,36 @@ EXAMPLES = {
 }
 
 
-@dataclass(frozen=True)
-class OAuth2:
-    scheme: ClassVar[str] = "oauth2"
+# NamedTuples, not frozen dataclasses: every profile load imports this module, and a dataclass costs a millisecond
+# or more to create, which `outloop run -- true` would pay for each.
+class OAuth2(NamedTuple):
     token_url: str
     grant: Literal["refresh_token", "client_credentials"]
     client_id: str
     scopes: tuple[str, ...] = ()
     client_auth: Literal["body", "basic"] = "body"  # where the client secret goes: form body or HTTP basic
 
+    @property
+    def scheme(self) -> str:
+        return "oauth2"
 
-@dataclass(frozen=True)
-class AwsSigV4:
-    scheme: ClassVar[str] = "aws_sigv4"
+
+class AwsSigV4(NamedTuple):
     service: str
     region: str
 
+    @property
+    def scheme(self) -> str:
+        return "aws_sigv4"
 
-@dataclass(frozen=True)
-class GoogleServiceAccount:
-    scheme: ClassVar[str] = "google_service_account"
+
+class GoogleServiceAccount(NamedTuple):
     scopes: tuple[str, ...]
     subject: str | None = None  # domain-wide delegation: the user the service account acts as
+
+    @property
+    def scheme(self) -> str:
+        return "google_service_account"
 
 
 AuthConfig = OAuth2 | AwsSigV4 | GoogleServiceAccount
