@@ -12,7 +12,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from outloop_cli.audit.store import RunLog
+from outloop_cli.audit.writer import RunLog
 from outloop_cli.auth.aws import SIGNED_BODY_LIMIT
 from outloop_cli.auth.config import AwsSigV4
 from outloop_cli.auth.schemes import AuthContext, AuthFailed, Outgoing, Scheme, build_scheme

@@ -20,7 +20,7 @@ from outloop_cli.secrets import Secret
 if TYPE_CHECKING:
     import aiohttp
 
-    from outloop_cli.audit.store import RunLog
+    from outloop_cli.audit.writer import RunLog
     from outloop_cli.profiles import Credential
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})

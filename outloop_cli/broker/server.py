@@ -22,7 +22,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
 from outloop_cli.auth.schemes import IDEMPOTENT_METHODS, AuthContext, AuthFailed, Outgoing, build_scheme, secret_forms
 from outloop_cli.broker.forward import (
     DECODABLE_ENCODINGS,
@@ -40,7 +40,6 @@ from outloop_cli.broker.limits import Limits
 from outloop_cli.broker.listeners import Listeners
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
-from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import AuditError
 from outloop_cli.policy import PathRejected, decide, normalise_path
 from outloop_cli.profiles import Credential, Profile
@@ -76,7 +75,6 @@ class Broker:
         self.timeout = timeout
         self.profile = profile
         self.audit = audit
-        self.stats = BrokerStats()
         self.child_pid: int | None = None
         self.supervisor_pid = os.getpid()
         self.run_token = run_token
@@ -87,7 +85,8 @@ class Broker:
         self._secrets = dict(secrets)
         self._injectors = {name: Injector.for_credential(cred, secrets[name])
                            for name, cred in profile.credentials.items()}
-        self._auth_context = AuthContext(audit=audit, learn=self._learn_secret, warn=self.stats.warnings.append,
+        self.warnings: list[str] = []  # for the run summary, e.g. a rotated refresh token that could not be stored
+        self._auth_context = AuthContext(audit=audit, learn=self._learn_secret, warn=self.warnings.append,
                                          write_back=write_back_document)
         self._schemes = {name: build_scheme(cred, secrets[name], self._auth_context)
                          for name, cred in profile.credentials.items() if cred.auth is not None}
@@ -264,7 +263,6 @@ class Broker:
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing to "
                                    "reveal (fail closed)", name, None)
-        self.stats.credential(name).allowed += 1
         return web.Response(text=self._secrets[name].reveal(), content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
 
@@ -299,7 +297,6 @@ class Broker:
                                     path=upstream_path)
         verdict = self.limits.admit(name)
         if not verdict.ok:
-            self.stats.credential(name).rate_limited += 1
             scope = "this run" if verdict.scope == "run" else f"credential {name!r}"
             message = (f"rate limit of {credential.rate} reached for {scope}" if verdict.reason == "rate_limited"
                        else f"max_requests reached for {scope}")
@@ -312,7 +309,6 @@ class Broker:
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing "
                                    "to forward (fail closed)", name, decision.rule)
-        self.stats.credential(name).allowed += 1
         return await self._forward(request, credential, upstream_path, query, seq)
 
     async def _forward(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
@@ -344,12 +340,6 @@ class Broker:
         finally:
             if task is not None:
                 self._in_flight.discard(task)
-            stats = self.stats.credential(credential.name)
-            stats.bytes_in += outcome.received[0]
-            stats.bytes_out += outcome.sent
-            if outcome.denied_reason:
-                stats.denied += 1
-                self.stats.denials[outcome.denied_reason] = self.stats.denials.get(outcome.denied_reason, 0) + 1
             self.audit.record_response(ResponseRecord(
                 request_seq=seq, status=outcome.status,
                 latency_ms=(time.perf_counter() - outcome.started) * 1000,
@@ -447,7 +437,6 @@ class Broker:
             self.audit.record_request(record)  # blocking but rare; the answer must not precede the audit row
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
-        self.stats.denials[reason] = self.stats.denials.get(reason, 0) + 1
         return _error_response(status, code, message, None, None)
 
     # ----- denials ---------------------------------------------------------------------------------------
@@ -470,10 +459,6 @@ class Broker:
                                       credential_name=name)
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written", name, rule)
-        if credential is not None and status != 429:  # rate-limited and budget refusals have their own column
-            self.stats.credential(credential.name).denied += 1
-        key = f"{reason} ({rule})" if rule else reason
-        self.stats.denials[key] = self.stats.denials.get(key, 0) + 1
         return _error_response(status, code, message, name, rule, headers)
 
     async def _audit_request(self, request: web.BaseRequest, credential: Credential | None, path: str,
@@ -494,7 +479,6 @@ class _Outcome:
     status: int = 0
     sent: int = 0
     error: str | None = None
-    denied_reason: str | None = None
     prepared: web.StreamResponse | None = None
     received: list[int] = field(default_factory=lambda: [0])
 
@@ -502,7 +486,6 @@ class _Outcome:
              request: web.BaseRequest | None = None, reason: str | None = None) -> web.StreamResponse:
         """The error response, or, when the child already has headers, a cut connection."""
         self.error = reason or code
-        self.denied_reason = reason
         if self.prepared is not None:
             # Too late for a clean error: cutting the connection tells the child the body is incomplete.
             if request is not None and request.transport is not None:
