@@ -66,7 +66,7 @@ function __outloop_options  # options of a command path
         case 'secret rm'
             printf '%s\n' '--help	Show help and exit.'
         case 'secret set'
-            printf '%s\n' '--stdin	Read the value from stdin (one line; one trailing newline is dropped) instead of prompting.' '--allow-plaintext	Store it even when the keyring backend keeps values unencrypted in a file (e.g. keyrings.alt\'s PlaintextKeyring); refused without this flag.' '--profiles	Directory of profiles (default: OUTLOOP_PROFILES, else $OUTLOOP_HOME/profiles).' '--help	Show help and exit.'
+            printf '%s\n' '--stdin	Read the value from stdin (one line; one trailing newline is dropped; for an `auth` credential, its whole TOML or JSON document) instead of prompting.' '--allow-plaintext	Store it even when the keyring backend keeps values unencrypted in a file (e.g. keyrings.alt\'s PlaintextKeyring); refused without this flag.' '--profiles	Directory of profiles (default: OUTLOOP_PROFILES, else $OUTLOOP_HOME/profiles).' '--help	Show help and exit.'
         case 'workspace'
             printf '%s\n' '--help	Show help and exit.'
         case 'workspace check'

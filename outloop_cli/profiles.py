@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from outloop_cli.auth.config import AuthConfig, parse_auth
 from outloop_cli.errors import ProfileError
 from outloop_cli.policy import STANDARD_METHODS, Rule, RuleError, parse_rule
 from outloop_cli.units import Rate, parse_duration, parse_rate, parse_size
@@ -51,7 +52,8 @@ NOTIFY_CONDITIONS = ("failure", "denied", "errors")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
             "cpu_seconds", "filesystem", "read", "write")
 CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
-                   "child_env", "description", "connect_timeout", "read_timeout", "custom_methods")
+                   "child_env", "description", "connect_timeout", "read_timeout", "custom_methods",
+                   "auth")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 120.0  # longest silence between upstream bytes; LLM streams pause while "thinking"
 INJECT_KEYS = ("header", "value", "query", "basic")
@@ -87,6 +89,7 @@ class Credential:
     description: str = ""
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    auth: AuthConfig | None = None  # set: the broker mints or signs each request instead of injecting `secret`
 
     @property
     def host(self) -> str:
@@ -487,6 +490,7 @@ def _parse_credential(reader: _Reader, workspace: str, name: str, value: Any) ->
     _check_secret_ref(reader, f"{prefix}.secret", secret_ref)
     base_url = _check_base_url(reader, f"{prefix}.base_url", reader.string(f"{prefix}.base_url",
                                                                           table["base_url"]))
+    auth = parse_auth(reader, prefix, table, _check_base_url)
     inject = _parse_inject(reader, f"{prefix}.inject", table.get("inject"))
     custom_methods = _parse_custom_methods(reader, f"{prefix}.custom_methods", table.get("custom_methods", []))
     allow = _parse_rules(reader, f"{prefix}.allow", table.get("allow", []), custom_methods)
@@ -505,7 +509,7 @@ def _parse_credential(reader: _Reader, workspace: str, name: str, value: Any) ->
     return Credential(
         name=name, owner=workspace, secret_ref=secret_ref, base_url=base_url, inject=inject,
         allow=allow, deny=deny, rate=rate, max_requests=max_requests, reveal=reveal,
-        child_env=child_env, description=description, **timeouts,
+        child_env=child_env, description=description, auth=auth, **timeouts,
     )
 
 

@@ -36,7 +36,7 @@ from outloop_cli.home import audit_db_path, current_workspace, ensure_private_di
 from outloop_cli.linux import set_not_dumpable
 from outloop_cli.notify import run_hook, triggers
 from outloop_cli.policy_snapshot import policy_hash
-from outloop_cli.profiles import NetworkMode, Profile, check_workspace_name, load_profile, refuse_abstract
+from outloop_cli.profiles import Credential, NetworkMode, Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.sandbox.plan import Target
 from outloop_cli.sandbox.plan import plan as sandbox_plan
 from outloop_cli.secrets import Secret, resolve_secret
@@ -90,6 +90,7 @@ class RunReport:
     policy_hash: str = ""
     batch_id: str | None = None
     notify: dict[str, Any] | None = None  # what the [notify] hook did, when it ran (notify.NotifyOutcome)
+    warnings: list[str] = field(default_factory=list)  # things the operator must act on, e.g. an unstored token
 
     def to_json(self) -> dict[str, Any]:
         """Stable snake_case keys; credential names are the only keys taken from the profile."""
@@ -150,7 +151,7 @@ def execute(request: RunRequest) -> RunReport:
         timeout = request.timeout if request.timeout is not None else profile.run.timeout
         network = request.network or profile.run.network
         for name, cred in profile.credentials.items():
-            resolved_secrets[name] = resolve_secret(cred.owner, name, cred.secret_ref, environ)
+            resolved_secrets[name] = _resolve(cred, environ)
         refuse_secrets_in_child_env(profile, environ, resolved_secrets)
         guard = load_guard(profile, dirs)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
@@ -191,6 +192,14 @@ def ship_after_run(home: Path, environ: Mapping[str, str], run_id: str) -> str |
     return f"shipped {result.sent} events to {result.target} as {result.host_id}"
 
 
+def _resolve(credential: Credential, environ: Mapping[str, str]) -> Secret:
+    if credential.auth is None:
+        return resolve_secret(credential.owner, credential.name, credential.secret_ref, environ)
+    from outloop_cli.auth.documents import resolve_credential_secret  # loaded only by runs that need it
+
+    return resolve_credential_secret(credential, environ)
+
+
 MIN_SUBSTRING_SECRET = 8  # shorter secrets are only refused as a whole value: "abc" may well occur in a PATH
 
 
@@ -204,9 +213,18 @@ def refuse_secrets_in_child_env(profile: Profile, environ: Mapping[str, str], se
     for credential in profile.credentials.values():
         values.update(credential.child_env)
     for name, secret in secrets.items():
-        value = secret.reveal()
-        if not value:
+        auth = profile.credentials[name].auth
+        if auth is None:
+            _refuse_in(values, secret.reveal(), profile, name)
             continue
+        from outloop_cli.auth.documents import document_values
+
+        for value in document_values(auth, secret.reveal()):  # each field of an `auth` credential's document
+            _refuse_in(values, value, profile, name)
+
+
+def _refuse_in(values: Mapping[str, str], value: str, profile: Profile, name: str) -> None:
+    if value:
         for variable, text in values.items():
             if text == value or (len(value) >= MIN_SUBSTRING_SECRET and value in text):
                 raise ProfileError(
@@ -372,6 +390,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
             strays_killed=result.strays_killed, audit_head=head, audit_events=events,
             audit_db=str(audit_db_path(home)), limit_hit=limit_hit, policy_hash=policy, batch_id=request.batch_id,
+            warnings=list(broker.warnings) if broker is not None else [],
         )
 
     if profile.notify is None or not request.notify:

@@ -193,9 +193,7 @@ class CommandSource:
             raise SecretError(f"{where} {argv[0]!r} exited with code {completed.returncode}{detail}")
         if len(completed.stdout) > MAX_SECRET_BYTES:
             raise SecretError(f"{where} printed more than {MAX_SECRET_BYTES} bytes; print only the secret")
-        # Like `pass show`, take the first line: password managers print metadata after it.
-        text = _decode(where, completed.stdout)
-        return text.splitlines()[0] if text.strip() else ""
+        return _decode(where, completed.stdout)  # resolve_secret keeps the first line, or all of a document
 
 
 def _decode(where: str, data: bytes) -> str:
@@ -223,13 +221,25 @@ def source_kind(secret_ref: str) -> tuple[str, str]:
     return scheme, argument
 
 
-def resolve_secret(workspace: str, credential: str, secret_ref: str, environ: Mapping[str, str]) -> Secret:
-    """Fetch one secret; every failure names the workspace and credential, never the value."""
+def resolve_secret(workspace: str, credential: str, secret_ref: str, environ: Mapping[str, str], *,
+                   document: bool = False) -> Secret:
+    """Fetch one secret; every failure names the workspace and credential, never the value.
+
+    `document`: the secret is an `auth` credential's TOML/JSON document, so line breaks belong in it; its fields are
+    checked by outloop_cli.auth.documents.
+    """
     scheme, argument = source_kind(secret_ref)
     source = _SOURCES.get(scheme)
     if source is None:
         raise SecretError(f"workspace {workspace!r}, credential {credential!r}: unknown secret source {scheme!r}")
     value = source.fetch(workspace, credential, argument, environ)
+    if document:
+        if not value.strip() or "\0" in value:
+            raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret document is empty "
+                              "or contains NUL")
+        return Secret(value)
+    if scheme == "cmd":  # like `pass show`, the first line: password managers print metadata after it
+        value = value.splitlines()[0] if value.strip() else ""
     if not value:
         raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret is empty")
     if any(ch in value for ch in "\r\n\0"):

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from outloop_cli.auth.config import AuthConfig
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, ProfileError, UsageError
 from outloop_cli.guard import declared_identifiers, overlapping_identifiers
 from outloop_cli.home import current_workspace, ensure_private_dir, load_config, save_config
@@ -100,6 +101,11 @@ def resolved_profile(profile: Profile, statuses: Sequence[SecretStatus]) -> dict
     }
 
 
+def auth_settings(auth: AuthConfig) -> dict[str, object]:
+    """The scheme's profile settings (no secret lives there), lists as lists for JSON."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in auth._asdict().items()}
+
+
 def _credential(cred: Credential, status: SecretStatus) -> dict[str, object]:
     inject = cred.inject
     return {
@@ -108,7 +114,8 @@ def _credential(cred: Credential, status: SecretStatus) -> dict[str, object]:
         "secret_state": status.state,
         "secret_problem": status.problem,
         "base_url": cred.base_url,
-        "inject": {"style": inject.style, "name": inject.name, "template": inject.template},
+        "inject": None if cred.auth else {"style": inject.style, "name": inject.name, "template": inject.template},
+        "auth": {cred.auth.scheme: auth_settings(cred.auth)} if cred.auth else None,
         "allow": [rule.text for rule in cred.allow],
         "deny": [rule.text for rule in cred.deny],
         "rate": str(cred.rate) if cred.rate else None,

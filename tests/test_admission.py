@@ -34,3 +34,26 @@ def test_every_row_of_the_request_table_gets_its_documented_status_and_reason(
     assert verdict.status == status
     assert verdict.reason in reasons
     assert verdict.allowed is (status == 200)
+
+
+def test_a_presigned_url_is_refused_for_a_sigv4_credential_only(tmp_path: Path) -> None:
+    # The refusal lives in the query check admit() shares with the forwarder, so `policy test` reports it too.
+    (tmp_path / "sales.toml").write_text(textwrap.dedent("""
+        version = 1
+        [credentials.s3]
+        secret = "env:S3_DOC"
+        base_url = "http://127.0.0.1:9"
+        auth = { aws_sigv4 = { service = "s3", region = "eu-west-1" } }
+        allow = ["GET /**"]
+        [credentials.plain]
+        secret = "env:PLAIN"
+        base_url = "http://127.0.0.1:9"
+        inject = { header = "Authorization", value = "Bearer {secret}" }
+        allow = ["GET /**"]
+    """))
+    profile = load_profile("sales", [tmp_path])
+    query = "?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=abc"
+    refused = check_request(profile, None, "GET", f"/v1/http/s3/bucket/key{query}")
+    assert (refused.allowed, refused.status, refused.reason) == (False, 400, "bad_query")
+    # Control: the same query for a credential outloop does not sign is only a query.
+    assert check_request(profile, None, "GET", f"/v1/http/plain/bucket/key{query}").allowed

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from outloop_cli.broker.forward import BadQuery, check_query
+from outloop_cli.broker.forward import BadQuery, check_query, refuses_presigned
 from outloop_cli.broker.guard import GUARD_REASON, masked_path, request_texts
 from outloop_cli.guard import Guard, Identifier
 from outloop_cli.policy import Decision, NormalisedPath, PathRejected, decide, normalise_path
@@ -97,7 +97,7 @@ def _admit_http(method: str, raw_path: str, raw_query: str, profile: Profile,
     except PathRejected as exc:
         return Denial(400, "bad_request", exc.reason, str(exc), credential, path=upstream_path)
     try:
-        check_query(raw_query)
+        check_query(raw_query, refuses_presigned(credential))
     except BadQuery as exc:
         return Denial(400, "bad_request", "bad_query", str(exc), credential, path=upstream_path)
     decision = decide(method, path, credential.allow, credential.deny)

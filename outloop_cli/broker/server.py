@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -23,6 +24,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.auth.schemes import IDEMPOTENT_METHODS, AuthContext, AuthFailed, Outgoing, build_scheme, secret_forms
 from outloop_cli.broker.admission import (
     HTTP_PREFIX,
     MAX_AUDITED_PATH,
@@ -59,6 +61,7 @@ from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact
 from outloop_cli.errors import AuditError
 from outloop_cli.guard import Guard, Identifier
 from outloop_cli.profiles import Credential, Profile
+from outloop_cli.secret_admin import write_back_document
 from outloop_cli.secrets import Secret
 
 MAX_REQUEST_BODY = 256 * 1024 * 1024
@@ -101,6 +104,12 @@ class Broker:
         self._secrets = dict(secrets)
         self._injectors = {name: Injector.for_credential(cred, secrets[name])
                            for name, cred in profile.credentials.items()}
+        self.warnings: list[str] = []  # for the run summary, e.g. a rotated refresh token that could not be stored
+        self._auth_context = AuthContext(audit=audit, learn=self._learn_secret, warn=self.warnings.append,
+                                         write_back=partial(write_back_document,
+                                                            warn=self.warnings.append))
+        self._schemes = {name: build_scheme(cred, secrets[name], self._auth_context)
+                         for name, cred in profile.credentials.items() if cred.auth is not None}
         self._variants = secret_variants(self._all_secret_forms())
         self._timeouts = {name: aiohttp.ClientTimeout(total=None, connect=cred.connect_timeout,
                                                       sock_read=cred.read_timeout)
@@ -113,17 +122,24 @@ class Broker:
     def _all_secret_forms(self) -> list[str]:
         forms = []
         for name, cred in self.profile.credentials.items():
+            if name in self._schemes:  # each field of its document, and every token it minted
+                forms += secret_forms(self._schemes[name])
+                continue
             value = self._secrets[name].reveal()
             forms.append(value)
             if cred.inject.style == "basic":
                 forms.append(basic_auth_variant(cred.inject.name, value))
         return forms
 
+    def _learn_secret(self, value: str) -> None:
+        """A scheme minted a token (or got a rotated one): from now on it is masked in every answer."""
+        self._variants = secret_variants(self._all_secret_forms())
+
     # ----- lifecycle -------------------------------------------------------------------------------------
 
     async def serve(self, listeners: Listeners) -> None:
         """Serve on sockets bound before the child started; connections made meanwhile wait in the backlog."""
-        self._session = self._new_session()
+        self._session = self._auth_context.session = self._new_session()
         await self._serve(listeners.broker, self.handle)
         if listeners.relay is not None:
             await self._serve(listeners.relay, self.handle_relayed)
@@ -159,6 +175,8 @@ class Broker:
             await self._session.close()
         for secret in self._secrets.values():
             secret.wipe()
+        for scheme in self._schemes.values():
+            scheme.wipe()
         self._injectors.clear()
         self._variants = ()
 
@@ -325,6 +343,8 @@ class Broker:
             return await self._exchange(request, credential, path, query, outcome, held)
         except BodyTooLarge as exc:
             return outcome.fail(413, "bad_request", str(exc), credential, request)
+        except AuthFailed as exc:  # the token endpoint or signing failed; nothing went upstream
+            return outcome.fail(exc.status, exc.code, exc.message, credential, request, reason=exc.reason)
         except TimeoutError:
             return outcome.fail(504, "upstream_timeout", f"{credential.host} did not answer in time", credential,
                                 request)
@@ -359,8 +379,7 @@ class Broker:
             body = counted(request.content.iter_chunked(STREAM_CHUNK), outcome.received, MAX_REQUEST_BODY)
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
-        async with self._session.request(request.method, url, headers=headers, data=body,
-                                         allow_redirects=False, timeout=self._timeouts[name]) as upstream:
+        async with await self._send(request, credential, url, headers, body) as upstream:
             outcome.status = upstream.status
             # One coding at most: with several (or the header twice) aiohttp decodes one of them, so the body the
             # redactor sees, and the length the child is told, would not be what the upstream meant.
@@ -431,6 +450,29 @@ class Broker:
         masked = redactor.feed(data) + redactor.flush()
         outcome.sent = len(masked)
         return web.Response(status=status, reason=reason, headers=headers, body=masked)
+
+    async def _send(self, request: web.BaseRequest, credential: Credential, url: URL, headers: CIMultiDict[str],
+                    body: AsyncIterator[bytes] | bytes | None) -> aiohttp.ClientResponse:
+        """Send upstream; an `auth` credential authorizes the request first and, after a 401 to a replayable
+        idempotent request, gets one chance to refresh and retry."""
+        scheme = self._schemes.get(credential.name)
+        out = Outgoing(method=request.method, url=url, headers=headers, body=body,
+                       length=len(body) if isinstance(body, bytes) else request.content_length)
+        if scheme is not None:
+            await scheme.authorize(out)
+        response = await self._request(out, credential)
+        if (response.status == 401 and scheme is not None and scheme.refreshable and out.replayable
+                and out.method in IDEMPOTENT_METHODS):
+            response.release()
+            await scheme.refresh_after_401()
+            await scheme.authorize(out)
+            response = await self._request(out, credential)
+        return response
+
+    async def _request(self, out: Outgoing, credential: Credential) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        return await self._session.request(out.method, out.url, headers=out.headers, data=out.body,
+                                           allow_redirects=False, timeout=self._timeouts[credential.name])
 
     def _protocol_error(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
         """A request aiohttp could not parse (or a broker bug): answer in the broker's format, audit it."""

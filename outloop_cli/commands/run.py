@@ -166,6 +166,7 @@ def _plain_summary(report: RunReport) -> str:
         lines.append(f"  WARNING    request counts unavailable: {report.counts_error}")
     lines.append("  sandbox    " + ", ".join(f"{k}: {v}" for k, v in report.sandbox.items()))
     lines += [f"  WARNING    {k}: {v}" for k, v in report.sandbox.items() if "NOT" in v]
+    lines += [f"  WARNING    {warning}" for warning in report.warnings]
     lines.append(f"  child      peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                  f"strays killed {report.strays_killed}")
     lines.append(f"  policy     {report.policy_hash[:23]}" + (f"  batch {report.batch_id}" if report.batch_id else ""))
@@ -233,3 +234,5 @@ def _rich_summary(report: RunReport) -> None:
         out.print(f"  [red]{label}[/] {escape(text)}")
     if report.counts_error:
         out.print(f"  [bold red]request counts unavailable:[/] {escape(report.counts_error)}")
+    for warning in report.warnings:
+        out.print(f"  [bold red]WARNING[/] {escape(warning)}")
