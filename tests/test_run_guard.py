@@ -22,7 +22,7 @@ POST_LOOP = """
         answer = client.request("crm", "POST", "/crm/v3/objects/contacts", body=body,
                                 headers={"Content-Type": "application/json"})
         error = answer.error or {}
-        print(json.dumps([answer.status, error.get("error")] + ([error.get("rule")] if error.get("rule") else [])),
+        print(json.dumps([answer.status, error.get("type")] + ([error.get("rule")] if error.get("rule") else [])),
               flush=True)
 """
 
