@@ -118,6 +118,7 @@ class FakeBroker(http.server.BaseHTTPRequestHandler):
 
 class Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    request_queue_size = 64  # socketserver's 5 overflows when 8 client threads connect at once (EAGAIN)
     block_on_close = False
     seen: Seen
 

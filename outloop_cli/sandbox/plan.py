@@ -186,8 +186,7 @@ def secret_files(profile: Profile, dirs: Iterable[Path], home_dir: str) -> list[
 
 
 def _ensure_workspace_home(home: Path, workspace: str) -> Path:
-    ensure_private_dir(home / HOMES_DIR)
-    return ensure_private_dir(workspace_home(home, workspace))
+    return ensure_private_dir(workspace_home(home, workspace), within=home)
 
 
 def _limits(profile: Profile) -> tuple[list[str], str] | None:
