@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,6 +35,7 @@ from outloop_cli.home import audit_db_path, current_workspace, ensure_private_di
 from outloop_cli.linux import set_not_dumpable
 from outloop_cli.notify import run_hook, triggers
 from outloop_cli.policy_snapshot import policy_hash
+from outloop_cli.preload import BackgroundImport
 from outloop_cli.profiles import Credential, NetworkMode, Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.sandbox.plan import Target
 from outloop_cli.sandbox.plan import plan as sandbox_plan
@@ -144,6 +144,9 @@ def execute(request: RunRequest) -> RunReport:
     workspace = resolve_workspace(request.workspace, environ)
     resolved_secrets: dict[str, Secret] = {}
     profile: Profile | None = None
+    # The broker stack (aiohttp: ~150 ms) loads while the profile, secrets, sandbox and audit are prepared and
+    # the child starts, so the loop's first request finds the broker ready; a child that never calls it cancels it.
+    broker_stack = BackgroundImport("outloop_cli.broker.server")
     try:
         dirs = profile_dirs(request.profiles_dir, environ)
         profile = load_profile(workspace, dirs)
@@ -156,13 +159,14 @@ def execute(request: RunRequest) -> RunReport:
         guard = load_guard(profile, dirs)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
             report = loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network,
-                                            guard))
+                                            guard, broker_stack))
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
         _record_failed_start(home, workspace, request, error, profile)
         raise
     finally:
+        broker_stack.cancel()
         for secret in resolved_secrets.values():
             secret.wipe()
     report.central = ship_after_run(home, environ, report.run_id)
@@ -297,8 +301,8 @@ def _batch_detail(request: RunRequest) -> dict[str, str]:
 
 
 async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: Profile,
-                   resolved: Mapping[str, Secret], timeout: float | None, network: str, guard: Guard | None
-                   ) -> RunReport:
+                   resolved: Mapping[str, Secret], timeout: float | None, network: str, guard: Guard | None,
+                   broker_stack: BackgroundImport) -> RunReport:
     run_id = new_run_id()
     started_at = time.time()
     run_dir = ensure_private_dir(home / "run" / run_id, within=home)
@@ -352,21 +356,16 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             raise _StartFailed(error) from None
         _preload_shipping(home)
         child = asyncio.ensure_future(supervisor.wait())
-        # The broker stack (aiohttp: ~150 ms to import) loads only once a connection is waiting, so a loop that
-        # never calls it, or exits at once, never pays for it; connections wait in the backlog meanwhile.
-        waiter = _ConnectionWaiter(listeners)
-        try:
-            connected = await _before_exit(child, waiter.future)
-        finally:
-            waiter.stop()
-        if connected:
-            server_module = _import_in_background("outloop_cli.broker.server")
-            if await _before_exit(child, server_module):
-                broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved,
-                                                       audit=audit, run_token=run_token if base_url_mode else None,
-                                                       timeout=timeout, guard=guard)
-                broker.child_pid = child_pid
-                await broker.serve(listeners)
+        # The broker serves as soon as its stack is imported; connections made before wait in the backlog.
+        server_module = asyncio.ensure_future(broker_stack.module())
+        if await _before_exit(child, server_module):
+            broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
+                                                   run_token=run_token if base_url_mode else None,
+                                                   timeout=timeout, guard=guard)
+            broker.child_pid = child_pid
+            await broker.serve(listeners)
+        else:
+            broker_stack.cancel()
         result = await child
     finally:
         if broker is not None:
@@ -438,51 +437,6 @@ async def _before_exit(child: asyncio.Future[Any], event: asyncio.Future[Any]) -
     return False
 
 
-class _ConnectionWaiter:
-    """`future` resolves when any listener has a connection waiting to be accepted.
-
-    `stop()` removes its readers; call it before the sockets are closed or handed to aiohttp (which adds
-    readers of its own).
-    """
-
-    def __init__(self, listeners: Listeners) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.future: asyncio.Future[None] = self._loop.create_future()
-        self._fds = [sock.fileno() for sock in (listeners.broker, listeners.relay, listeners.loopback)
-                     if sock is not None]
-        for fd in self._fds:
-            self._loop.add_reader(fd, self._ready)
-
-    def _ready(self) -> None:
-        self.stop()
-        if not self.future.done():
-            self.future.set_result(None)
-
-    def stop(self) -> None:
-        while self._fds:
-            self._loop.remove_reader(self._fds.pop())
-
-
-def _import_in_background(module: str) -> asyncio.Future[ModuleType]:
-    """Import on a daemon thread, so a loop that never calls the broker (or exits at once) never waits for it.
-
-    A daemon thread, not the default executor: interpreter exit would otherwise wait for an import nobody needs.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[ModuleType] = loop.create_future()
-
-    def work() -> None:
-        try:
-            loaded = importlib.import_module(module)
-        except BaseException as exc:  # surfaced in the event loop, where the run handles it
-            loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, future, loaded, None)
-
-    threading.Thread(target=work, name="outloop-broker-import", daemon=True).start()
-    return future
-
-
 def _preload_shipping(home: Path) -> None:
     """Import the shipper (psycopg: a few hundred ms of CPU) while the child runs, not after it.
 
@@ -505,15 +459,6 @@ def _preload_shipping(home: Path) -> None:
     timer = threading.Timer(_PRELOAD_DELAY, work)
     timer.name, timer.daemon = "outloop-ship-import", True
     timer.start()
-
-
-def _settle(future: asyncio.Future[ModuleType], value: ModuleType | None, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    elif value is not None:
-        future.set_result(value)
 
 
 def _limit_hit(profile: Profile, exit_code: int, cpu_seconds: float) -> str | None:
