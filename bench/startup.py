@@ -1,4 +1,5 @@
-"""Start-up cost: `outloop run -- true` against bare `true`, `outloop --help`, `outloop audit`, import time.
+"""Start-up cost: `outloop run -- true` against bare `true`, `outloop --help`, `outloop audit`, import time, and
+a real loop's first request: how long after its first connect the broker answers it.
 
 Each command runs N times, interleaved, from a private OUTLOOP_HOME whose profile takes its secret from
 `env:VAR`, so no keyring is touched. Wall time includes fork+exec, identical for every row. Reports, never asserts.
@@ -9,6 +10,7 @@ Each command runs N times, interleaved, from a private OUTLOOP_HOME whose profil
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -27,6 +29,34 @@ from common import OUTLOOP, PYTHON, REPO, SECRET, SECRET_ENV, WORKSPACE, fmt, me
 Log = Callable[[str], None]
 PYCACHE = REPO / ".bench" / "pycache"
 _IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)")
+URL_WORKSPACE = "bench-url"  # the bench profile plus child_env: base-URL mode, with its loopback listener
+
+# The loop: a plain Python child that asks the broker for /v1/run twice, each on a new connection, on the Unix
+# socket or on $OUTLOOP_URL with the run token, and prints when it connected and when each answer was complete.
+# perf_counter is CLOCK_MONOTONIC, one clock for the bench and the sandboxed child alike.
+FIRST_REQUEST_LOOP = """
+import json, os, socket, sys, time
+started = time.perf_counter()
+def ask(mode):
+    if mode == "unix":
+        sock, target, auth = socket.socket(socket.AF_UNIX), os.environ["OUTLOOP_SOCKET"], ""
+    else:
+        host, port = os.environ["OUTLOOP_URL"].removeprefix("http://").rsplit(":", 1)
+        sock, target = socket.socket(), (host, int(port))
+        auth = "Authorization: Bearer " + os.environ["OUTLOOP_TOKEN"] + "\\r\\n"
+    connect = time.perf_counter()
+    sock.connect(target)
+    sock.sendall(("GET /v1/run HTTP/1.1\\r\\nHost: broker\\r\\n" + auth + "Connection: close\\r\\n\\r\\n").encode())
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    done = time.perf_counter()
+    sock.close()
+    if not answer.startswith(b"HTTP/1.1 200"):
+        sys.exit("broker answered " + repr(answer[:80]))
+    return [connect, done]
+print(json.dumps({"started": started, "first": ask(sys.argv[1]), "second": ask(sys.argv[1])}))
+"""
 
 
 def _stderr(message: str) -> None:
@@ -45,6 +75,45 @@ def _time(argv: Sequence[str], env: dict[str, str]) -> tuple[float, int]:
     elapsed = time.perf_counter() - started
     watchdog.cancel()
     return elapsed, code
+
+
+def first_request(runs: int, env: dict[str, str], profiles: Path, log: Log = _stderr) -> list[dict[str, Any]]:
+    """A real loop's first broker request, in both modes, interleaved: connect -> answer (the first request pays
+    for whatever the broker has not loaded yet; the second, on a new connection, is the warm reference), and
+    launch -> first answer (start-up counted to the first answered request)."""
+    bench = profiles / f"{WORKSPACE}.toml"
+    (profiles / f"{URL_WORKSPACE}.toml").write_text(
+        bench.read_text() + 'child_env = { BENCH_URL = "{url}", BENCH_TOKEN = "{token}" }\n')
+    modes = [("Unix socket", WORKSPACE, "unix"), ("base-URL (loopback TCP)", URL_WORKSPACE, "url")]
+    samples: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in modes}
+    failures: dict[str, str] = {}
+    for index in range(runs + 1):  # the first round only warms the page cache
+        for label, workspace, mode in modes[index % 2:] + modes[:index % 2]:
+            launched = time.perf_counter()
+            done = subprocess.run([OUTLOOP, "run", "-w", workspace, "--quiet", "--", PYTHON, "-c", FIRST_REQUEST_LOOP,
+                                   mode], env=env, capture_output=True, text=True, timeout=60, check=False)
+            if done.returncode != 0:
+                failures[label] = f"exit {done.returncode}: {done.stderr.strip()[-200:]}"
+                continue
+            times = json.loads(done.stdout)
+            if index:
+                samples[label].append({
+                    "child_start_ms": (times["started"] - launched) * 1000,
+                    "first_ms": (times["first"][1] - times["first"][0]) * 1000,
+                    "second_ms": (times["second"][1] - times["second"][0]) * 1000,
+                    "to_first_answer_ms": (times["first"][1] - launched) * 1000,
+                })
+    rows = []
+    for label, _, _ in modes:
+        values = samples[label]
+        row: dict[str, Any] = {"label": label, "runs": len(values), "failure": failures.get(label)}
+        for key in ("child_start_ms", "first_ms", "second_ms", "to_first_answer_ms"):
+            row[key] = median([v[key] for v in values])
+            row[key.replace("_ms", "_max_ms")] = max((v[key] for v in values), default=float("nan"))
+        rows.append(row)
+        log(f"  first request, {label:<25} connect->answer median {row['first_ms']:6.1f} ms "
+            f"(max {row['first_max_ms']:.1f}), warm {row['second_ms']:.1f} ms")
+    return rows
 
 
 def importtime(statement: str, env: dict[str, str], repeats: int = 3) -> dict[str, Any]:
@@ -135,8 +204,9 @@ def run(runs: int = 15, log: Log = _stderr) -> dict[str, Any]:
                          "over_true_ms": (median(values) - base) * 1000, "runs": len(values),
                          "failures": failures.get(label, 0)})
             log(f"  {label:<50} median {median(values) * 1000:7.1f} ms")
+        first = first_request(runs, env, home / "profiles", log)
         imports = [importtime("import outloop_cli.cli", env), importtime("import outloop_cli.runner", env)]
-        return {"rows": rows, "notes": notes, "imports": imports, "runs": runs}
+        return {"rows": rows, "notes": notes, "imports": imports, "runs": runs, "first_request": first}
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
@@ -149,6 +219,19 @@ def render(result: dict[str, Any]) -> str:
     for row in result["rows"]:
         lines.append(f"| {row['label']} | {fmt(row['median_ms'], 1)} | {fmt(row['min_ms'], 1)} | "
                      f"{fmt(row['over_true_ms'], 1)} | {row['failures']} |")
+    lines += ["", "A real loop's first broker request (`GET /v1/run` on a new connection, default network, "
+              f"median and max of {result['runs']} runs per mode, interleaved): connect -> complete answer, against "
+              "the same request made right after it; and from launching `outloop run` to the child's start and to "
+              "its first complete answer.", "",
+              "| mode | first request ms (max) | second request ms | launch -> child start ms | "
+              "launch -> first answer ms |", "|---|---:|---:|---:|---:|"]
+    for row in result.get("first_request", []):
+        if row["failure"]:
+            lines.append(f"| {row['label']} | failed: {row['failure']} | | | |")
+            continue
+        lines.append(f"| {row['label']} | {fmt(row['first_ms'], 1)} ({fmt(row['first_max_ms'], 1)}) | "
+                     f"{fmt(row['second_ms'], 1)} | {fmt(row['child_start_ms'], 1)} | "
+                     f"{fmt(row['to_first_answer_ms'], 1)} |")
     for info in result["imports"]:
         lines += ["", f"`python -X importtime -c \"{info['statement']}\"`: {fmt(info['total_ms'], 1)} ms of "
                   "imports (median of 3). Top 10 modules by own import time, and by package:", "",
