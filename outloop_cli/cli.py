@@ -10,25 +10,49 @@ import sys
 from collections.abc import Sequence
 
 import typer
+from typer import _click as click
+from typer.core import TyperCommand, TyperGroup
 
 from outloop_cli import __version__
 from outloop_cli.errors import EXIT_OUTLOOP_FAILED, OutloopError
 
-# Command name -> the module that registers it. Only the invoked group is imported (a cron job running
-# `outloop run` every minute should not pay for the audit, secret and doctor modules); help loads them all.
-COMMAND_MODULES = {
-    "run": "outloop_cli.commands.run",
-    "audit": "outloop_cli.commands.audit",
-    "workspace": "outloop_cli.commands.workspace",
-    "secret": "outloop_cli.commands.secret",
-    "doctor": "outloop_cli.commands.doctor",
-    "policy": "outloop_cli.commands.policy",
-    "__complete": "outloop_cli.commands.complete",
+# Command name -> the module that registers it, and its line in `outloop --help`. Only the invoked group is
+# imported (a cron job running `outloop run` every minute should not pay for the audit, secret and doctor modules),
+# and the top-level help lists the groups from here without importing them; tests check these lines against the
+# help each module registers. The order is the listing's: commands, then groups.
+COMMANDS = {
+    "run": ("outloop_cli.commands.run",
+            "Run COMMAND with a stripped environment and a policy-checking broker; exit with its code."),
+    "doctor": ("outloop_cli.commands.doctor",
+               "Check the keyring backend (headless too), sandbox layers, paths, the audit database and versions."),
+    "audit": ("outloop_cli.commands.audit", "Read the audit log."),
+    "workspace": ("outloop_cli.commands.workspace", "List, show, choose, create and check workspace profiles."),
+    "secret": ("outloop_cli.commands.secret",
+               "Store, list, remove and check secrets (keyring service outloop/<workspace>, user <credential>); "
+               "values are never printed."),
+    "policy": ("outloop_cli.commands.policy",
+               "Test requests against a workspace's policy, draft allow rules from denials, replay the audit against "
+               "a draft, and lint the rules."),
+    "__complete": ("outloop_cli.commands.complete", ""),  # hidden: the shell completion scripts' callback
 }
 
 
-def build_app(argv: Sequence[str] = ()) -> typer.Typer:
-    """The app with the command group `argv` asks for, or with every group when it names none."""
+class _Listing(TyperGroup):
+    """The root group: commands whose module was not imported are listed in help from their COMMANDS line."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if name in self.commands or COMMANDS[name][1]]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        loaded = super().get_command(ctx, cmd_name)
+        if loaded is not None or not COMMANDS.get(cmd_name, ("", ""))[1]:
+            return loaded
+        return TyperCommand(cmd_name, help=COMMANDS[cmd_name][1])  # only listed: a named command is imported
+
+
+def build_app(argv: Sequence[str] | None = None) -> typer.Typer:
+    """The app with the command group `argv` names; every group when `argv` is None, or names an unknown command
+    (so the usage error can suggest the nearest); none when it names no command (help and --version)."""
     app = typer.Typer(
         name="outloop",
         help="Run unattended agent loops that never hold a key: a per-run broker checks each API call against "
@@ -37,12 +61,13 @@ def build_app(argv: Sequence[str] = ()) -> typer.Typer:
         add_completion=False,
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
+        cls=_Listing,
     )
     app.callback()(main_options)
-    requested = next((arg for arg in argv if not arg.startswith("-")), None)
-    names = [requested] if requested in COMMAND_MODULES else list(COMMAND_MODULES)
+    requested = None if argv is None else next((arg for arg in argv if not arg.startswith("-")), "")
+    names = [requested] if requested in COMMANDS else [] if requested == "" else list(COMMANDS)
     for name in names:
-        importlib.import_module(COMMAND_MODULES[name]).register(app)
+        importlib.import_module(COMMANDS[name][0]).register(app)
     return app
 
 
