@@ -1,9 +1,9 @@
 """Import a heavy module on a side thread while the caller does other work, and stop it when nobody needs it.
 
-`outloop run` imports the broker stack this way from the moment it knows which workspace runs: the child's first
-request then finds the broker ready instead of waiting ~150 ms for aiohttp, and a child that exits without ever
-calling the broker (`run -- true`) cancels the import, which stops at its next import statement rather than
-competing with the run's own end for the interpreter.
+`outloop run` imports the broker stack this way from the moment the child is spawned: the import uses the time the
+child spends starting, so its first request waits for what is left of the import rather than all of it, and a child
+that exits without calling the broker (`run -- true`) cancels the import, which stops at its next import statement
+rather than competing with the run's own end for the interpreter's lock.
 """
 
 from __future__ import annotations

@@ -144,9 +144,6 @@ def execute(request: RunRequest) -> RunReport:
     workspace = resolve_workspace(request.workspace, environ)
     resolved_secrets: dict[str, Secret] = {}
     profile: Profile | None = None
-    # The broker stack (aiohttp: ~150 ms) loads while the profile, secrets, sandbox and audit are prepared and
-    # the child starts, so the loop's first request finds the broker ready; a child that never calls it cancels it.
-    broker_stack = BackgroundImport("outloop_cli.broker.server")
     try:
         dirs = profile_dirs(request.profiles_dir, environ)
         profile = load_profile(workspace, dirs)
@@ -159,14 +156,13 @@ def execute(request: RunRequest) -> RunReport:
         guard = load_guard(profile, dirs)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
             report = loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network,
-                                            guard, broker_stack))
+                                            guard))
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
         _record_failed_start(home, workspace, request, error, profile)
         raise
     finally:
-        broker_stack.cancel()
         for secret in resolved_secrets.values():
             secret.wipe()
     report.central = ship_after_run(home, environ, report.run_id)
@@ -301,8 +297,8 @@ def _batch_detail(request: RunRequest) -> dict[str, str]:
 
 
 async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: Profile,
-                   resolved: Mapping[str, Secret], timeout: float | None, network: str, guard: Guard | None,
-                   broker_stack: BackgroundImport) -> RunReport:
+                   resolved: Mapping[str, Secret], timeout: float | None, network: str, guard: Guard | None
+                   ) -> RunReport:
     run_id = new_run_id()
     started_at = time.time()
     run_dir = ensure_private_dir(home / "run" / run_id, within=home)
@@ -346,6 +342,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
     broker: Broker | None = None
+    broker_stack: BackgroundImport | None = None
     try:
         supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)
         try:
@@ -354,9 +351,13 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             audit.finish(exit_code=error.exit_code, duration=0.0,
                          detail=_start_failure_detail(profile, run_id, request, error))
             raise _StartFailed(error) from None
+        # The broker stack (aiohttp: ~150 ms of CPU) loads on a side thread while the child starts on the other core
+        # and this thread only waits: not before, where it would hold the interpreter's lock against the run's own
+        # start. The broker serves once it is loaded; connections made meanwhile wait in the backlog. A child that
+        # exits first cancels the import.
+        broker_stack = BackgroundImport("outloop_cli.broker.server")
         _preload_shipping(home)
         child = asyncio.ensure_future(supervisor.wait())
-        # The broker serves as soon as its stack is imported; connections made before wait in the backlog.
         server_module = asyncio.ensure_future(broker_stack.module())
         if await _before_exit(child, server_module):
             broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
@@ -368,6 +369,8 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             broker_stack.cancel()
         result = await child
     finally:
+        if broker_stack is not None:
+            broker_stack.cancel()
         if broker is not None:
             await broker.close()
         listeners.close()
