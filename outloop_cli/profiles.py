@@ -13,13 +13,13 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from outloop_cli.auth.config import AuthConfig, parse_auth
 from outloop_cli.errors import ProfileError
+from outloop_cli.modes import NetworkMode
 from outloop_cli.policy import STANDARD_METHODS, Rule, RuleError, parse_rule
 from outloop_cli.units import Rate, parse_duration, parse_rate, parse_size
 
@@ -36,14 +36,6 @@ DEFAULT_INJECT_VALUE = "Bearer {secret}"
 CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
 
 FilesystemMode = Literal["workspace", "host"]
-
-
-class NetworkMode(StrEnum):
-    """`[run] network` and `outloop run --network`, spelt once (see DESIGN: Sandbox layers)."""
-
-    AUTO = "auto"
-    BROKER_ONLY = "broker-only"
-    OPEN = "open"
 
 
 TOP_KEYS = ("version", "description", "extends", "abstract", "run", "notify", "credentials", "tags", "guard")

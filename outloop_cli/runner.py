@@ -33,10 +33,11 @@ from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.guard import Guard, load_guard
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
+from outloop_cli.modes import NetworkMode
 from outloop_cli.notify import run_hook, triggers
 from outloop_cli.policy_snapshot import policy_hash
 from outloop_cli.preload import BackgroundImport
-from outloop_cli.profiles import Credential, NetworkMode, Profile, check_workspace_name, load_profile, refuse_abstract
+from outloop_cli.profiles import Credential, Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.sandbox.plan import Target
 from outloop_cli.sandbox.plan import plan as sandbox_plan
 from outloop_cli.secrets import Secret, resolve_secret

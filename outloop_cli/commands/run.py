@@ -12,13 +12,13 @@ import typer
 from outloop_cli.commands.options import duration
 from outloop_cli.commands.output import console, render_to_stderr
 from outloop_cli.errors import OutloopError
-from outloop_cli.private_fs import PinnedFile
-from outloop_cli.profiles import NetworkMode
+from outloop_cli.modes import NetworkMode
 from outloop_cli.timespec import format_time
 from outloop_cli.units import format_bytes, format_duration, plural
 
 if TYPE_CHECKING:
     from outloop_cli.audit.tally import Counts
+    from outloop_cli.private_fs import PinnedFile
     from outloop_cli.runner import RunReport
 
 
@@ -90,6 +90,8 @@ def run(
 
 
 def _summary_file(path: Path) -> PinnedFile:
+    from outloop_cli.private_fs import PinnedFile  # the run path loads it anyway; `run --help` need not
+
     try:
         return PinnedFile(path)
     except OSError as exc:
