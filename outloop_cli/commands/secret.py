@@ -8,7 +8,7 @@ from __future__ import annotations
 import getpass
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,19 +16,10 @@ from outloop_cli.commands.options import CredentialArgument, JsonFlag, ProfilesO
 from outloop_cli.commands.output import print_json
 from outloop_cli.commands.tables import note, print_table
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, UsageError
-from outloop_cli.home import profile_dirs
-from outloop_cli.profiles import check_workspace_name, load_profile
-from outloop_cli.secret_admin import (
-    SecretStatus,
-    delete_secret,
-    keyring_credential,
-    keyring_document,
-    one_line,
-    profile_secrets,
-    store_secret,
-    storing_keyring,
-)
-from outloop_cli.secrets import keyring_service, stores_plaintext
+
+if TYPE_CHECKING:
+    from outloop_cli.secret_admin import SecretStatus
+# The core (profiles, keyring access) is imported inside each command, so `outloop secret --help` stays light.
 
 app = typer.Typer(help="Store, list, remove and check secrets (keyring service outloop/<workspace>, user "
                        "<credential>); values are never printed.", no_args_is_help=True, rich_markup_mode=None)
@@ -51,6 +42,11 @@ def set_command(
     profiles: ProfilesOption = None,
 ) -> None:
     """Store CREDENTIAL's secret for WORKSPACE in the keyring; only for `secret = "keyring"` credentials."""
+    from outloop_cli.home import profile_dirs
+    from outloop_cli.profiles import load_profile
+    from outloop_cli.secret_admin import keyring_credential, keyring_document, store_secret, storing_keyring
+    from outloop_cli.secrets import keyring_service, stores_plaintext
+
     profile = load_profile(workspace, profile_dirs(profiles))
     cred = keyring_credential(profile, credential)
     if cred.auth is not None and not stdin:
@@ -71,6 +67,8 @@ def set_command(
 
 
 def _read_stdin(*, whole: bool = False) -> str:
+    from outloop_cli.secret_admin import one_line
+
     if sys.stdin.isatty():  # typing it there would echo it: the hidden prompt is for terminals
         raise UsageError("--stdin reads a pipe or a file; on a terminal leave out --stdin to get a hidden prompt")
     text = sys.stdin.read()
@@ -96,6 +94,9 @@ def list_command(workspace: WorkspaceArgument, profiles: ProfilesOption = None, 
 @app.command("rm")
 def rm(workspace: WorkspaceArgument, credential: CredentialArgument) -> None:
     """Delete the keyring entry of CREDENTIAL in WORKSPACE (also for credentials no longer in the profile)."""
+    from outloop_cli.profiles import check_workspace_name
+    from outloop_cli.secret_admin import delete_secret
+
     check_workspace_name(workspace)
     delete_secret(workspace, credential)
     sys.stdout.write(f"removed {workspace}/{credential} from the keyring\n")
@@ -115,6 +116,10 @@ def check(workspace: WorkspaceArgument, profiles: ProfilesOption = None, as_json
 
 
 def _statuses(workspace: str, profiles: ProfilesOption, *, run_commands: bool) -> list[SecretStatus]:
+    from outloop_cli.home import profile_dirs
+    from outloop_cli.profiles import load_profile
+    from outloop_cli.secret_admin import profile_secrets
+
     return profile_secrets(load_profile(workspace, profile_dirs(profiles)), os.environ, run_commands=run_commands)
 
 

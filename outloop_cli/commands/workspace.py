@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,21 +15,12 @@ from outloop_cli.commands.options import JsonFlag, ProfilesOption, WorkspaceArgu
 from outloop_cli.commands.output import print_json
 from outloop_cli.commands.tables import note, print_table
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError
-from outloop_cli.home import outloop_home, profile_dirs
-from outloop_cli.profile_toml import render_profile
-from outloop_cli.profiles import load_profile
-from outloop_cli.secret_admin import SecretStatus, profile_secrets
 from outloop_cli.units import plural
-from outloop_cli.workspaces import (
-    ENV_CHOICE,
-    WorkspaceCheck,
-    check_workspaces,
-    current_choice,
-    list_workspaces,
-    new_profile,
-    resolved_profile,
-    use_workspace,
-)
+
+if TYPE_CHECKING:
+    from outloop_cli.secret_admin import SecretStatus
+    from outloop_cli.workspaces import WorkspaceCheck
+# The core (profiles, state dirs, keyring) is imported inside each command, so `workspace --help` stays light.
 
 app = typer.Typer(help="List, show, choose, create and check workspace profiles.", no_args_is_help=True,
                   rich_markup_mode=None)
@@ -47,6 +38,9 @@ def list_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Every runnable workspace along the profile path: description, credentials, file; * marks the current one."""
+    from outloop_cli.home import outloop_home, profile_dirs
+    from outloop_cli.workspaces import current_choice, list_workspaces
+
     choice = current_choice(outloop_home(), os.environ)
     entries = [e for e in list_workspaces(profile_dirs(profiles), choice.workspace if choice else None)
                if show_all or not e.abstract]
@@ -68,6 +62,12 @@ def list_command(
 @app.command("show")
 def show(workspace: WorkspaceArgument, profiles: ProfilesOption = None, as_json: JsonFlag = False) -> None:
     """The profile after `extends`, as TOML (`# from BASE` marks inherited keys); secrets only as present/missing."""
+    from outloop_cli.home import profile_dirs
+    from outloop_cli.profile_toml import render_profile
+    from outloop_cli.profiles import load_profile
+    from outloop_cli.secret_admin import profile_secrets
+    from outloop_cli.workspaces import resolved_profile
+
     profile = load_profile(workspace, profile_dirs(profiles))
     statuses = profile_secrets(profile, os.environ, run_commands=False)
     if as_json:
@@ -79,6 +79,9 @@ def show(workspace: WorkspaceArgument, profiles: ProfilesOption = None, as_json:
 @app.command("use")
 def use(workspace: WorkspaceArgument, profiles: ProfilesOption = None) -> None:
     """Make WORKSPACE the default for `outloop run` (written to config.toml)."""
+    from outloop_cli.home import outloop_home, profile_dirs
+    from outloop_cli.workspaces import ENV_CHOICE, use_workspace
+
     path = use_workspace(outloop_home(), profile_dirs(profiles), workspace)
     sys.stdout.write(f"current workspace: {workspace} (saved in {path})\n")
     if os.environ.get(ENV_CHOICE) and os.environ[ENV_CHOICE] != workspace:
@@ -88,6 +91,9 @@ def use(workspace: WorkspaceArgument, profiles: ProfilesOption = None) -> None:
 @app.command("current")
 def current(as_json: JsonFlag = False) -> None:
     """The workspace `outloop run` uses without -w, and where that choice comes from; exit 1 if none."""
+    from outloop_cli.home import outloop_home
+    from outloop_cli.workspaces import ENV_CHOICE, current_choice
+
     choice = current_choice(outloop_home(), os.environ)
     if as_json:
         print_json({"workspace": choice.workspace if choice else None, "source": choice.source if choice else None})
@@ -108,6 +114,9 @@ def new(
     profiles: ProfilesOption = None,
 ) -> None:
     """Write a commented starter profile into the first profile directory; never overwrites."""
+    from outloop_cli.home import profile_dirs
+    from outloop_cli.workspaces import new_profile
+
     path = new_profile(profile_dirs(profiles), name, extends=extends)
     sys.stdout.write(f"created {path}\n")
     note(f"edit it, then `outloop workspace check {name}`")
@@ -121,6 +130,9 @@ def check(
     as_json: JsonFlag = False,
 ) -> None:
     """Validate profiles and resolve every secret (running cmd: sources) without printing any; exit 1 on problems."""
+    from outloop_cli.home import outloop_home, profile_dirs
+    from outloop_cli.workspaces import check_workspaces
+
     results = check_workspaces(profile_dirs(profiles), [workspace] if workspace else None, outloop_home(),
                                os.environ)
     problems = sum(len(result.problems) for result in results)
