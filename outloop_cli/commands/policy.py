@@ -15,7 +15,6 @@ from outloop_cli.commands.options import JsonFlag, ProfilesOption, WorkspaceArgu
 from outloop_cli.commands.output import print_json
 from outloop_cli.commands.tables import note, print_pairs, print_table
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, UsageError
-from outloop_cli.home import profile_dirs
 
 app = typer.Typer(help="Test requests against a workspace's policy, draft allow rules from denials, replay the "
                        "audit against a draft, and lint the rules.", no_args_is_help=True, rich_markup_mode=None)
@@ -52,6 +51,7 @@ def test_command(
     Exit 0 when every request would be allowed, 1 when any would be denied.
     """
     from outloop_cli.guard import load_guard
+    from outloop_cli.home import profile_dirs
     from outloop_cli.policytools.check import check_request, split_line
     from outloop_cli.profiles import load_profile
 
@@ -126,6 +126,7 @@ def suggest_command(
 ) -> None:
     """Draft allow rules from `no_matching_rule` denials; prints TOML to review (or --apply it)."""
     from outloop_cli.audit.queries import find_run, operator_database
+    from outloop_cli.home import profile_dirs
     from outloop_cli.policytools.apply import apply_rules
     from outloop_cli.policytools.suggest import denied_requests, render_toml, suggest
     from outloop_cli.profiles import load_profile
@@ -186,6 +187,7 @@ def replay_command(
     Exit 1 when any decision would change.
     """
     from outloop_cli.audit.queries import operator_database
+    from outloop_cli.home import profile_dirs
     from outloop_cli.policytools.replay import replay
     from outloop_cli.profiles import load_draft, load_profile
     from outloop_cli.timespec import parse_point
@@ -236,6 +238,7 @@ def lint_command(
     """
     from outloop_cli.audit.queries import operator_database
     from outloop_cli.errors import AuditError
+    from outloop_cli.home import profile_dirs
     from outloop_cli.policytools.lint import lint, rule_usage
     from outloop_cli.profiles import load_profile
     from outloop_cli.timespec import parse_point
