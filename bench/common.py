@@ -87,10 +87,16 @@ def short_tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def write_bench_profile(profiles: Path, base_url: str) -> Path:
-    """One workspace, one credential injected as `Authorization: Bearer <secret>`, secret from the env."""
+def write_bench_profile(profiles: Path, base_url: str, child_env: dict[str, str] | None = None) -> Path:
+    """One workspace, one credential injected as `Authorization: Bearer <secret>`, secret from the env.
+
+    `child_env` (e.g. `{"UP_URL": "{url}"}`) turns on base-URL mode, as it does for an SDK's profile.
+    """
     profiles.mkdir(parents=True, exist_ok=True)
     path = profiles / f"{WORKSPACE}.toml"
+    extra = ""
+    if child_env:
+        extra = "child_env = { " + ", ".join(f'{key} = "{value}"' for key, value in child_env.items()) + " }\n"
     path.write_text(textwrap.dedent(f"""\
         version = 1
         description = "outloop bench"
@@ -101,7 +107,7 @@ def write_bench_profile(profiles: Path, base_url: str) -> Path:
         inject = {{ header = "Authorization", value = "Bearer {{secret}}" }}
         allow = ["GET /v1/**", "GET /big"]
         deny = ["* /v1/admin/**"]
-    """))
+    """) + extra)
     return path
 
 
