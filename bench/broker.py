@@ -141,7 +141,7 @@ class Cell:
 
     @property
     def errors(self) -> int:
-        return sum(r["requests"] - r["ok"] for r in self.runs) + sum(sum(r["errors"].values()) for r in self.runs)
+        return int(sum(r["requests"] - r["ok"] for r in self.runs) + sum(sum(r["errors"].values()) for r in self.runs))
 
     @property
     def rss_mb(self) -> float:

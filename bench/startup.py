@@ -67,8 +67,8 @@ def importtime(statement: str, env: dict[str, str], repeats: int = 3) -> dict[st
         totals.append(total)
     modules = {name: (median([s for s, _ in runs]), median([c for _, c in runs])) for name, runs in per_module.items()}
     by_package: dict[str, float] = defaultdict(float)
-    for name, (self_us, _) in modules.items():
-        by_package[name.split(".")[0]] += self_us
+    for name, (own_us, _) in modules.items():
+        by_package[name.split(".")[0]] += own_us
     return {
         "statement": statement,
         "total_ms": median(totals) / 1000,
