@@ -19,6 +19,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+PYCACHE = REPO / ".bench" / "pycache"
 PYTHON = sys.executable
 OUTLOOP = str(Path(sys.executable).parent / "outloop")
 
@@ -85,6 +86,20 @@ def median(values: Sequence[float]) -> float:
 def short_tmpdir(prefix: str) -> Path:
     """Unix socket paths must stay under 107 bytes, so bench homes live directly in /tmp."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def outloop_env(home: Path) -> dict[str, str]:
+    """The environment benches run `outloop` in: a private OUTLOOP_HOME, the bench secret, bytecode cached.
+
+    As installed by pip, modules come with bytecode. A dev shell may forbid writing it
+    (PYTHONDONTWRITEBYTECODE=1), which would time the compiler instead of outloop, in start-up and in a run's
+    first request alike; the cache stays out of the source tree, under .bench/.
+    """
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("OUTLOOP_") and key != "PYTHONDONTWRITEBYTECODE"}
+    PYCACHE.mkdir(parents=True, exist_ok=True)
+    env.update({"OUTLOOP_HOME": str(home), SECRET_ENV: SECRET, "NO_COLOR": "1", "PYTHONPYCACHEPREFIX": str(PYCACHE)})
+    return env
 
 
 def write_bench_profile(profiles: Path, base_url: str, child_env: dict[str, str] | None = None) -> Path:
