@@ -244,6 +244,8 @@ def measure_all(bench: Bench, rounds: int, duration: float, long: float, log: Lo
     targets = []
     for target in bench.targets:
         probe = bench.cell(target, 1, 1)
+        if "error" not in probe and probe["errors"]:
+            probe["error"] = f"wrk counted errors {probe['errors']}"
         if "error" in probe:
             bench.notes.append(f"{target.label}: left out, its trial run failed: {probe['error']}")
             log(f"SKIP {target.key}: {probe['error']}")
