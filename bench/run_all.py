@@ -166,9 +166,11 @@ README_END = "<!-- bench:end -->"
 def readme_block(info: dict[str, str], wrk: dict[str, Any] | None, broker: dict[str, Any] | None,
                  startup: dict[str, Any] | None) -> str:
     """The README's short version: where and when, the targets, and what each sandbox layer costs at start-up."""
+    busy = info.get("other processes' CPU at start", "")
     lines = [f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores), commit {info['commit']}; "
-             "medians of interleaved rounds, references measured in the same run. Full tables: "
-             "[docs/BENCHMARKS.md](docs/BENCHMARKS.md).", "",
+             "medians of interleaved rounds, references measured in the same run"
+             + (f"; other processes' CPU at start: {busy}" if "BUSY" in busy else "")
+             + ". Full tables: [docs/BENCHMARKS.md](docs/BENCHMARKS.md).", "",
              "| target | goal | measured | verdict |", "|---|---|---:|---|",
              *[f"| {name} | {goal} | {value} | {ok} |" for name, goal, value, ok in targets(wrk, broker, startup)]]
     rows = [r for r in (wrk or {}).get("summary", []) if r["connections"] == 8]

@@ -183,9 +183,12 @@ class Bench:
         own0 = _own_cpu()
         busy0, servers0, t0 = system_busy_seconds(), process_cpu_seconds(mine), time.monotonic()
         self.summary.unlink(missing_ok=True)
-        done = subprocess.run(self.argv(target, loop_script(target, connections, seconds, self.lua)),
-                              cwd=self.loop_dir, env=self.env, capture_output=True, text=True,
-                              timeout=seconds + 180, check=False)
+        try:
+            done = subprocess.run(self.argv(target, loop_script(target, connections, seconds, self.lua)),
+                                  cwd=self.loop_dir, env=self.env, capture_output=True, text=True,
+                                  timeout=seconds + 180, check=False)
+        except subprocess.TimeoutExpired:
+            return {"error": f"no result {seconds + 180:.0f} s after the start of a {seconds:g} s cell"}
         elapsed = time.monotonic() - t0
         ours = (_own_cpu() - own0) + (process_cpu_seconds(mine) - servers0)
         result = parse(done.stdout)
