@@ -6,6 +6,7 @@ received can be matched to audit rows by path. See docs/CHOICES.md, "Group commi
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections import Counter
@@ -67,15 +68,16 @@ def _kill_points(world: World) -> dict[str, Callable[[str], bool]]:
 @pytest.mark.slow
 def test_kill_9_at_any_moment_never_leaves_a_forward_without_its_committed_decision(world: World) -> None:
     unforwarded: dict[str, int] = {}
-    for tag, (name, reached) in enumerate(_kill_points(world).items()):
-        process = start_load(world, f"k{tag}", 10**9, 16)  # sixteen requests in flight until it dies
+    for n, (name, reached) in enumerate(_kill_points(world).items()):
+        tag = f"k{n}"
+        process = start_load(world, tag, 10**9, 16)  # sixteen requests in flight until it dies
         try:
-            wait_for(lambda: reached(f"k{tag}"), timeout=120)  # noqa: B023 - called before the loop moves on
+            wait_for(functools.partial(reached, tag), timeout=120)
         finally:
-            kill_outloop(process, f"k{tag}")
+            kill_outloop(process, tag)
         world.upstream.wait_idle()  # what the broker sent before it died has all arrived
         assert forwarded_without_audit(world, world.audit_db) == [], name
-        unforwarded[name] = committed(world.audit_db, f"k{tag}") - forwarded(world, f"k{tag}")
+        unforwarded[name] = committed(world.audit_db, tag) - forwarded(world, tag)
     # The kills landed between a batch and its forwards: decisions committed whose requests never went up.
     assert sum(unforwarded.values()) > 0, unforwarded
     code, verdicts = verify_statuses(world)

@@ -373,14 +373,15 @@ class RunLog:
         if batch and self._retry_alone:
             return batch, False
         deadline: float | None = None
+        waited = False  # whether somebody waits for this batch (left-over outcomes never do)
         while len(batch) < _MAX_BATCH:
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 if not batch:
                     item = self._queue.get()  # idle: sleep until there is something to write
-                elif any(queued.waiter is not None for queued in batch):
-                    break  # somebody waits for this commit: now
+                elif waited:
+                    break  # commit now
                 else:
                     deadline = deadline or time.monotonic() + _OUTCOME_DELAY
                     try:
@@ -390,6 +391,7 @@ class RunLog:
             if item is None:
                 return batch, True
             batch.append(item)
+            waited = waited or item.waiter is not None
         return batch, False
 
     def _commit(self, batch: list[_Item]) -> None:
