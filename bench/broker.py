@@ -248,7 +248,7 @@ VARIANTS: list[Config] = [
 ALL_TWEAKS = ("coalesce", "fewer-indexes", "switch-interval")
 EXPERIMENTS: list[Config] = [
     ("x-floor-server", "reference: aiohttp server alone (canned 200)", "noop", "asyncio", False, ("floor-server",)),
-    ("x-floor-proxy", "reference: aiohttp server + client, no outloop logic", "noop", "asyncio", False,
+    ("x-floor-proxy", "reference: aiohttp server + upstream pool, no outloop logic", "noop", "asyncio", False,
      ("floor-proxy",)),
     ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
     ("x-coalesce", "what-if: head+body in one send", "real", "asyncio", False, ("coalesce",)),
