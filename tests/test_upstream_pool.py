@@ -189,7 +189,10 @@ def test_a_pooled_connection_the_upstream_closed_is_retried_once_for_a_get_only(
     b"HTTP/1.1 200 OK\r\n" + b"X-Many: aaaaaaaaaaaaaaaa\r\n" * 20_000 + b"\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
-], ids=["two-lengths", "length-and-chunked", "garbage-status", "long-header", "huge-head", "bad-chunk", "upgrade"])
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n" + gzip.compress(b"a secret the redactor cannot see"),
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+], ids=["two-lengths", "length-and-chunked", "garbage-status", "long-header", "huge-head", "bad-chunk", "upgrade",
+        "te-gzip", "te-gzip-chunked"])
 def test_a_response_llhttp_refuses_is_an_upstream_error(answer: bytes) -> None:
     async def test(pool: UpstreamPool) -> None:
         async with Scripted(lambda head: answer) as up:

@@ -27,15 +27,17 @@ class UpstreamError(Exception):
 class Head:
     """Status line and headers of a final (non-1xx) response."""
 
-    __slots__ = ("eof_framed", "raw_headers", "reason", "status")
+    __slots__ = ("eof_framed", "raw_headers", "reason", "status", "unreadable")
 
     def __init__(self, status: int, reason: bytes, raw_headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
         self.reason = reason
         self.raw_headers = raw_headers
+        codings = b",".join(value for name, value in raw_headers if name.lower() == b"transfer-encoding")
+        # Only chunked is undone here; any other transfer coding would reach the redactor still encoded.
+        self.unreadable = bool(codings) and codings.strip().lower() != b"chunked"
         # Neither a length nor chunked coding: the body runs to the close (RFC 9112 section 6.3, item 8).
-        self.eof_framed = not any(name.lower() in (b"content-length", b"transfer-encoding")
-                                  for name, _ in raw_headers)
+        self.eof_framed = not codings and not any(name.lower() == b"content-length" for name, _ in raw_headers)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -256,8 +258,11 @@ class UpstreamConnection(asyncio.Protocol):
             # An interim answer (100 Continue, 103 Early Hints): dropped; the final response follows.
             self._headers, self._reason = [], b""
             return
+        head = Head(status, self._reason, self._headers)
+        if head.unreadable:
+            raise UpstreamError("the upstream used a transfer coding other than chunked")
         self._in_head = False
-        self._head = Head(status, self._reason, self._headers)
+        self._head = head
         if not self._expect_body:
             self._complete = True
         self._wake()
