@@ -114,7 +114,7 @@ def apply_tweaks(tweaks: list[str], audit: Any, home: Path) -> None:
     if "coalesce" in tweaks:
         from aiohttp import web
 
-        web.StreamResponse._send_headers_immediately = False  # type: ignore[attr-defined]
+        web.StreamResponse._send_headers_immediately = False
     if "switch-interval" in tweaks:
         sys.setswitchinterval(0.0005)
     if not isinstance(audit, RunLog):

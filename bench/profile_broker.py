@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from broker import BENCH_DIR, PYTHON, Child, broker_targets, start_broker
-from common import REPO, fmt, short_tmpdir
+from broker import Child, broker_targets, start_broker
+from common import BENCH_DIR, PYTHON, REPO, fmt, short_tmpdir
 
 OUT_DIR = REPO / ".bench"
 
