@@ -157,7 +157,7 @@ def http_request(path: str, host: str, extra: Sequence[str] = ()) -> str:
 
 # name, label, audit, event loop, also measure base-URL TCP, bench-only tweaks (see broker_host.TWEAKS)
 Config = tuple[str, str, str, str, bool, tuple[str, ...]]
-# The run path uses uvloop when the `fast` extra is installed (`make` installs it), else asyncio.
+# The run path uses uvloop where it is installed (a dependency on Linux), else asyncio.
 SHIPPED_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 SHIPPED: Config = ("outloop", f"outloop as shipped (audit on, {SHIPPED_LOOP})", "real", SHIPPED_LOOP, True, ())
 VARIANTS: list[Config] = [
@@ -168,7 +168,7 @@ VARIANTS: list[Config] = [
 ALL_TWEAKS = ("coalesce", "fewer-indexes", "switch-interval")
 EXPERIMENTS: list[Config] = [
     ("x-floor-server", "reference: aiohttp server alone (canned 200)", "noop", "asyncio", False, ("floor-server",)),
-    ("x-floor-proxy", "reference: aiohttp server + client, no outloop logic", "noop", "asyncio", False,
+    ("x-floor-proxy", "reference: aiohttp server + upstream pool, no outloop logic", "noop", "asyncio", False,
      ("floor-proxy",)),
     ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
     ("x-coalesce", "what-if: head+body in one send", "real", "asyncio", False, ("coalesce",)),
