@@ -20,16 +20,19 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from outloop_cli.broker.ca import RunCA
     from outloop_cli.broker.server import Broker
 
 from outloop_cli import sandbox
 from outloop_cli.audit.store import RunLog
+from outloop_cli.broker.egress import EgressPolicy, credential_hosts
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
 from outloop_cli.profiles import Profile, check_workspace_name, load_profile
+from outloop_cli.proxy_env import proxy_environment
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
 
@@ -201,8 +204,10 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         )
     base_url_mode = any(cred.child_env for cred in profile.credentials.values())
     relay_socket = run_dir / "loopback.sock" if base_url_mode else None
+    proxy_socket = run_dir / "proxy.sock"
     plan = sandbox.plan(profile, network, home=home, run_dir=run_dir, environ=request.environ,
-                        relay_socket=relay_socket, profile_dirs=dirs)
+                        relay_socket=relay_socket, profile_dirs=dirs, proxy_socket=proxy_socket)
+    ca = _run_ca(profile, run_dir) if plan.proxy_port is not None else None
     run_token = "outloop-" + token_source.token_urlsafe(24)
     outloop_vars = {"OUTLOOP_SOCKET": str(socket_path), "OUTLOOP_RUN_ID": run_id,
                     "OUTLOOP_WORKSPACE": profile.workspace}
@@ -210,10 +215,14 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     executable = resolve_command(request.command, env)
     argv = plan.command([executable, *request.command[1:]])
     listeners = _bind(socket_path, relay_socket if plan.relay_port is not None else None,
-                      loopback=base_url_mode and plan.relay_port is None)
+                      loopback=base_url_mode and plan.relay_port is None,
+                      proxy_socket=proxy_socket if plan.proxy_port is not None else None)
+    url = None
     if base_url_mode:
         url = f"http://127.0.0.1:{plan.relay_port or listeners.loopback_port}"
         env.update(_base_url_env(profile, url, run_token))
+    if plan.proxy_port is not None:
+        env.update(proxy_environment(plan.proxy_port, ca[1] if ca else None))
 
     audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
                          command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid()})
@@ -238,7 +247,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             if await _before_exit(child, server_module):
                 broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved,
                                                        audit=audit, run_token=run_token if base_url_mode else None,
-                                                       timeout=timeout)
+                                                       timeout=timeout, ca=ca[0] if ca else None, own_url=url)
                 broker.child_pid = child_pid
                 await broker.serve(listeners)
         result = await child
@@ -270,11 +279,24 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     )
 
 
-def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool) -> Listeners:
+def _run_ca(profile: Profile, run_dir: Path) -> tuple[RunCA, Path] | None:
+    """The run's CA and the child's bundle (system roots + CA), when some credential host can be intercepted."""
+    hosts = credential_hosts({name: cred.base_url for name, cred in profile.credentials.items()})
+    names = EgressPolicy(hosts, ()).intercepted_names
+    if not names:
+        return None
+    from outloop_cli.broker.ca import RunCA  # cryptography: paid only by runs whose proxy intercepts
+
+    ca = RunCA(names)
+    return ca, ca.write_bundle(run_dir / "ca-bundle.pem")
+
+
+def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool, proxy_socket: Path | None) -> Listeners:
     try:
         return Listeners(broker=bind_unix(socket_path),
                          relay=bind_unix(relay_socket) if relay_socket is not None else None,
-                         loopback=bind_loopback() if loopback else None)
+                         loopback=bind_loopback() if loopback else None,
+                         proxy=bind_unix(proxy_socket) if proxy_socket is not None else None)
     except OSError as exc:
         raise OutloopError(f"cannot create the broker's socket in {socket_path.parent}: {exc.strerror}") from None
 
@@ -299,8 +321,7 @@ class _ConnectionWaiter:
     def __init__(self, listeners: Listeners) -> None:
         self._loop = asyncio.get_running_loop()
         self.future: asyncio.Future[None] = self._loop.create_future()
-        self._fds = [sock.fileno() for sock in (listeners.broker, listeners.relay, listeners.loopback)
-                     if sock is not None]
+        self._fds = [sock.fileno() for sock in listeners.all()]
         for fd in self._fds:
             self._loop.add_reader(fd, self._ready)
 

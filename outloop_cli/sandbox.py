@@ -50,6 +50,7 @@ class Plan:
     wrapper: list[str] = field(default_factory=list)  # goes before the resolved command
     network_isolated: bool = False
     relay_port: int | None = None
+    proxy_port: int | None = None  # the egress proxy, relayed like the base-URL listener
     wrapper_persists: bool = False  # bubblewrap or the relay stay as the loop's parent; prlimit and init exec
 
 
@@ -191,7 +192,7 @@ def readonly_dirs(profile_dirs: Iterable[Path], hidden: Sequence[str]) -> list[s
 
 
 def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: Mapping[str, str],
-         relay_socket: Path | None, profile_dirs: Sequence[Path] = ()) -> Plan:
+         relay_socket: Path | None, profile_dirs: Sequence[Path] = (), proxy_socket: Path | None = None) -> Plan:
     """Choose the layers for this run; raise SandboxError (exit 125) when the profile requires one we lack."""
     layers = {"environment": "stripped", "supervision": "process group + subreaper"}
     layers["broker_memory"] = "dumpable (PR_SET_DUMPABLE unavailable)" if is_dumpable() else "not dumpable"
@@ -210,6 +211,11 @@ def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: 
         layers["network"] = "NOT isolated (no bubblewrap, no user namespaces)"
     wrapper: list[str] = []
     relay_port = random.randrange(*RELAY_PORTS) if (isolate and relay_socket is not None) else None
+    proxy_port = _proxy_port(profile, isolate, proxy_socket, relay_port)
+    relays = [(port, path) for port, path in ((relay_port, relay_socket), (proxy_port, proxy_socket))
+              if port is not None and path is not None]
+    if proxy_port is not None:
+        layers["egress"] = f"proxy: {len(profile.run.egress)} egress rule(s), credential hosts intercepted"
     if backend is None:
         layers["hidden_paths"] = "NOT hidden (no mount namespace)"
     else:
@@ -219,11 +225,10 @@ def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: 
         layers["hidden_paths"] = f"{len(dirs) + len(files)} masked; profile and code dirs read-only: {len(readonly)}"
         if backend == "bwrap":
             wrapper = _bubblewrap(dirs, files, run_dir, isolate, readonly)
-            if relay_port is not None:
-                wrapper += _init(relay=(relay_port, relay_socket))
+            if relays:
+                wrapper += _init(relays=relays)
         else:
-            wrapper = _init(unshare=(dirs, files, run_dir, isolate), readonly=readonly,
-                            relay=(relay_port, relay_socket) if relay_port is not None else None)
+            wrapper = _init(unshare=(dirs, files, run_dir, isolate), readonly=readonly, relays=relays)
     limits = _limits(profile)
     if limits:
         prlimit = shutil.which("prlimit")
@@ -233,7 +238,24 @@ def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: 
         wrapper += [prlimit, *limits[0], "--"]
         layers["limits"] = limits[1]
     return Plan(layers=layers, wrapper=wrapper, network_isolated=isolate, relay_port=relay_port,
-                wrapper_persists=backend == "bwrap" or relay_port is not None)
+                proxy_port=proxy_port, wrapper_persists=backend == "bwrap" or bool(relays))
+
+
+def _proxy_port(profile: Profile, isolate: bool, proxy_socket: Path | None, taken: int | None) -> int | None:
+    """The egress proxy is on by default where the network is isolated, and needs that isolation: the relay in
+    the child's namespace is what lets the broker check who connects (a TCP port on the host could not)."""
+    if proxy_socket is None or profile.run.proxy is False:
+        return None
+    if not isolate:
+        if profile.run.proxy:
+            raise SandboxError(
+                f"{profile.path}: run.proxy = true needs the child's network isolated (the proxy is reached "
+                "through a relay inside the child's network namespace); use network = \"auto\" or "
+                "\"broker-only\" on a machine with bubblewrap or user namespaces, or set proxy = false")
+        return None
+    while (port := random.randrange(*RELAY_PORTS)) == taken:
+        pass
+    return port
 
 
 def _refuse_hidden_cwd(dirs: list[str]) -> None:
@@ -262,7 +284,7 @@ def _bubblewrap(dirs: list[str], files: list[str], run_dir: Path, isolate: bool,
 
 
 def _init(*, unshare: tuple[list[str], list[str], Path, bool] | None = None, readonly: Sequence[str] = (),
-          relay: tuple[int | None, Path | None] | None = None) -> list[str]:
+          relays: Sequence[tuple[int, Path]] = ()) -> list[str]:
     argv = [sys.executable, "-m", "outloop_cli.sandbox_init"]
     if unshare is not None:
         dirs, files, run_dir, isolate = unshare
@@ -276,8 +298,8 @@ def _init(*, unshare: tuple[list[str], list[str], Path, bool] | None = None, rea
         for file in files:
             argv += ["--hide-file", file]
         argv += ["--keep-dir", str(run_dir)]
-    if relay is not None and relay[0] is not None:
-        argv += ["--relay", str(relay[0]), str(relay[1])]
+    for port, path in relays:
+        argv += ["--relay", str(port), str(path)]
     return [*argv, "--"]
 
 

@@ -6,8 +6,9 @@ because its start-up time is paid by every sandboxed run.
 Two jobs, either or both:
 - `--unshare`: create the namespaces itself (the fallback when bubblewrap is missing): a user namespace when not
   root, a mount and a network namespace; bring `lo` up; mask hidden paths; drop root's capabilities.
-- `--relay PORT SOCKET`: base-URL mode inside an isolated network: listen on 127.0.0.1:PORT in the child's
-  namespace and pipe every connection to the broker's loopback Unix socket (the broker still demands the token).
+- `--relay PORT SOCKET` (repeatable): inside an isolated network, listen on 127.0.0.1:PORT in the child's
+  namespace and pipe every connection to the broker's Unix SOCKET: the base-URL listener (the broker still
+  demands the token) and the egress proxy (the broker checks the relay is in the run's tree).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import functools
 import os
 import signal
 import socket
@@ -156,12 +158,15 @@ async def _serve_connection(broker_socket: str, client_reader: asyncio.StreamRea
         writer.close()
 
 
-async def _relay_until_exit(port: int, broker_socket: str, argv: list[str]) -> None:
+async def _relay_until_exit(relays: list[tuple[int, str]], argv: list[str]) -> None:
     loop = asyncio.get_running_loop()
     loop.set_exception_handler(lambda _loop, _context: None)  # a child hanging up mid-pipe is not news
-    server = await asyncio.start_server(
-        lambda r, w: _serve_connection(broker_socket, r, w), "127.0.0.1", port, reuse_address=True)
-    async with server:
+    servers = [await asyncio.start_server(functools.partial(_serve_connection, broker_socket), "127.0.0.1", port,
+                                          reuse_address=True)
+               for port, broker_socket in relays]
+    async with contextlib.AsyncExitStack() as stack:
+        for server in servers:
+            await stack.enter_async_context(server)
         for sig in RELAY_SIGNALS:
             loop.add_signal_handler(sig, lambda: None)  # the loop gets them from the process group; we outlive it
         pid = os.posix_spawn(argv[0], argv, dict(os.environ), setsigdef=list(RELAY_SIGNALS))
@@ -186,7 +191,7 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--hide-file", action="append", default=[])
     parser.add_argument("--keep-dir", action="append", default=[])
     parser.add_argument("--readonly-dir", action="append", default=[])
-    parser.add_argument("--relay", nargs=2, metavar=("PORT", "SOCKET"))
+    parser.add_argument("--relay", nargs=2, metavar=("PORT", "SOCKET"), action="append", default=[])
     parser.add_argument("command", nargs=argparse.REMAINDER)
     options = parser.parse_args(args)
     command = options.command[1:] if options.command[:1] == ["--"] else options.command
@@ -201,9 +206,9 @@ def main(args: list[str] | None = None) -> None:
     except (SandboxSetupError, OSError) as exc:
         print(f"outloop: sandbox set-up failed: {exc}", file=sys.stderr)
         os._exit(EXIT_SANDBOX_FAILED)
-    if options.relay is None:
+    if not options.relay:
         os.execv(command[0], command)
-    asyncio.run(_relay_until_exit(int(options.relay[0]), options.relay[1], command))
+    asyncio.run(_relay_until_exit([(int(port), path) for port, path in options.relay], command))
 
 
 if __name__ == "__main__":

@@ -11,42 +11,45 @@ import hmac
 import json
 import os
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.broker.admission import MAX_REQUEST_BODY, Admission, Denial, short, unknown_credential
+from outloop_cli.broker.ca import RunCA
+from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, credential_hosts, parse_absolute_http
 from outloop_cli.broker.forward import (
     DECODABLE_ENCODINGS,
-    BadQuery,
     BodyTooLarge,
     Injector,
     child_response_headers,
     counted,
     rewrite_location,
     upstream_headers,
-    upstream_query,
 )
 from outloop_cli.broker.http_server import BrokerHTTPServer
+from outloop_cli.broker.intercept import Mismatch, route_intercepted
 from outloop_cli.broker.limits import Limits
 from outloop_cli.broker.listeners import Listeners
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
+from outloop_cli.broker.proxy import EgressProxy
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
 from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import AuditError
-from outloop_cli.policy import PathRejected, decide, normalise_path
 from outloop_cli.profiles import Credential, Profile
 from outloop_cli.secrets import Secret
 
 HTTP_PREFIX = "/v1/http/"
 SECRET_PREFIX = "/v1/secret/"
-MAX_REQUEST_BODY = 256 * 1024 * 1024
 MAX_AUDITED_PATH = 1024
 STREAM_CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are answered in one write
@@ -67,8 +70,14 @@ class Broker:
         audit: RunLog,
         run_token: str | None = None,
         timeout: float | None = None,
+        ca: RunCA | None = None,
+        own_url: str | None = None,
     ) -> None:
-        """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it."""
+        """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it.
+
+        `ca` is the run's CA when the egress proxy intercepts; `own_url` is OUTLOOP_URL as the child sees it, so
+        an SDK sending base-URL requests through the proxy (NO_PROXY is empty) reaches the broker itself.
+        """
         self.run_id = run_id
         self.timeout = timeout
         self.profile = profile
@@ -88,6 +97,13 @@ class Broker:
         self._timeouts = {name: aiohttp.ClientTimeout(total=None, connect=cred.connect_timeout,
                                                       sock_read=cred.read_timeout)
                           for name, cred in profile.credentials.items()}
+        self._admission = Admission(profile.credentials, self._injectors, run_token, self.limits)
+        self._upstream_tls = {name: _upstream_tls(cred) for name, cred in profile.credentials.items()}
+        self.ca = ca
+        base_urls = {name: cred.base_url for name, cred in profile.credentials.items()}
+        self.egress = EgressPolicy(credential_hosts(base_urls), profile.run.egress)
+        self._own_authority = _authority_of(own_url) if own_url else None
+        self._proxy: EgressProxy | None = None
         self._peer_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.BaseRunner] = []
@@ -112,6 +128,13 @@ class Broker:
             await self._serve(listeners.relay, self.handle_relayed)
         if listeners.loopback is not None:
             await self._serve(listeners.loopback, self.handle_loopback)
+        if listeners.proxy is not None:
+            self._proxy = EgressProxy(
+                policy=self.egress, ca=self.ca, audit=self.audit, stats=self.stats,
+                peer_allowed=self._transport_allowed, intercepted=self._intercepted_handler,
+                plain=BrokerHTTPServer(self.handle_proxied, self._protocol_error), on_error=self._protocol_error,
+                error_body=lambda status, code, message: _error_response(status, code, message, None, None))
+            await self._proxy.serve(listeners.proxy)
 
     async def _serve(self, sock: socket.socket, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
                      ) -> None:
@@ -132,6 +155,8 @@ class Broker:
     async def close(self) -> None:
         for runner in self._runners:
             await runner.cleanup()
+        if self._proxy is not None:
+            await self._proxy.close(SHUTDOWN_GRACE)
         # aiohttp stops waiting for a handler after SHUTDOWN_GRACE but leaves it running; a forward still waiting
         # on its upstream is cancelled here, so its outcome is audited before the run's log is closed.
         pending = [task for task in self._in_flight if not task.done()]
@@ -166,8 +191,10 @@ class Broker:
         return await self.handle_loopback(request)
 
     def _peer_allowed(self, request: web.BaseRequest) -> bool:
-        transport = request.transport
-        if transport is None or self.child_pid is None:
+        return request.transport is not None and self._transport_allowed(request.transport)
+
+    def _transport_allowed(self, transport: asyncio.BaseTransport) -> bool:
+        if self.child_pid is None:
             return False
         try:
             return self._peer_cache[transport]
@@ -236,7 +263,7 @@ class Broker:
     async def _reveal(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
         credential = self.profile.credentials.get(name)
         if credential is None:
-            return await self._unknown_credential(request, name)
+            return await self._refuse(request, unknown_credential(name))
         if request.method != "GET":
             return await self._deny(request, credential, 400, "bad_request", "bad_method",
                                     "use GET /v1/secret/<credential>", path=f"/v1/secret/{name}")
@@ -257,57 +284,85 @@ class Broker:
     async def _http(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path, _, raw_query = request.raw_path.partition("?")
         name, slash, rest = raw_path[len(HTTP_PREFIX):].partition("/")
-        credential = self.profile.credentials.get(name)
-        if credential is None:
-            return await self._unknown_credential(request, name)
-        upstream_path = slash + rest if slash else "/"
+        return await self._admit_and_forward(request, name, slash + rest if slash else "/", raw_query,
+                                             HTTP_PREFIX + name)
+
+    async def _admit_and_forward(self, request: web.BaseRequest, name: str, path: str, raw_query: str,
+                                 location_prefix: str) -> web.StreamResponse:
+        """The one way a request reaches a credential's upstream, whichever route it came in by.
+
+        `location_prefix` is where the child addressed the credential, so an on-host redirect points back there.
+        """
+        verdict = self._admission.admit(request.method, name, path, raw_query, request.content_length)
+        if isinstance(verdict, Denial):
+            return await self._refuse(request, verdict)
+        credential = verdict.credential
         try:
-            path = normalise_path(upstream_path)
-        except PathRejected as exc:
-            return await self._deny(request, credential, 400, "bad_request", exc.reason, str(exc), path=upstream_path)
-        try:
-            query = upstream_query(raw_query, self._injectors[name], self.run_token)
-        except BadQuery as exc:
-            return await self._deny(request, credential, 400, "bad_request", "bad_query", str(exc),
-                                    path=upstream_path)
-        decision = decide(request.method, path, credential.allow, credential.deny)
-        if not decision.allowed:
-            message = (f"{request.method} {_short(upstream_path)} is not allowed for {name!r}"
-                       + (f" (denied by rule {decision.rule!r})" if decision.rule else " (no allow rule matches)"))
-            return await self._deny(request, credential, 403, "denied", decision.reason, message,
-                                    rule=decision.rule, path=upstream_path)
-        if request.content_length is not None and request.content_length > MAX_REQUEST_BODY:
-            # Refused before anything goes upstream; a chunked body is cut at the same size while it streams.
-            return await self._deny(request, credential, 413, "bad_request", "body_too_large",
-                                    f"request body larger than {MAX_REQUEST_BODY} bytes", rule=decision.rule,
-                                    path=upstream_path)
-        verdict = self.limits.admit(name)
-        if not verdict.ok:
-            self.stats.credential(name).rate_limited += 1
-            scope = "this run" if verdict.scope == "run" else f"credential {name!r}"
-            message = (f"rate limit of {credential.rate} reached for {scope}" if verdict.reason == "rate_limited"
-                       else f"max_requests reached for {scope}")
-            headers = {"Retry-After": str(max(1, round(verdict.retry_after)))} if verdict.retry_after else {}
-            return await self._deny(request, credential, 429, verdict.reason, verdict.reason, message,
-                                    rule=decision.rule, headers=headers, path=upstream_path)
-        try:
-            seq = await self._audit_request(request, credential, upstream_path, "allow", decision.reason,
-                                            decision.rule, None)
+            seq = await self._audit_request(request, credential, path, "allow", verdict.reason, verdict.rule, None)
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing "
-                                   "to forward (fail closed)", name, decision.rule)
+                                   "to forward (fail closed)", name, verdict.rule)
         self.stats.credential(name).allowed += 1
-        return await self._forward(request, credential, upstream_path, query, seq)
+        return await self._forward(request, credential, path, verdict.query, seq, location_prefix)
+
+    async def _refuse(self, request: web.BaseRequest, denial: Denial) -> web.StreamResponse:
+        if denial.status == 429 and denial.credential is not None:
+            self.stats.credential(denial.credential.name).rate_limited += 1
+        return await self._deny(request, denial.credential, denial.status, denial.code, denial.reason,
+                                denial.message, rule=denial.rule, asked_for=denial.asked_for,
+                                headers=denial.headers, path=denial.path)
+
+    # ----- the egress proxy's requests -------------------------------------------------------------------
+
+    def _intercepted_handler(self, intercept: Intercept, target: Authority
+                             ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            return await self.handle_intercepted(request, intercept, target)
+        return handle
+
+    async def handle_intercepted(self, request: web.BaseRequest, intercept: Intercept, target: Authority
+                                 ) -> web.StreamResponse:
+        """A request inside TLS the proxy terminated for `target` (the peer was checked at CONNECT)."""
+        raw_path, _, raw_query = request.raw_path.partition("?")
+        routed = route_intercepted(raw_path, request.headers.getall("Host", []), intercept, target)
+        if isinstance(routed, Mismatch):
+            return await self._deny(request, None, routed.status, "bad_request" if routed.status == 400 else "denied",
+                                    routed.reason, routed.message, path=raw_path)
+        base_url = self.profile.credentials[routed.credential].base_url
+        return await self._admit_and_forward(request, routed.credential, routed.path, raw_query, base_url)
+
+    async def handle_proxied(self, request: web.BaseRequest) -> web.StreamResponse:
+        """An absolute-form request to the proxy (`GET http://host/path`): a credential's host is judged like
+        /v1/http/, OUTLOOP_URL is the broker itself; anything else is refused and never reaches the host."""
+        if not self._peer_allowed(request):
+            return await self._deny(request, None, 401, "unauthenticated", "peer_not_in_run",
+                                    "only the run's command and its descendants may use this proxy")
+        target = parse_absolute_http(request.raw_path)
+        if target is None:
+            return await self._deny(request, None, 400, "bad_request", "not_absolute_form",
+                                    "a request to the proxy names its target as http://host/path")
+        host, port, path, query = target
+        if self._own_authority is not None and (host, port or 80) == self._own_authority:
+            return await self.handle_loopback(request.clone(rel_url=URL(path + query, encoded=True)))
+        intercept = self.egress.plain_http(host, port)
+        routed = intercept.route(path) if intercept is not None else None
+        if routed is None:
+            return await self._deny(request, None, 403, "denied", "egress_denied",
+                                    f"http://{host}{f':{port}' if port else ''} is not a credential's host; "
+                                    "outloop forwards plain http only to those", path=path)
+        entry, relative = routed
+        return await self._admit_and_forward(request, entry.name, relative, query.removeprefix("?"),
+                                             self.profile.credentials[entry.name].base_url)
 
     async def _forward(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                       seq: int) -> web.StreamResponse:
+                       seq: int, location_prefix: str) -> web.StreamResponse:
         """Stream the request up and the answer back; the outcome is audited whatever happens."""
         outcome = _Outcome(started=time.perf_counter())
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
         try:
-            return await self._exchange(request, credential, path, query, outcome)
+            return await self._exchange(request, credential, path, query, outcome, location_prefix)
         except BodyTooLarge as exc:
             return outcome.fail(413, "bad_request", str(exc), credential, request)
         except TimeoutError:
@@ -336,7 +391,7 @@ class Broker:
                 bytes_in=outcome.received[0], bytes_out=outcome.sent, error=outcome.error))
 
     async def _exchange(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                        outcome: _Outcome) -> web.StreamResponse:
+                        outcome: _Outcome, location_prefix: str) -> web.StreamResponse:
         assert self._session is not None
         name = credential.name
         url = URL(credential.base_url + path + (f"?{query}" if query else ""), encoded=True)
@@ -347,7 +402,8 @@ class Broker:
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
         async with self._session.request(request.method, url, headers=headers, data=body,
-                                         allow_redirects=False, timeout=self._timeouts[name]) as upstream:
+                                         allow_redirects=False, timeout=self._timeouts[name],
+                                         ssl=self._upstream_tls[name]) as upstream:
             outcome.status = upstream.status
             # One coding at most: with several (or the header twice) aiohttp decodes one of them, so the body the
             # redactor sees, and the length the child is told, would not be what the upstream meant.
@@ -359,7 +415,7 @@ class Broker:
                                     "inspect for secrets", credential, reason="unsupported_encoding")
             location = None
             if "Location" in upstream.headers and 300 <= upstream.status < 400:
-                location = rewrite_location(upstream.headers["Location"], credential.base_url, HTTP_PREFIX + name)
+                location = rewrite_location(upstream.headers["Location"], credential.base_url, location_prefix)
                 if location is None:
                     return outcome.fail(403, "denied", "upstream redirected outside the credential's base_url; "
                                         "outloop neither follows nor returns such redirects", credential,
@@ -399,8 +455,8 @@ class Broker:
         else:
             code, reason = "bad_request", "malformed_http"
             message = f"malformed HTTP request ({type(exc).__name__ if exc else 'unparseable'})"
-        record = RequestRecord(credential=None, method=_short(_method_of(request), 32), host=None,
-                               path=_short(_path_of(request), MAX_AUDITED_PATH), decision="deny", reason=reason,
+        record = RequestRecord(credential=None, method=short(_method_of(request), 32), host=None,
+                               path=short(_path_of(request), MAX_AUDITED_PATH), decision="deny", reason=reason,
                                rule=None, status=status)
         try:
             self.audit.record_request(record)  # blocking but rare; the answer must not precede the audit row
@@ -410,12 +466,6 @@ class Broker:
         return _error_response(status, code, message, None, None)
 
     # ----- denials ---------------------------------------------------------------------------------------
-
-    async def _unknown_credential(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
-        # Same answer whether the name exists in another workspace or nowhere: no oracle for other clients.
-        return await self._deny(request, None, 404, "unknown_credential", "unknown_credential",
-                                f"no credential named {_short(name, 64)!r} in this workspace",
-                                asked_for=name)
 
     async def _deny(self, request: web.BaseRequest, credential: Credential | None, status: int, code: str,
                     reason: str, message: str, *, rule: str | None = None, asked_for: str | None = None,
@@ -439,9 +489,9 @@ class Broker:
                              decision: str, reason: str, rule: str | None, status: int | None,
                              credential_name: str | None = None) -> int:
         record = RequestRecord(
-            credential=(credential.name if credential else _short(credential_name or "", 64) or None),
-            method=_short(request.method, 32), host=credential.host if credential else None,
-            path=_short(path, MAX_AUDITED_PATH), decision=decision, reason=reason, rule=rule, status=status)
+            credential=(credential.name if credential else short(credential_name or "", 64) or None),
+            method=short(request.method, 32), host=credential.host if credential else None,
+            path=short(path, MAX_AUDITED_PATH), decision=decision, reason=reason, rule=rule, status=status)
         return await self.audit.record_request_async(record)
 
 
@@ -485,8 +535,19 @@ def _path_of(request: web.BaseRequest) -> str:
         return "?"
 
 
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+
+def _upstream_tls(credential: Credential) -> ssl.SSLContext | bool:
+    """System roots, plus the credential's own `ca_file` for a private upstream; always verified."""
+    if credential.ca_file is None:
+        return True
+    context = ssl.create_default_context()
+    context.load_verify_locations(credential.ca_file)
+    return context
+
+
+def _authority_of(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or 80
 
 
 def _error_response(status: int, code: str, message: str, credential: str | None, rule: str | None,
