@@ -7,6 +7,7 @@ upstream must see the injected secret; the child must never hold it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -115,7 +116,7 @@ with requests.get({pw.url('/sse?n=4&interval=0.4')!r}, stream=True) as r:
     arrivals = [float(line.split()[0]) for line in out.splitlines()]
     assert len(arrivals) == 4
     # Buffered, all four would arrive together after ~1.2 s; streamed, they arrive ~0.4 s apart.
-    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert all(gap > 0.2 for gap in gaps), arrivals
 
 
@@ -245,7 +246,8 @@ def _with_run_line(line: str) -> str:
 
 
 PROFILE_WITH_CHILD_ENV = _with_run_line("").replace(
-    'deny = ["* /crm/*/merge"]', 'deny = ["* /crm/*/merge"]\n    child_env = { API_URL = "{url}", API_TOKEN = "{token}" }')
+    'deny = ["* /crm/*/merge"]',
+    'deny = ["* /crm/*/merge"]\n    child_env = { API_URL = "{url}", API_TOKEN = "{token}" }')
 GIT_PROFILE = """
     version = 1
     [credentials.git]
