@@ -12,18 +12,30 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ipaddress
+import os
+import shutil
 import ssl
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from conftest import World, make_world
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from upstream import RecordingUpstream
+
+
+def require_tool(name: str) -> None:
+    """A client the proxy tests drive; `.ci/run` installs it, so in CI its absence is a failure, not a skip."""
+    if shutil.which(name):
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{name} is not installed (CI must run the proxy's client tests: see .ci/run)")
+    pytest.skip(f"{name} is not installed")
 
 
 @dataclass(frozen=True)

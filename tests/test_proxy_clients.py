@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 from conftest import PYTHON
-from proxy_support import PROXY_PROFILE, ProxyWorld, make_proxy_world
+from proxy_support import PROXY_PROFILE, ProxyWorld, make_proxy_world, require_tool
 from sandbox_support import require_layer
 from tool_servers import GitServer, serve_index
 
@@ -50,6 +49,7 @@ def _assert_injected(pw: ProxyWorld, path: str) -> None:
 
 
 def test_curl_with_no_flags(pw: ProxyWorld) -> None:
+    require_tool("curl")
     result = pw.world.run("curl", "-sS", "--fail", pw.url("/crm/v3/contacts"))
     assert result.code == 0, result.err
     assert json.loads(result.out) == {"ok": True, "method": "GET", "path": "/crm/v3/contacts"}
@@ -190,8 +190,8 @@ def test_an_sdk_in_base_url_mode_reaches_the_broker_through_the_proxy(pw: ProxyW
     _assert_injected(pw, "/crm/d")
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed (.ci/run installs it)")
 def test_git_ls_remote_over_https_with_the_credential_as_basic_auth(pw: ProxyWorld) -> None:
+    require_tool("git")
     with GitServer(pw.world.work / "srv", pw.ca) as git:
         pw.write_profile(pw.fill(GIT_PROFILE.replace("{GIT}", git.base_url)))
         pw.world.set_keyring("acme", "git", pw.secret)
@@ -220,10 +220,10 @@ def test_pip_download_from_an_index_listed_in_egress_goes_through_an_audited_tun
         assert finished and all(int(str(e["bytes_out"])) > 0 for e in finished)
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (.ci/run installs nodejs)")
 def test_node_fetch_honours_the_proxy_where_node_supports_it(pw: ProxyWorld) -> None:
     """Node 22.21+/24+ read HTTPS_PROXY with NODE_USE_ENV_PROXY=1; older Node ignores proxy variables, and with
     the network isolated its fetch then fails without reaching anything (the run stays closed, never open)."""
+    require_tool("node")
     version = tuple(int(part) for part in _node_version().split("."))
     honours = version >= (24, 0, 0) or (22, 21, 0) <= version < (23, 0, 0)
     script = pw.world.work / "fetch.mjs"

@@ -7,7 +7,6 @@ serving real clients is covered by test_proxy_clients.py.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import ssl
 import subprocess
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from proxy_support import require_tool
 
 from outloop_cli.broker.ca import NotInterceptable, RunCA
 
@@ -34,17 +34,18 @@ def _openssl_verify(tmp_path: Path, leaf: x509.Certificate, name: str | None = N
     return subprocess.run([*argv, str(tmp_path / "leaf.pem")], capture_output=True, text=True, check=False)
 
 
-needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed "
-                                   "(.ci/run installs it)")
+@pytest.fixture
+def needs_openssl() -> None:
+    require_tool("openssl")
 
 
-@needs_openssl
+@pytest.mark.usefixtures("needs_openssl")
 def test_a_leaf_for_a_credential_host_verifies(tmp_path: Path) -> None:
     result = _openssl_verify(tmp_path, CA.leaf("api.github.com"), "api.github.com")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@needs_openssl
+@pytest.mark.usefixtures("needs_openssl")
 @pytest.mark.parametrize("name", ["evil.example", "github.com", "api.github.com.evil.example"])
 def test_the_ca_cannot_vouch_for_another_name_even_with_its_key(tmp_path: Path, name: str) -> None:
     """What a thief holding the CA's private key could sign; OpenSSL refuses it by the name constraints."""
@@ -53,7 +54,7 @@ def test_the_ca_cannot_vouch_for_another_name_even_with_its_key(tmp_path: Path, 
     assert "permitted subtree violation" in result.stdout + result.stderr
 
 
-@needs_openssl
+@pytest.mark.usefixtures("needs_openssl")
 def test_a_subdomain_of_a_credential_host_is_inside_the_constraints(tmp_path: Path) -> None:
     # RFC 5280: a DNS constraint covers the name and its subdomains. The proxy never mints one (leaf() refuses),
     # so this is the limit of what a leaked CA could do: names under this run's credential hosts.
