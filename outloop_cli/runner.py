@@ -205,9 +205,10 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     base_url_mode = any(cred.child_env for cred in profile.credentials.values())
     relay_socket = run_dir / "loopback.sock" if base_url_mode else None
     proxy_socket = run_dir / "proxy.sock"
+    pending_ca = _RunCAInBackground(profile) if profile.run.proxy is not False else None
     plan = sandbox.plan(profile, network, home=home, run_dir=run_dir, environ=request.environ,
                         relay_socket=relay_socket, profile_dirs=dirs, proxy_socket=proxy_socket)
-    ca = _run_ca(profile, run_dir) if plan.proxy_port is not None else None
+    ca = pending_ca.result(run_dir) if pending_ca is not None and plan.proxy_port is not None else None
     run_token = "outloop-" + token_source.token_urlsafe(24)
     outloop_vars = {"OUTLOOP_SOCKET": str(socket_path), "OUTLOOP_RUN_ID": run_id,
                     "OUTLOOP_WORKSPACE": profile.workspace}
@@ -279,16 +280,39 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     )
 
 
-def _run_ca(profile: Profile, run_dir: Path) -> tuple[RunCA, Path] | None:
-    """The run's CA and the child's bundle (system roots + CA), when some credential host can be intercepted."""
-    hosts = credential_hosts({name: cred.base_url for name, cred in profile.credentials.items()})
-    names = EgressPolicy(hosts, ()).intercepted_names
-    if not names:
-        return None
-    from outloop_cli.broker.ca import RunCA  # cryptography: paid only by runs whose proxy intercepts
+class _RunCAInBackground:
+    """The run's CA, made on a thread while the sandbox is probed and planned (importing `cryptography` and
+    signing cost tens of milliseconds that would otherwise add to every proxied run's start-up).
 
-    ca = RunCA(names)
-    return ca, ca.write_bundle(run_dir / "ca-bundle.pem")
+    Only for runs where some credential host can be intercepted; `result` writes the child's bundle (system
+    roots + CA) and returns both, or None when there is nothing to intercept.
+    """
+
+    def __init__(self, profile: Profile) -> None:
+        hosts = credential_hosts({name: cred.base_url for name, cred in profile.credentials.items()})
+        self._names = EgressPolicy(hosts, ()).intercepted_names
+        self._ca: RunCA | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._make, name="outloop-run-ca", daemon=True)
+        if self._names:
+            self._thread.start()
+
+    def _make(self) -> None:
+        try:
+            from outloop_cli.broker.ca import RunCA  # cryptography: paid only by runs whose proxy intercepts
+
+            self._ca = RunCA(self._names)
+        except BaseException as exc:  # raised again on the run's own thread, in result()
+            self._error = exc
+
+    def result(self, run_dir: Path) -> tuple[RunCA, Path] | None:
+        if not self._names:
+            return None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._ca is not None
+        return self._ca, self._ca.write_bundle(run_dir / "ca-bundle.pem")
 
 
 def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool, proxy_socket: Path | None) -> Listeners:
