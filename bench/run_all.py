@@ -19,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import broker as broker_bench
+import proxy as proxy_bench
 import startup as startup_bench
 from common import REPO, fmt, machine, wait_for_quiet
 
@@ -53,7 +54,8 @@ def _row(rows: list[dict[str, Any]], key: str, clients: int) -> dict[str, Any] |
     return next((r for r in rows if r["key"] == key and r["clients"] == clients), None)
 
 
-def targets(broker: dict[str, Any] | None, startup: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+def targets(broker: dict[str, Any] | None, startup: dict[str, Any] | None,
+            proxy: dict[str, Any] | None = None) -> list[tuple[str, str, str, str]]:
     """(target, goal, measured, verdict) for each of issue 6's targets."""
     out: list[tuple[str, str, str, str]] = []
 
@@ -89,11 +91,18 @@ def targets(broker: dict[str, Any] | None, startup: dict[str, Any] | None) -> li
     if "`outloop --help`" in srows:
         value = srows["`outloop --help`"]["median_ms"]
         out.append(("`outloop --help`", "< 150 ms", f"{fmt(value, 0)} ms", verdict(value < 150)))
+    if proxy:
+        added = proxy["added_kept_p50"]
+        out.append(("egress proxy: added p50, kept-alive intercepted request", "<= 1 ms", f"{fmt(added, 3)} ms",
+                    verdict(added <= 1.0)))
+        out.append(("egress proxy: added p50, new connection (CONNECT + TLS)", "reported",
+                    f"{fmt(proxy['added_new_p50'], 3)} ms", "n/a"))
     return out
 
 
 def render(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[str, Any] | None,
-           profile: str | None, experiments: dict[str, Any] | None, failures: list[str], seconds: float) -> str:
+           profile: str | None, experiments: dict[str, Any] | None, failures: list[str], seconds: float,
+           proxy: dict[str, Any] | None = None) -> str:
     lines = [
         "## Machine",
         "",
@@ -107,7 +116,7 @@ def render(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[st
         "",
         "| target | goal | measured | verdict |",
         "|---|---|---:|---|",
-        *[f"| {name} | {goal} | {value} | {ok} |" for name, goal, value, ok in targets(broker, startup)],
+        *[f"| {name} | {goal} | {value} | {ok} |" for name, goal, value, ok in targets(broker, startup, proxy)],
         "",
         "## Broker: throughput and latency",
         "",
@@ -116,6 +125,10 @@ def render(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[st
         "## Start-up",
         "",
         startup_bench.render(startup) if startup else "Not measured (see failures below).",
+        "",
+        "## Egress proxy",
+        "",
+        proxy_bench.render(proxy) if proxy else "Not measured (see failures below).",
     ]
     if experiments:
         lines += ["", "## What-if experiments (bench-only monkeypatches, not product options)", "",
@@ -144,13 +157,14 @@ README_BEGIN = "<!-- bench:start (make bench rewrites this block) -->"
 README_END = "<!-- bench:end -->"
 
 
-def readme_block(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[str, Any] | None) -> str:
+def readme_block(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[str, Any] | None,
+                 proxy: dict[str, Any] | None = None) -> str:
     """The README's short version: where and when, the targets, and what each sandbox layer costs at start-up."""
     lines = [f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores), commit {info['commit']}; "
              "medians of interleaved rounds, references measured in the same run. Full tables: "
              "[docs/BENCHMARKS.md](docs/BENCHMARKS.md).", "",
              "| target | goal | measured | verdict |", "|---|---|---:|---|",
-             *[f"| {name} | {goal} | {value} | {ok} |" for name, goal, value, ok in targets(broker, startup)]]
+             *[f"| {name} | {goal} | {value} | {ok} |" for name, goal, value, ok in targets(broker, startup, proxy)]]
     rows = broker["summary"] if broker else []
     picked = [(r["label"], r) for key in ("direct", "nginx", "outloop-unix", "outloop-tcp")
               if (r := _row(rows, key, 8)) is not None]
@@ -209,6 +223,8 @@ def main() -> int:
     broker = section("broker", lambda: broker_bench.run(rounds=args.rounds, duration=args.duration, log=log),
                      failures)
     startup = section("startup", lambda: startup_bench.run(runs=args.runs, log=log), failures)
+    proxy = section("proxy", lambda: proxy_bench.run(requests=500 if args.quick else 2000,
+                                                     connections=50 if args.quick else 200, log=log), failures)
     experiments = None
     if args.experiments:
         experiments = section("experiments", lambda: broker_bench.run(
@@ -228,11 +244,11 @@ def main() -> int:
 
         profile = section("profile", do_profile, failures)
     info["load average after (1/5/15 min)"] = load_average()
-    text = render(info, broker, startup, profile, experiments, failures, time.monotonic() - started)
+    text = render(info, broker, startup, profile, experiments, failures, time.monotonic() - started, proxy)
     if not args.no_write:
         try:
             write_doc(text)
-            write_readme(readme_block(info, broker, startup))
+            write_readme(readme_block(info, broker, startup, proxy))
             log(f"wrote {DOC} and the README's results block")
         except OSError as exc:
             log(f"could not write the results: {exc}")

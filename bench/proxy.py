@@ -1,0 +1,158 @@
+"""The egress proxy's cost: a kept-alive intercepted HTTPS request, and a new connection (CONNECT + TLS + request).
+
+The same client (`http.client`, one connection, sequential requests) runs twice against the bench's HTTPS
+upstream (`upstream.py --tls`, certificate from a test CA made with `cryptography`):
+- **direct**: outside outloop, sending the secret itself;
+- **through the proxy**: as the loop of a real `outloop run` with the network isolated, `HTTPS_PROXY` set by
+  outloop, the credential injected by the broker (the upstream answers 401 without it, so a 200 proves it).
+"Added" is the difference of the medians. Each request is timed by the client.
+
+    .venv/bin/python bench/proxy.py [--requests N] [--connections N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from common import BENCH_DIR, OUTLOOP, PYTHON, SECRET, SECRET_ENV, fmt, short_tmpdir
+from proxy_support import make_test_ca
+
+CLIENT = r'''
+import http.client, json, os, ssl, sys, time
+
+host, cafile = sys.argv[1], sys.argv[5]
+port, requests, connections = (int(arg) for arg in sys.argv[2:5])
+proxy = os.environ.get("HTTPS_PROXY")
+context = ssl.create_default_context(cafile=cafile if not proxy else None)  # through outloop: SSL_CERT_FILE
+headers = {} if proxy else {"Authorization": "Bearer " + os.environ["BENCH_SECRET"]}
+
+
+def connect():
+    if not proxy:
+        return http.client.HTTPSConnection(host, port, context=context)
+    proxy_port = int(proxy.rsplit(":", 1)[1])
+    conn = http.client.HTTPSConnection("127.0.0.1", proxy_port, context=context)
+    conn.set_tunnel(host, port)
+    return conn
+
+
+def one(conn):
+    conn.request("GET", "/v1/contacts/51", headers=headers)
+    response = conn.getresponse()
+    response.read()
+    if response.status != 200:
+        raise SystemExit(f"status {response.status}")
+
+
+def p(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+conn = connect()
+for _ in range(200):
+    one(conn)
+kept = []
+for _ in range(requests):
+    started = time.perf_counter()
+    one(conn)
+    kept.append(time.perf_counter() - started)
+conn.close()
+fresh = []
+for _ in range(connections):
+    started = time.perf_counter()
+    conn = connect()
+    one(conn)
+    fresh.append(time.perf_counter() - started)
+    conn.close()
+print(json.dumps({"kept_p50": p(kept, 0.5), "kept_p99": p(kept, 0.99), "new_p50": p(fresh, 0.5),
+                  "new_p99": p(fresh, 0.99)}))
+'''
+
+
+def run(requests: int = 2000, connections: int = 200, log: Any = print) -> dict[str, Any]:
+    tmp = short_tmpdir("ol-bench-proxy-")
+    try:
+        ca = make_test_ca(tmp)
+        upstream = subprocess.Popen([PYTHON, str(BENCH_DIR / "upstream.py"), "--tls", str(ca.server_pem)],
+                                    stdout=subprocess.PIPE, text=True)
+        try:
+            assert upstream.stdout is not None
+            port = json.loads(upstream.stdout.readline())["port"]
+            client = tmp / "client.py"
+            client.write_text(CLIENT)
+            argv = [PYTHON, str(client), "localhost", str(port), str(requests), str(connections), str(ca.ca_pem)]
+            log("proxy bench: direct")
+            direct = _json(subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                                          env={**os.environ, "BENCH_SECRET": SECRET}))
+            log("proxy bench: through the egress proxy")
+            home = tmp / "home"
+            profiles = home / "profiles"
+            profiles.mkdir(parents=True)
+            (profiles / "bench.toml").write_text(textwrap.dedent(f"""\
+                version = 1
+                [credentials.api]
+                secret = "env:{SECRET_ENV}"
+                base_url = "https://localhost:{port}"
+                ca_file = "{ca.ca_pem}"
+                allow = ["GET /v1/**"]
+            """))
+            env = {key: value for key, value in os.environ.items() if not key.startswith("OUTLOOP_")}
+            env.update({"OUTLOOP_HOME": str(home), SECRET_ENV: SECRET})
+            proxied = _json(subprocess.run([OUTLOOP, "run", "-w", "bench", "--profiles", str(profiles), "--quiet",
+                                            "--", *argv], capture_output=True, text=True, timeout=600, env=env))
+        finally:
+            upstream.terminate()
+            upstream.wait()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"requests": requests, "connections": connections, "direct": direct, "proxy": proxied,
+            "added_kept_p50": proxied["kept_p50"] - direct["kept_p50"],
+            "added_new_p50": proxied["new_p50"] - direct["new_p50"]}
+
+
+def _json(completed: subprocess.CompletedProcess[str]) -> dict[str, float]:
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    if completed.returncode != 0 or not lines:
+        raise RuntimeError(f"bench client failed ({completed.returncode}): {completed.stderr[-1500:]}")
+    return dict(json.loads(lines[-1]))
+
+
+def render(result: dict[str, Any]) -> str:
+    direct, proxy = result["direct"], result["proxy"]
+    return "\n".join([
+        f"One `http.client` connection, sequential requests ({result['requests']} kept-alive, "
+        f"{result['connections']} new connections), HTTPS upstream on 127.0.0.1, times in ms as the client saw them.",
+        "",
+        "| path | kept-alive p50 | kept-alive p99 | new connection p50 | new connection p99 |",
+        "|---|---:|---:|---:|---:|",
+        f"| direct (client sends the key) | {fmt(direct['kept_p50'], 3)} | {fmt(direct['kept_p99'], 3)} | "
+        f"{fmt(direct['new_p50'], 3)} | {fmt(direct['new_p99'], 3)} |",
+        f"| through the egress proxy (intercepted, relay, injected) | {fmt(proxy['kept_p50'], 3)} | "
+        f"{fmt(proxy['kept_p99'], 3)} | {fmt(proxy['new_p50'], 3)} | {fmt(proxy['new_p99'], 3)} |",
+        f"| **added by the proxy** | **{fmt(result['added_kept_p50'], 3)}** | | "
+        f"**{fmt(result['added_new_p50'], 3)}** | |",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--connections", type=int, default=200)
+    args = parser.parse_args()
+    result = run(args.requests, args.connections, log=lambda message: print(message, file=sys.stderr))
+    print(render(result))
+
+
+if __name__ == "__main__":
+    main()
