@@ -8,6 +8,9 @@ the same bytes with the lie removed get through, so a refusal is the defence's d
 from __future__ import annotations
 
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -245,3 +248,33 @@ report(raw=raw.decode("latin-1"), headers=headers.decode("latin-1"))
 """)
     assert pw.secret not in str(seen["raw"]) + str(seen["headers"])
     assert "Bearer ***" in str(seen["raw"]) and "Bearer ***" in str(seen["headers"])
+
+
+def test_a_process_outside_the_run_cannot_use_the_proxy(pw: ProxyWorld) -> None:
+    """The proxy's socket is reachable by path for a same-user process; the peer check turns it away (401)."""
+    info, release = pw.world.work / "proxy-socket", pw.world.work / "release"
+    script = pw.world.work / "waiting.py"
+    script.write_text(
+        "import os, pathlib, sys, time\n"
+        "path = pathlib.Path(os.environ['OUTLOOP_SOCKET']).with_name('proxy.sock')\n"
+        "pathlib.Path(sys.argv[1] + '.tmp').write_text(str(path))\n"
+        "os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+        "while not os.path.exists(sys.argv[2]):\n"
+        "    time.sleep(0.02)\n")
+    runner = threading.Thread(target=pw.world.run, args=(PYTHON, str(script), str(info), str(release)), daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not info.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as outsider:
+            outsider.settimeout(10)
+            outsider.connect(info.read_text())
+            outsider.sendall(f"CONNECT localhost:{pw.api.port} HTTP/1.1\r\n\r\n".encode())
+            answer = outsider.recv(4096)
+    finally:
+        release.touch()
+        runner.join(60)
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert pw.api.connections == 0
+    assert (f"localhost:{pw.api.port}", "deny", "peer_not_in_run") in _connects(pw)
