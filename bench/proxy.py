@@ -75,8 +75,21 @@ for _ in range(connections):
     one(conn)
     fresh.append(time.perf_counter() - started)
     conn.close()
-print(json.dumps({"kept_p50": p(kept, 0.5), "kept_p99": p(kept, 0.99), "new_p50": p(fresh, 0.5),
-                  "new_p99": p(fresh, 0.99)}))
+result = {"kept_p50": p(kept, 0.5), "kept_p99": p(kept, 0.99), "new_p50": p(fresh, 0.5), "new_p99": p(fresh, 0.99)}
+if os.environ.get("API_URL"):  # reference: base-URL mode through the same relay, plain HTTP on the child's side
+    authority, _, prefix = os.environ["API_URL"][len("http://"):].partition("/")
+    plain = http.client.HTTPConnection(*authority.split(":"))
+    auth = {"Authorization": "Bearer " + os.environ["API_TOKEN"]}
+    based = []
+    for index in range(200 + requests):
+        started = time.perf_counter()
+        plain.request("GET", "/" + prefix + "/v1/contacts/51", headers=auth)
+        response = plain.getresponse()
+        response.read()
+        if index >= 200:
+            based.append(time.perf_counter() - started)
+    result.update(base_p50=p(based, 0.5), base_p99=p(based, 0.99))
+print(json.dumps(result))
 '''
 
 
@@ -106,6 +119,7 @@ def run(requests: int = 2000, connections: int = 200, log: Any = print) -> dict[
                 base_url = "https://localhost:{port}"
                 ca_file = "{ca.ca_pem}"
                 allow = ["GET /v1/**"]
+                child_env = {{ API_URL = "{{url}}", API_TOKEN = "{{token}}" }}
             """))
             env = {key: value for key, value in os.environ.items() if not key.startswith("OUTLOOP_")}
             env.update({"OUTLOOP_HOME": str(home), SECRET_ENV: SECRET})
@@ -130,6 +144,8 @@ def _json(completed: subprocess.CompletedProcess[str]) -> dict[str, float]:
 
 def render(result: dict[str, Any]) -> str:
     direct, proxy = result["direct"], result["proxy"]
+    proxy.setdefault("base_p50", float("nan"))
+    proxy.setdefault("base_p99", float("nan"))
     return "\n".join([
         f"One `http.client` connection, sequential requests ({result['requests']} kept-alive, "
         f"{result['connections']} new connections), HTTPS upstream on 127.0.0.1, times in ms as the client saw them.",
@@ -142,6 +158,8 @@ def render(result: dict[str, Any]) -> str:
         f"{fmt(proxy['kept_p99'], 3)} | {fmt(proxy['new_p50'], 3)} | {fmt(proxy['new_p99'], 3)} |",
         f"| **added by the proxy** | **{fmt(result['added_kept_p50'], 3)}** | | "
         f"**{fmt(result['added_new_p50'], 3)}** | |",
+        f"| reference: base-URL mode through the same relay (plain HTTP child-side) | {fmt(proxy['base_p50'], 3)} | "
+        f"{fmt(proxy['base_p99'], 3)} | | |",
     ])
 
 
