@@ -17,18 +17,20 @@ import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
 from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
-from outloop_cli.broker.ca import RunCA
 from outloop_cli.broker.connect import MAX_HEAD, BadConnect, head_end, is_connect, parse_connect, raw_response
 from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, Refuse, Tunnel
 from outloop_cli.broker.http_server import BrokerHTTPServer
 from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.broker.tunnel import Counts, TunnelRefused, connect_first, resolve_target, splice
 from outloop_cli.errors import AuditError
+
+if TYPE_CHECKING:  # cryptography loads only with a run that intercepts (runner makes the CA)
+    from outloop_cli.broker.ca import RunCA
 
 HANDSHAKE_TIMEOUT = 10.0
 TUNNEL_CONNECT_TIMEOUT = 10.0
@@ -110,6 +112,10 @@ class EgressProxy:
         except AuditError:
             status, code, message = 503, "audit_unavailable", "the audit log cannot be written"
         self.stats.denials[reason] = self.stats.denials.get(reason, 0) + 1
+        self._answer(transport, status, code, message)
+
+    def _answer(self, transport: asyncio.Transport, status: int, code: str, message: str) -> None:
+        """The broker's error response, written raw (there is no HTTP server on this connection yet), then close."""
         response = self._error_body(status, code, message)
         assert isinstance(response.body, bytes)
         headers = [(name, value) for name, value in response.headers.items() if name.lower() != "content-length"]
@@ -125,7 +131,10 @@ class EgressProxy:
 
     async def _intercept(self, transport: asyncio.Transport, target: Authority, decision: Intercept,
                          rest: bytes) -> None:
-        if self.ca is None or target.host not in self.ca.names or rest:
+        if self.ca is None or target.host not in self.ca.names:  # the policy and the CA come from the same hosts
+            await self._refuse(transport, target, 403, "denied", "egress_denied", f"{target} cannot be intercepted")
+            return
+        if rest:
             # Bytes before our 200 would be a ClientHello sent blind, or a request smuggled behind the CONNECT.
             await self._refuse(transport, target, 400, "bad_request", "data_before_connect_reply",
                                "wait for the proxy's 200 before starting TLS")
@@ -170,11 +179,7 @@ class EgressProxy:
                 upstream = await connect_first(addresses, target.port, TUNNEL_CONNECT_TIMEOUT)
             except (OSError, TimeoutError):
                 status, error = 502, "upstream_error"
-                response = self._error_body(502, "upstream_error", f"cannot reach {target}")
-                assert isinstance(response.body, bytes)
-                with contextlib.suppress(Exception):
-                    transport.write(raw_response(502, [("Content-Type", "application/json")], response.body))
-                    transport.close()
+                self._answer(transport, 502, "upstream_error", f"cannot reach {target}")
                 return
             transport.write(raw_response(200))
             await splice(_streams(transport, rest), upstream, counts)

@@ -16,7 +16,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -25,7 +25,6 @@ from yarl import URL
 
 from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
 from outloop_cli.broker.admission import MAX_REQUEST_BODY, Admission, Denial, short, unknown_credential
-from outloop_cli.broker.ca import RunCA
 from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, credential_hosts, parse_absolute_http
 from outloop_cli.broker.forward import (
     DECODABLE_ENCODINGS,
@@ -47,6 +46,9 @@ from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import AuditError
 from outloop_cli.profiles import Credential, Profile
 from outloop_cli.secrets import Secret
+
+if TYPE_CHECKING:  # cryptography loads only with a run that intercepts (runner makes the CA)
+    from outloop_cli.broker.ca import RunCA
 
 HTTP_PREFIX = "/v1/http/"
 SECRET_PREFIX = "/v1/secret/"
