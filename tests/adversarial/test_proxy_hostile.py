@@ -8,10 +8,12 @@ the same bytes with the lie removed get through, so a refusal is the defence's d
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import PYTHON
@@ -129,18 +131,38 @@ report(by_ip=by_ip, by_ipv6=by_ipv6, by_name=by_name)
 
 
 def test_an_egress_entry_resolving_to_a_credential_host_is_not_tunnelled(pw: ProxyWorld) -> None:
-    """An operator (or an injected profile edit) lists an address that is really the credential's upstream: a
-    tunnel there would reach it without policy. Refused by address, whatever the name."""
-    profile = pw.fill(with_egress("127.0.0.1:{API_PORT}", "127.0.0.1:{INDEX_PORT}"))
-    seen = hostile(pw, """
-_, to_api = connect(f"127.0.0.1:{API}")
-sock, to_index = connect(f"127.0.0.1:{INDEX}")  # control: an address listed in egress is tunnelled
+    """An operator (or an injected profile edit) lists a name or address that is really the credential's upstream:
+    a tunnel there would reach it without policy. Refused by address, whatever the name: the IP literal always,
+    and another name for 127.0.0.1 where /etc/hosts has one (e.g. the machine's own host name)."""
+    alias = _loopback_alias()
+    entries = ["127.0.0.1:{API_PORT}", "127.0.0.1:{INDEX_PORT}"] + ([f"{alias}:{{API_PORT}}"] if alias else [])
+    seen = hostile(pw, f"""
+_, to_api = connect(f"127.0.0.1:{{API}}")
+alias = {alias!r}
+_, by_alias = connect(f"{{alias}}:{{API}}") if alias else (None, "403")
+sock, to_index = connect(f"127.0.0.1:{{INDEX}}")  # control: an address listed in egress is tunnelled
 sock.close()
-report(to_api=to_api, to_index=to_index)
-""", profile)
-    assert seen == {"to_api": "403", "to_index": "200"}
+report(to_api=to_api, by_alias=by_alias, to_index=to_index)
+""", pw.fill(with_egress(*entries)))
+    assert seen == {"to_api": "403", "by_alias": "403", "to_index": "200"}
     assert pw.api.connections == 0
-    assert (f"127.0.0.1:{pw.api.port}", "deny", "resolves_to_credential_host") in _connects(pw)
+    refused = [host for host, _, reason in _connects(pw) if reason == "resolves_to_credential_host"]
+    assert refused == [f"127.0.0.1:{pw.api.port}"] + ([f"{alias}:{pw.api.port}"] if alias else [])
+
+
+def _loopback_alias() -> str | None:
+    """A name other than localhost that this machine resolves to 127.0.0.1, if any."""
+    try:
+        lines = Path("/etc/hosts").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split("#", 1)[0].split()
+        if fields[:1] == ["127.0.0.1"]:
+            for name in fields[1:]:
+                if name != "localhost" and re.fullmatch(r"[a-z0-9][a-z0-9.-]*", name):
+                    return name
+    return None
 
 
 def test_an_sni_other_than_the_connect_host_ends_the_handshake(pw: ProxyWorld) -> None:
