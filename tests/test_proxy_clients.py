@@ -258,3 +258,10 @@ GIT_PROFILE = """
     allow = ["GET /repo.git/info/refs", "POST /repo.git/git-upload-pack"]
 """
 PROXY_PROFILE_EGRESS = _with_run_line("")
+
+
+def test_the_upstream_is_verified_so_a_private_ca_needs_ca_file(pw: ProxyWorld) -> None:
+    pw.write_profile(pw.fill(PROXY_PROFILE.replace('ca_file = "{CA}"\n', "")))
+    result = pw.world.run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", pw.url("/crm/unverified"))
+    assert result.out == "502"
+    assert pw.api.requests == []  # the TLS handshake failed before any request was sent
