@@ -265,3 +265,15 @@ def test_the_upstream_is_verified_so_a_private_ca_needs_ca_file(pw: ProxyWorld) 
     result = pw.world.run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", pw.url("/crm/unverified"))
     assert result.out == "502"
     assert pw.api.requests == []  # the TLS handshake failed before any request was sent
+
+
+def test_proxy_true_without_an_isolated_network_refuses_to_start(pw: ProxyWorld) -> None:
+    pw.write_profile(pw.fill(_with_run_line("proxy = true")))
+    result = pw.world.run("true", flags=["--network", "open"])
+    assert result.code == 125
+    assert "run.proxy = true needs the child's network isolated" in result.err
+
+
+def test_with_the_network_open_the_proxy_is_off_by_default(pw: ProxyWorld) -> None:
+    result = pw.world.run(PYTHON, "-c", "import os; print(os.environ.get('HTTPS_PROXY'))", flags=["--network", "open"])
+    assert result.out.strip() == "None"
