@@ -177,8 +177,9 @@ async def _relay_until_exit(relays: list[tuple[int, str]], argv: list[str]) -> N
 def _exit_like(status: int) -> None:
     if os.WIFSIGNALED(status):
         # Die the same way, so the supervisor reports 128+N for the loop, not for us.
-        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [os.WTERMSIG(status)])
+        if os.WTERMSIG(status) not in (signal.SIGKILL, signal.SIGSTOP):  # those two have no handler to reset
+            signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [os.WTERMSIG(status)])
         os.kill(os.getpid(), os.WTERMSIG(status))
     os._exit(os.waitstatus_to_exitcode(status) if not os.WIFSIGNALED(status) else 128 + os.WTERMSIG(status))
 
