@@ -215,7 +215,7 @@ def plan(profile: Profile, network: str, *, home: Path, run_dir: Path, environ: 
     relays = [(port, path) for port, path in ((relay_port, relay_socket), (proxy_port, proxy_socket))
               if port is not None and path is not None]
     if proxy_port is not None:
-        layers["egress"] = f"proxy: {len(profile.run.egress)} egress rule(s), credential hosts intercepted"
+        layers["egress"] = f"proxy on, {len(profile.run.egress)} egress rule(s)"
     if backend is None:
         layers["hidden_paths"] = "NOT hidden (no mount namespace)"
     else:
