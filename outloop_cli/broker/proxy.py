@@ -75,7 +75,7 @@ class EgressProxy:
     # ----- one connection --------------------------------------------------------------------------------
 
     def start(self, transport: asyncio.Transport, head: bytes, rest: bytes) -> None:
-        task = asyncio.get_running_loop().create_task(self._connect(transport, head, rest))
+        task = asyncio.get_running_loop().create_task(self._guarded(transport, head, rest))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -84,6 +84,13 @@ class EgressProxy:
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         protocol.data_received(data)
+
+    async def _guarded(self, transport: asyncio.Transport, head: bytes, rest: bytes) -> None:
+        """A failure of ours ends this connection only, quietly: outloop's stderr belongs to the run summary."""
+        try:
+            await self._connect(transport, head, rest)
+        except Exception:
+            transport.close()
 
     async def _connect(self, transport: asyncio.Transport, head: bytes, rest: bytes) -> None:
         try:
