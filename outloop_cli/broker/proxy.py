@@ -86,11 +86,14 @@ class EgressProxy:
         protocol.data_received(data)
 
     async def _guarded(self, transport: asyncio.Transport, head: bytes, rest: bytes) -> None:
-        """A failure of ours ends this connection only, quietly: outloop's stderr belongs to the run summary."""
+        """A failure of ours ends this connection only, audited as `broker_error`, never printed (outloop's stderr
+        belongs to the run summary)."""
         try:
             await self._connect(transport, head, rest)
         except Exception:
             transport.close()
+            with contextlib.suppress(Exception):
+                await self._record(None, "deny", "broker_error", None, None)
 
     async def _connect(self, transport: asyncio.Transport, head: bytes, rest: bytes) -> None:
         try:
