@@ -135,8 +135,10 @@ class EgressProxy:
 
     async def _record(self, target: Authority | None, decision: str, reason: str, rule: str | None,
                       status: int | None) -> int:
+        # The path column holds the request-target, which for CONNECT is the authority: `audit show` lists it.
+        authority = str(target) if target else None
         return await self.audit.record_request_async(RequestRecord(
-            credential=None, method="CONNECT", host=str(target) if target else None, path="",
+            credential=None, method="CONNECT", host=authority, path=authority or "",
             decision=decision, reason=reason, rule=rule, status=status))
 
     async def _intercept(self, transport: asyncio.Transport, target: Authority, decision: Intercept,
