@@ -2,8 +2,9 @@
 
 Fills a fresh audit.db (the real schema and migrations, real hash chains that `audit verify` accepts) with
 1,000,000 events over 2,000 runs, then times the installed `outloop` binary, start-up included, on:
-`audit`, `audit show last`, and `audit events --workspace X --decision deny --since 7d`. Each must stay under
-0.5 s. Usage: python bench/audit_query.py [--runs N] [--events-per-run M] [--repeat K] [--keep DIR]
+`audit`, `audit show last`, `audit events --workspace X --decision deny --since 7d`, and the failure filters
+(`--failed`, `--status`) of `audit` and `audit events`. Each must stay under 0.5 s.
+Usage: python bench/audit_query.py [--runs N] [--events-per-run M] [--repeat K] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from outloop_cli.audit.store import EVENT_COLUMNS, GENESIS_HASH, RunLog, canonical_json, event_hash
+from outloop_cli.audit.chain import EVENT_COLUMNS, GENESIS_HASH, canonical_json, event_hash
+from outloop_cli.audit.writer import RunLog
 
 LIMIT_SECONDS = 0.5
 WORKSPACES = [f"client{i:02d}" for i in range(20)]
@@ -29,7 +31,8 @@ OUTLOOP = str(Path(sys.executable).parent / "outloop")
 _INSERT = (f"INSERT INTO events ({', '.join((*EVENT_COLUMNS, 'hash'))}) "
            f"VALUES ({', '.join('?' * (len(EVENT_COLUMNS) + 1))})")
 _RUN_INSERT = ("INSERT INTO runs (run_id, workspace, command, started_at, ended_at, exit_code, duration, allowed, "
-               "denied, sandbox, head_hash, event_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+               "denied, errors, sandbox, head_hash, event_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+ERROR_EVERY = 97  # about one allowed request in a hundred fails upstream (a 401 or a 503)
 SANDBOX = {"environment": "stripped", "network": "broker-only (bubblewrap)"}
 COMMAND = ["python", "loop.py"]
 
@@ -46,7 +49,7 @@ def run_rows(index: int, started: float, events: int) -> tuple[list[tuple[object
     run_id = f"01BENCH{index:019d}"
     workspace = WORKSPACES[index % len(WORKSPACES)]
     rows: list[tuple[object, ...]] = []
-    head, allowed, denied = GENESIS_HASH, 0, 0
+    head, allowed, denied, errors = GENESIS_HASH, 0, 0, 0
     ts = started
 
     def add(kind: str, **fields: object) -> None:
@@ -73,15 +76,17 @@ def run_rows(index: int, started: float, events: int) -> tuple[list[tuple[object
         add("request", credential=credential, method="GET", host="api.example.com", path=f"/v1/things/{len(rows)}",
             decision="allow", reason="rule_match", rule="GET /v1/things/*")
         if len(rows) < events - 1:
+            status = 200 if (index + request_seq) % ERROR_EVERY else (401 if request_seq % 2 else 503)
+            errors += status != 200
             add("response", credential=credential, method="GET", host="api.example.com",
-                path=f"/v1/things/{request_seq}", request_seq=request_seq, status=200, latency_ms=12.5,
+                path=f"/v1/things/{request_seq}", request_seq=request_seq, status=status, latency_ms=12.5,
                 bytes_in=120, bytes_out=2048)
     duration = ts - started
-    end_detail = {"exit_code": 0, "duration": duration, "allowed": allowed, "denied": denied, "lost_events": 0,
-                  "head_hash": head, "event_count": len(rows)}
+    end_detail = {"exit_code": 0, "duration": duration, "allowed": allowed, "denied": denied, "errors": errors,
+                  "lost_events": 0, "head_hash": head, "event_count": len(rows)}
     ts += 0.01
     add("run_end", detail=canonical_json(end_detail))
-    run = (run_id, workspace, canonical_json(COMMAND), started, round(ts, 6), 0, duration, allowed, denied,
+    run = (run_id, workspace, canonical_json(COMMAND), started, round(ts, 6), 0, duration, allowed, denied, errors,
            canonical_json(SANDBOX), head, len(rows))
     return rows, run
 
@@ -147,6 +152,12 @@ def main() -> int:
             ["audit"],
             ["audit", "show", "last"],
             ["audit", "events", "--workspace", WORKSPACES[3], "--decision", "deny", "--since", "7d"],
+            ["audit", "--failed"],
+            ["audit", "--status", "401"],
+            ["audit", "events", "--failed"],
+            ["audit", "events", "--status", "5xx"],
+            ["audit", "events", "--status", "404"],  # matches nothing: the worst case for a filter
+            ["audit", "show", f"01BENCH{2000:019d}"[:-1]],  # the prefix of one run's id, resolved like git's
         ]
         print(f"audit.db: {total:,} events over {run_count:,} runs; wall time of the `outloop` binary, "
               f"start-up included, {args.repeat} runs each")

@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SECRET_ENV, WORKSPACE
 
-from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.broker.server import Broker
 from outloop_cli.home import audit_db_path, ensure_private_dir, profile_dirs

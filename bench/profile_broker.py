@@ -41,10 +41,10 @@ PATHS: list[tuple[str, str]] = [
     ("audit, event-loop side: _audit_request/record_request_async", r"^(_audit_request|record_request_async) \("),
     ("audit, event-loop side: record_response (queue put)", r"^record_response \("),
     ("audit, event-loop side: _settle_all (future resolution)", r"^_settle_all \("),
-    ("audit, writer thread: RunLog._loop (all)", r"^_loop \(outloop_cli/audit/store"),
-    ("audit, writer thread: _commit SQL (execute/executemany)", r"^_commit \(outloop_cli/audit/store"),
-    ("audit, writer thread: _chain (hash + canonical_json)", r"^_chain \(outloop_cli/audit/store"),
-    ("audit, writer thread: _notify (call_soon_threadsafe)", r"^_notify \(outloop_cli/audit/store"),
+    ("audit, writer thread: RunLog._loop (all)", r"^_loop \(outloop_cli/audit/writer"),
+    ("audit, writer thread: _commit SQL (execute/executemany)", r"^_commit \(outloop_cli/audit/writer"),
+    ("audit, writer thread: _chain (hash + canonical_json)", r"^_chain \(outloop_cli/audit/writer"),
+    ("audit, writer thread: _notify (call_soon_threadsafe)", r"^_notify \(outloop_cli/audit/writer"),
     ("client pool: ClientSession._request (all upstream I/O)", r"^_request \(aiohttp/client\.py"),
     ("client pool: connector.connect (pool checkout)", r"^connect \(aiohttp/connector"),
     ("client pool: ClientRequest build/send", r"^(__init__|send) \(aiohttp/client_reqrep"),
@@ -154,7 +154,7 @@ def summarise(text: str, cpu: dict[int, float] | None = None) -> dict[str, Any]:
         records.append((match[1] if match else "0", thread, code, bare, int(count_text)))
     roles: dict[str, str] = {}
     for tid, thread, _, bare, _ in records:
-        if any(f.startswith("_loop (outloop_cli/audit/store") for f in bare):
+        if any(f.startswith("_loop (outloop_cli/audit/writer") for f in bare):
             roles[tid] = "audit writer thread"
         elif tid not in roles:
             roles[tid] = ("event loop thread" if "MainThread" in thread else

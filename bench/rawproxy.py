@@ -100,14 +100,14 @@ class Downstream(asyncio.Protocol):
                 self.audit.record_response(self.response(seq))
 
     def record(self, method: bytes, path: bytes) -> Any:
-        from outloop_cli.audit.store import RequestRecord
+        from outloop_cli.audit.writer import RequestRecord
 
         return RequestRecord(credential=CREDENTIAL, method=method.decode(), host=f"{self.host}:{self.port}",
                              path=path.decode().partition("?")[0], decision="allow", reason="allowed",
                              rule="GET /v1/**")
 
     def response(self, seq: int) -> Any:
-        from outloop_cli.audit.store import ResponseRecord
+        from outloop_cli.audit.writer import ResponseRecord
 
         return ResponseRecord(request_seq=seq, status=200, latency_ms=0.1, bytes_in=0, bytes_out=0)
 
@@ -152,7 +152,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.audit == "journal":
         audit = JournalAudit(Path(args.dir) / "audit.journal")
     elif args.audit == "runlog":
-        from outloop_cli.audit.store import RunLog
+        from outloop_cli.audit.writer import RunLog
         from outloop_cli.runner import new_run_id
 
         audit = RunLog.start(Path(args.dir) / "audit.db", run_id=new_run_id(), workspace="bench",

@@ -14,11 +14,11 @@ _outloop_subcommands() {  # subcommands of a command path
 _outloop_options() {  # options of a command path
     case "$1" in
         '') echo '--version --help' ;;
-        'audit') echo '--limit -n --workspace -w --json --help' ;;
-        'audit events') echo '--workspace -w --credential -c --decision --since --until --limit -n --json --help' ;;
-        'audit export') echo '--format --since --until --workspace -w --help' ;;
+        'audit') echo '--limit -n --workspace -w --failed --status --json --help' ;;
+        'audit events') echo '--workspace -w --credential -c --decision --failed --status --since --until --limit -n --json --help' ;;
+        'audit export') echo '--format --since --until --workspace -w --run --help' ;;
         'audit prune') echo '--older-than --json --help' ;;
-        'audit show') echo '--limit -n --json --help' ;;
+        'audit show') echo '--limit -n --workspace -w --json --help' ;;
         'audit tail') echo '--lines -n --workspace -w --json --help' ;;
         'audit verify') echo '--json --help' ;;
         'doctor') echo '--json --help' ;;
@@ -44,11 +44,13 @@ _outloop_value_kind() {  # what the value of PATH|OPTION is
         'audit|-n') echo 'none' ;;
         'audit|--workspace') echo 'workspaces' ;;
         'audit|-w') echo 'workspaces' ;;
+        'audit|--status') echo 'none' ;;
         'audit events|--workspace') echo 'workspaces' ;;
         'audit events|-w') echo 'workspaces' ;;
         'audit events|--credential') echo 'credentials' ;;
         'audit events|-c') echo 'credentials' ;;
         'audit events|--decision') echo 'words:allow deny' ;;
+        'audit events|--status') echo 'none' ;;
         'audit events|--since') echo 'none' ;;
         'audit events|--until') echo 'none' ;;
         'audit events|--limit') echo 'none' ;;
@@ -58,9 +60,12 @@ _outloop_value_kind() {  # what the value of PATH|OPTION is
         'audit export|--until') echo 'none' ;;
         'audit export|--workspace') echo 'workspaces' ;;
         'audit export|-w') echo 'workspaces' ;;
+        'audit export|--run') echo 'runs' ;;
         'audit prune|--older-than') echo 'none' ;;
         'audit show|--limit') echo 'none' ;;
         'audit show|-n') echo 'none' ;;
+        'audit show|--workspace') echo 'workspaces' ;;
+        'audit show|-w') echo 'workspaces' ;;
         'audit tail|--lines') echo 'none' ;;
         'audit tail|-n') echo 'none' ;;
         'audit tail|--workspace') echo 'workspaces' ;;

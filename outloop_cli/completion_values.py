@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from outloop_cli.audit.store import list_runs, open_readonly
+from outloop_cli.audit.schema import open_readonly
+from outloop_cli.audit.store import list_runs
 from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
 from outloop_cli.profiles import available_workspaces, load_profile
 

@@ -24,6 +24,7 @@ from outloop_cli.errors import ProfileError
 from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
 from outloop_cli.profiles import Profile, available_workspaces, load_profile
 from outloop_cli.secrets import KEYRING_WAYS_OUT, source_kind
+from outloop_cli.units import plural
 from outloop_cli.workspaces import current_choice
 
 Status = Literal["ok", "warn", "problem", "info"]
@@ -107,11 +108,12 @@ def _paths(home: Path, dirs: Sequence[Path], profiles: Sequence[Profile], broken
     for directory in dirs:
         count = len(list(directory.glob("*.toml"))) if directory.is_dir() else 0
         status: Status = "ok" if count else "warn"
-        detail = f"{directory}: {count} profile(s)" if directory.is_dir() else f"{directory}: does not exist"
+        detail = f"{directory}: {plural(count, 'profile')}" if directory.is_dir() else f"{directory}: does not exist"
         found.append(Finding("paths", "profiles", status, detail,
                              None if count else "create one with `outloop workspace new NAME`"))
     if broken:
-        found.append(Finding("paths", "profiles", "warn", f"{len(broken)} profile(s) do not load: {', '.join(broken)}",
+        found.append(Finding("paths", "profiles", "warn",
+                             f"{plural(len(broken), 'profile')} not loading: {', '.join(broken)}",
                              "`outloop workspace check` lists what is wrong with each"))
     choice = current_choice(home, environ)
     known = {p.workspace for p in profiles} | set(broken)

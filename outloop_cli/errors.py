@@ -13,6 +13,7 @@ EXIT_NOT_FOUND = 127
 # Operator commands (audit, workspace, secret, doctor) use these.
 EXIT_USAGE = 2
 EXIT_PROBLEMS_FOUND = 1
+EXIT_AMBIGUOUS = 3  # a shortened run id matches several runs: the message lists them
 
 
 class OutloopError(Exception):

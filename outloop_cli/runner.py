@@ -11,6 +11,7 @@ import os
 import secrets as token_source
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,10 +25,11 @@ if TYPE_CHECKING:
     from outloop_cli.broker.server import Broker
 
 from outloop_cli import sandbox
-from outloop_cli.audit.store import RunLog
+from outloop_cli.audit.schema import open_readonly
+from outloop_cli.audit.tally import Counts, Tally, run_tally
+from outloop_cli.audit.writer import RunLog
 from outloop_cli.broker.egress import EgressPolicy, credential_hosts
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
-from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
@@ -35,6 +37,7 @@ from outloop_cli.profiles import Profile, check_workspace_name, load_profile
 from outloop_cli.proxy_env import proxy_environment
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
+from outloop_cli.timespec import iso_time
 
 MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -51,17 +54,12 @@ class RunRequest:
 
 
 @dataclass
-class CredentialReport:
-    allowed: int
-    denied: int
-    rate_limited: int
-    bytes_in: int
-    bytes_out: int
-
-
-@dataclass
 class RunReport:
-    """Everything the summary shows; also written as JSON by --summary-json. Never holds a secret."""
+    """Everything the summary shows; also written as JSON by --summary-json (schema: docs/OPERATIONS.md).
+
+    Never holds a secret. The request counts come from the run's audit events, so they agree with `outloop audit`;
+    ``counts_error`` says why they are missing when the log could not be read back.
+    """
 
     run_id: str
     workspace: str
@@ -71,8 +69,7 @@ class RunReport:
     started_at: float
     timed_out: bool
     signal: int | None
-    credentials: dict[str, CredentialReport]
-    denials: dict[str, int]
+    tally: Tally
     sandbox: dict[str, str]
     peak_rss_bytes: int
     cpu_seconds: float
@@ -81,9 +78,23 @@ class RunReport:
     audit_events: int
     audit_db: str
     limit_hit: str | None = None
+    counts_error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Stable snake_case keys; credential names are the only keys taken from the profile."""
+        data = asdict(self)
+        tally = data.pop("tally")
+        data["started"] = iso_time(self.started_at)
+        data["requests"] = _counts_json(self.tally.total)
+        data["credentials"] = {name: _counts_json(counts) for name, counts in self.tally.credentials.items()}
+        data["unattributed"] = _counts_json(self.tally.unattributed)
+        data["denials"] = tally["denials"]
+        data["errors"] = tally["failures"]
+        return data
+
+
+def _counts_json(counts: Counts) -> dict[str, int]:
+    return {"requests": counts.requests, **asdict(counts)}
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -258,11 +269,6 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         listeners.close()
         shutil.rmtree(run_dir, ignore_errors=True)
 
-    stats = broker.stats if broker is not None else BrokerStats()
-    credentials = {name: CredentialReport(s.allowed, s.denied, s.rate_limited, s.bytes_in, s.bytes_out)
-                   for name, s in sorted(stats.per_credential.items())}
-    for name in profile.credentials:
-        credentials.setdefault(name, CredentialReport(0, 0, 0, 0, 0))
     limit_hit = _limit_hit(profile, result.exit_code, result.cpu_seconds)
     head, count = audit.finish(exit_code=result.exit_code, duration=result.duration, detail={
         "limit_hit": limit_hit,
@@ -270,10 +276,11 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         "peak_rss_bytes": result.peak_rss_bytes, "cpu_seconds": round(result.cpu_seconds, 3),
         "sandbox": plan.layers,
     })
+    tally, counts_error = _tally(home, run_id, profile)
     return RunReport(
         run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
         duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
-        credentials=credentials, denials=dict(stats.denials), sandbox=plan.layers,
+        tally=tally, counts_error=counts_error, sandbox=plan.layers,
         peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
         strays_killed=result.strays_killed, audit_head=head, audit_events=count,
         audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
@@ -313,6 +320,18 @@ class _RunCAInBackground:
             raise self._error
         assert self._ca is not None
         return self._ca, self._ca.write_bundle(run_dir / "ca-bundle.pem")
+
+
+def _tally(home: Path, run_id: str, profile: Profile) -> tuple[Tally, str | None]:
+    """The run's counts read back from its audit events; a read failure must not cost the child's exit code."""
+    try:
+        conn = open_readonly(audit_db_path(home))
+        try:
+            return run_tally(conn, run_id, profile.credentials), None
+        finally:
+            conn.close()
+    except (OutloopError, sqlite3.Error) as exc:
+        return Tally({name: Counts() for name in profile.credentials}), str(exc)
 
 
 def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool, proxy_socket: Path | None) -> Listeners:

@@ -36,10 +36,30 @@ def parse_age(option: str, text: str, *, now: float | None = None) -> float:
 
 
 def format_time(epoch: float | None) -> str:
-    """Local time as operators read it in a listing."""
+    """Local time with its zone, as operators read it in a header or a message."""
     if epoch is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(epoch))
+
+
+def compact_time(epoch: float | None, *, seconds: bool = False) -> str:
+    """Local time to the minute (or second) for a listing column; the zone goes in the column's header."""
+    if epoch is None:
+        return "-"
+    return time.strftime("%m-%d %H:%M:%S" if seconds else "%m-%d %H:%M", time.localtime(epoch))
+
+
+def clock_time(epoch: float | None) -> str:
+    """Local time of day to the millisecond, for events within one run (the day is in the run's header)."""
+    if epoch is None:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(epoch)) + f".{int(epoch * 1000) % 1000:03d}"
+
+
+def zone_name() -> str:
+    """The local zone's abbreviation (UTC, CET...), or its offset where the system has no abbreviation."""
+    name = time.strftime("%Z")
+    return name if name and name.isalpha() else time.strftime("%z")
 
 
 def iso_time(epoch: float | None) -> str | None:

@@ -108,3 +108,8 @@ def format_bytes(count: int) -> str:
             return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """"1 secret", "2 secrets": counts in messages read as English."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"

@@ -6,10 +6,15 @@ and tampering tests work on copies made with SQLite's backup API, which carries 
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
+import re
 import signal
 import sqlite3
+import struct
 import subprocess
+import termios
 import textwrap
 import time
 from collections.abc import Callable
@@ -125,3 +130,31 @@ def tamper(home: Path, *statements: str) -> None:
             conn.execute(statement)
     finally:
         conn.close()  # the last close checkpoints the WAL, so the file alone holds the change
+
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_in_terminal(world: World, *args: str, columns: int, lines: int = 50) -> tuple[int, str]:
+    """`outloop ARGS` with stdout on a pseudo-terminal `columns` wide (what an operator's terminal shows), colour
+    codes stripped; returns the exit code and the screen text."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
+    env = {key: value for key, value in world.env.items() if key != "NO_COLOR"}
+    env.update(COLUMNS=str(columns), LINES=str(lines), TERM="xterm-256color")
+    process = subprocess.Popen([OUTLOOP, *args], stdout=slave, stderr=subprocess.PIPE, env=env, cwd=world.work)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's last writer has gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    code = process.wait(timeout=30)
+    assert process.stderr is not None
+    process.stderr.close()
+    return code, ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")

@@ -18,25 +18,28 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from outloop_cli.audit import (
+    EventRow,
     RequestRecord,
     ResponseRecord,
     RunLog,
     get_run,
+    iter_events,
     list_runs,
     open_readonly,
     prune,
-    query_events,
+    query_exchanges,
     run_events,
     verify_all,
     verify_run,
 )
-from outloop_cli.audit.store import SCHEMA_VERSION
+from outloop_cli.audit.schema import SCHEMA_VERSION
 from outloop_cli.errors import AuditError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -222,10 +225,14 @@ def test_query_values_are_never_stored(db: Path) -> None:
     log.record_request(allow("/v1/search?api_key=SEKRIT&q=hunter2#frag"))
     log.finish(exit_code=0, duration=0.1, detail={})
     assert b"SEKRIT" not in db.read_bytes() and b"hunter2" not in db.read_bytes()
-    assert [e.path for e in query_events(open_readonly(db))] == ["/v1/search?api_key&q"]
+    assert [e.event.path for e in query_exchanges(open_readonly(db))] == ["/v1/search?api_key&q"]
 
 
-def test_query_events_filters_and_orders_newest_first(db: Path) -> None:
+def requests(reader: sqlite3.Connection, **filters: Any) -> list[EventRow]:
+    return [exchange.event for exchange in query_exchanges(reader, **filters)]
+
+
+def test_query_exchanges_filters_and_orders_newest_first(db: Path) -> None:
     log = start(db, "01A", "acme")
     log.record_request(allow(credential="crm"))
     log.record_request(deny(credential="crm"))
@@ -238,13 +245,13 @@ def test_query_events_filters_and_orders_newest_first(db: Path) -> None:
     other.finish(exit_code=0, duration=0.1, detail={})
 
     reader = open_readonly(db)
-    acme_denials = query_events(reader, workspace="acme", decision="deny")
+    acme_denials = requests(reader, workspace="acme", decision="deny")
     assert [(e.credential, e.seq) for e in acme_denials] == [("mail", 3), ("crm", 2)]
-    assert [e.seq for e in query_events(reader, workspace="acme", since=middle)] == [3]
-    assert [e.seq for e in query_events(reader, workspace="acme", until=middle)] == [2, 1]
-    assert len(query_events(reader, credential="crm")) == 3
-    assert len(query_events(reader, limit=2)) == 2
-    assert {e.kind for e in query_events(reader, kinds=None)} == {"run_start", "request", "run_end"}
+    assert [e.seq for e in requests(reader, workspace="acme", since=middle)] == [3]
+    assert [e.seq for e in requests(reader, workspace="acme", until=middle)] == [2, 1]
+    assert len(requests(reader, credential="crm")) == 3
+    assert len(requests(reader, limit=2)) == 2
+    assert {e.kind for e in iter_events(reader)} == {"run_start", "request", "run_end"}
     assert [r.run_id for r in list_runs(reader)] == ["01B", "01A"]
     assert [r.run_id for r in list_runs(reader, workspace="acme")] == ["01A"]
 

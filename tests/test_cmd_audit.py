@@ -8,13 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sqlite3
 import subprocess
-import time
 
 import pytest
 from conftest import OUTLOOP, World
-from operator_support import AuditedWorld, copy_home, start_run, tamper, wait_for
+from operator_support import AuditedWorld, copy_home, run_in_terminal, start_run, tamper, wait_for
 
 from outloop_cli.audit.export import write_events
 from outloop_cli.audit.store import EventRow
@@ -47,9 +47,56 @@ def test_recent_runs_plain_listing_is_limited_and_marks_the_killed_run(audited_w
     result = audited_world.world.outloop("audit", "--limit", "3")
     lines = result.out.splitlines()
     assert result.code == 0 and len(lines) == 4  # header + 3
-    assert lines[0].split()[:3] == ["started", "run", "workspace"]
-    assert audited_world.killed in lines[1] and "NO END" in lines[1]
+    assert lines[0].split()[0] == "started" and lines[0].split()[2:4] == ["run", "workspace"]
+    assert audited_world.killed.startswith(lines[1].split()[2]) and "NO END" in lines[1]
     assert "\x1b[" not in result.out  # NO_COLOR and a pipe: plain text
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_the_listing_fits_the_terminal_with_every_exit_code_and_state_whole(audited_world: AuditedWorld,
+                                                                            columns: int) -> None:
+    runs = run_json(audited_world, "audit", "--limit", "50")
+    assert isinstance(runs, list)
+    code, screen = run_in_terminal(audited_world.world, "audit", "--limit", "50", columns=columns)
+    lines = [line for line in screen.splitlines() if line.strip()]
+    assert code == 0 and len(lines) == 1 + len(runs), screen
+    assert all(len(line) <= columns for line in lines), screen
+    header = lines[0].split()
+    assert header[0] == "started" and {"run", "exit", "err", "deny", "state"} <= set(header)
+    for run, line in zip(runs, lines[1:], strict=True):
+        cells = line.split()
+        assert run["run_id"].startswith(cells[2]) and len(cells[2]) >= 8
+        if run["exit_code"] is None:
+            assert "NO END" in line
+        else:
+            assert cells[4] == str(run["exit_code"]) and " ended " in line
+
+
+def test_short_ids_are_unique_prefixes_accepted_wherever_a_run_id_is(audited_world: AuditedWorld) -> None:
+    world = audited_world.world
+    lines = world.outloop("audit", "--limit", "50").out.splitlines()[1:]
+    shown = [line.split()[2] for line in lines]
+    assert len(set(map(len, shown))) == 1 and len(set(shown)) == len(shown) == 21
+    run_id = audited_world.finished[0]
+    short = next(prefix for prefix in shown if run_id.startswith(prefix))
+    assert json.loads(world.outloop("audit", "show", short, "--json").out)["run_id"] == run_id
+    assert json.loads(world.outloop("audit", "show", short.lower(), "--json").out)["run_id"] == run_id
+    assert json.loads(world.outloop("audit", "verify", short, "--json").out)["verdicts"][0]["run_id"] == run_id
+    exported = world.outloop("audit", "export", "--run", short).out.splitlines()
+    assert exported and {json.loads(line)["run_id"] for line in exported} == {run_id}
+    tailed = world.outloop("audit", "tail", short, "-n", "100")
+    assert tailed.code == 0 and f"run {run_id} ended" in tailed.err
+
+
+def test_an_ambiguous_prefix_lists_the_runs_it_could_mean(audited_world: AuditedWorld) -> None:
+    prefix = audited_world.finished[0][:5]  # runs started within a second or two share their first characters
+    for args in (["show", prefix], ["verify", prefix], ["tail", prefix], ["export", "--run", prefix]):
+        result = audited_world.world.outloop("audit", *args)
+        assert result.code == 3, (args, result)
+        assert f"run id {prefix!r} is ambiguous" in result.err and audited_world.finished[0] in result.err
+        assert "Traceback" not in result.err
+    short = audited_world.world.outloop("audit", "show", "01")
+    assert short.code == 2 and "at least 4 characters" in short.err
 
 
 def test_recent_runs_filter_by_workspace(audited_world: AuditedWorld) -> None:
@@ -66,10 +113,15 @@ def test_show_gives_the_header_and_every_event_in_order(audited_world: AuditedWo
     shown = run_json(audited_world, "audit", "show", run_id)
     assert isinstance(shown, dict)
     kinds = [event["kind"] for event in shown["events"]]
-    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
-    assert [event["seq"] for event in shown["events"]] == list(range(len(kinds))) == list(range(shown["events_total"]))
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end" and "response" not in kinds
+    outcomes = [event["outcome"]["seq"] for event in shown["events"] if event.get("outcome")]
+    seqs = [event["seq"] for event in shown["events"]]
+    assert seqs == sorted(seqs) and sorted(seqs + outcomes) == list(range(shown["events_total"]))
+    assert shown["failure"] == ([] if shown["exit_code"] == 0 else [f"the command exited with {shown['exit_code']}"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT[0-9:.]+[+-]\d\d:\d\d", shown["started"])
     plain = audited_world.world.outloop("audit", "show", run_id)
     assert plain.code == 0 and f"run        {run_id}" in plain.out and "run_start" in plain.out
+    assert re.search(r"^started    \d{4}-\d\d-\d\d \d\d:\d\d:\d\d [A-Z+-]", plain.out, re.MULTILINE)
 
 
 def test_show_last_is_the_newest_run_and_limit_says_what_was_left_out(audited_world: AuditedWorld) -> None:
@@ -77,6 +129,14 @@ def test_show_last_is_the_newest_run_and_limit_says_what_was_left_out(audited_wo
     assert result.code == 0
     assert audited_world.killed in result.out and "no end" in result.out
     assert "more events not shown" in result.err
+
+
+def test_show_last_of_a_workspace(audited_world: AuditedWorld) -> None:
+    newest_globex = next(run for run in run_json(audited_world, "audit", "-w", "globex"))  # type: ignore[call-overload]
+    shown = run_json(audited_world, "audit", "show", "last", "-w", "globex")
+    assert isinstance(shown, dict) and shown["run_id"] == newest_globex["run_id"]
+    assert shown["failure"] == ["the command exited with 3"]
+    assert audited_world.world.outloop("audit", "show", "last", "-w", "initech").code == 2
 
 
 def test_show_of_an_unknown_run_is_a_clear_usage_error(audited_world: AuditedWorld) -> None:
@@ -115,12 +175,35 @@ def test_a_malformed_time_is_a_usage_error_naming_the_flag(audited_world: Audite
     assert f"{flag}: {value!r} is not a time" in result.err and "Traceback" not in result.err
 
 
-def test_a_missing_database_is_explained(world: World) -> None:
-    for args in (["audit"], ["audit", "events"], ["audit", "verify"], ["audit", "export"]):
-        result = world.outloop(*args)
-        assert result.code != 0
-        assert "no audit database" in result.err and "run `outloop run` first" in result.err
-        assert "Traceback" not in result.err
+def test_listings_on_a_new_machine_are_empty_not_failures(world: World) -> None:
+    for args in (["audit"], ["audit", "events"], ["audit", "--failed"]):
+        assert (world.outloop(*args, "--json").code, world.outloop(*args, "--json").out) == (0, "[]\n")
+    human = world.outloop("audit")
+    assert human.code == 0 and human.out == "" and "no runs recorded yet" in human.err
+    verified = world.outloop("audit", "verify")
+    assert verified.code == 0 and verified.out == "0 runs: 0 ok, 0 incomplete, 0 pruned, 0 broken\n"
+    assert world.outloop("audit", "export").code == 0
+    last = world.outloop("audit", "show", "last")
+    assert last.code == 2 and "holds no runs yet" in last.err and "Traceback" not in last.err
+    tail = world.outloop("audit", "tail", "last")
+    assert tail.code != 0 and "no audit database" in tail.err and "run `outloop run` first" in tail.err
+    assert not world.audit_db.exists()  # reading created nothing
+
+
+def test_show_last_leads_with_why_a_run_never_started(world: World) -> None:
+    world.write_profile("nokey", """
+        version = 1
+        [credentials.crm]
+        secret = "keyring"
+        base_url = "{UPSTREAM}"
+        allow = ["GET /**"]
+    """)
+    assert world.run("true", workspace="nokey").code == 125
+    shown = world.outloop("audit", "show", "last")
+    first = shown.out.splitlines()[0]
+    assert shown.code == 0 and first.startswith("FAILED     never started: ") and "crm" in first, shown.out
+    listed = world.outloop("audit").out.splitlines()
+    assert listed[1].split()[4] == "125"
 
 
 def test_a_database_from_a_newer_outloop_is_refused_untouched(audited_world: AuditedWorld) -> None:
@@ -141,7 +224,9 @@ def test_an_untouched_db_of_20_concurrent_runs_verifies(audited_world: AuditedWo
     result = audited_world.world.outloop("audit", "verify")
     assert result.code == 0, result.out
     assert result.out.splitlines()[-1] == "21 runs: 20 ok, 1 incomplete, 0 pruned, 0 broken"
-    assert f"incomplete  run {audited_world.killed}" in result.out
+    assert f"incomplete  run {audited_world.killed}: 3 events" in result.out
+    one = audited_world.world.outloop("audit", "verify", audited_world.finished[0])
+    assert one.out.splitlines()[-1] == "1 run: 1 ok, 0 incomplete, 0 pruned, 0 broken"
 
 
 def test_a_killed_run_is_incomplete_not_tampered(audited_world: AuditedWorld) -> None:
@@ -203,7 +288,9 @@ def test_tail_follows_a_live_run_from_another_process_and_ends_with_it(world: Wo
     run_id = world.last_run_id()
     tails = [subprocess.Popen([OUTLOOP, "audit", "tail", *args], env=world.env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for args in ([run_id], ["--json"])]
-    time.sleep(1.0)
+    for tail in tails:  # both are following the live run (a slow start must not find it already ended)
+        assert tail.stderr is not None
+        assert tail.stderr.readline().startswith(f"following run {run_id} ")
     assert all(tail.poll() is None for tail in tails), "tail must keep following a live run"
     go.touch()
     assert process.wait(timeout=30) == 0
@@ -221,6 +308,15 @@ def test_tail_of_a_killed_run_stops_and_says_so(audited_world: AuditedWorld) -> 
     assert result.code == 1
     assert "stopped without an end record" in result.err
     assert "/crm/v3/objects/contacts/99" in result.out
+
+
+def test_tail_lines_are_aligned_when_piped(audited_world: AuditedWorld) -> None:
+    lines = audited_world.world.outloop("audit", "tail", audited_world.finished[0], "-n", "50").out.splitlines()
+    kinds = [line[21:30].strip() for line in lines]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end" and {"request", "response"} <= set(kinds), lines
+    assert len({line.index(kind) for line, kind in zip(lines, kinds, strict=True)}) == 1
+    statuses = {line[51:54].strip() for line in lines if " response " in line}
+    assert statuses == {"200"}, lines
 
 
 # -- audit export and prune ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sqlite3
 from conftest import World
 from operator_support import AuditedWorld
 
+from outloop_cli.audit.schema import SCHEMA_VERSION
 from outloop_cli.sandbox import capabilities
 
 
@@ -19,7 +20,7 @@ def test_doctor_reports_keyring_sandbox_paths_audit_and_versions(audited_world: 
         assert f"\n{section}\n" in f"\n{result.out}"
     assert "PlaintextKeyring: set/get/delete of a test entry works" in result.out
     assert f"OUTLOOP_HOME: {world.home}" in result.out
-    assert "schema 1, journal wal, quick_check ok, 21 runs" in result.out
+    assert f"schema {SCHEMA_VERSION}, journal wal, quick_check ok, 21 runs" in result.out
     report = json.loads(world.outloop("doctor", "--json").out)
     assert report["usable"] is True and report["problems"] == 0
     assert {"outloop", "python", "aiohttp", "keyring", "kernel"} <= set(report["versions"])
@@ -38,7 +39,7 @@ def test_doctor_exits_1_listing_every_problem_with_its_fix(world: World) -> None
     problems = [line for line in result.out.splitlines() if "PROBLEM" in line]
     assert any("keyring" in line or "Keyring" in line for line in problems)
     assert any("schema 7 was written by a newer outloop" in line for line in problems)
-    assert result.out.count("fix: ") >= 2 and "2 problem(s) stop outloop here" in result.out
+    assert result.out.count("fix: ") >= 2 and "outloop cannot run here: 2 problems" in result.out
     assert "Traceback" not in result.combined
 
 

@@ -10,7 +10,7 @@ import time
 
 from conftest import OUTLOOP, PYTHON, World
 
-from outloop_cli.audit.store import open_readonly
+from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.verify import verify_run
 
 

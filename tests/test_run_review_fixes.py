@@ -11,20 +11,22 @@ import subprocess
 import pytest
 from conftest import OUTLOOP, World
 
+from outloop_cli.audit.tally import Counts, Denial, Tally
 from outloop_cli.commands.run import _rich_summary
-from outloop_cli.runner import CredentialReport, RunReport
+from outloop_cli.runner import RunReport
 
 
-def _report(command: list[str], denials: dict[str, int]) -> RunReport:
+def _report(command: list[str], denials: list[Denial]) -> RunReport:
     return RunReport(
         run_id="01TEST", workspace="acme", command=command, exit_code=3, duration=0.5, started_at=0.0,
-        timed_out=False, signal=None, credentials={"crm": CredentialReport(1, 1, 0, 0, 0)}, denials=denials,
+        timed_out=False, signal=None, tally=Tally({"crm": Counts(allowed=1, denied=1)}, denials=denials),
         sandbox={"network": "NOT isolated [bold]"}, peak_rss_bytes=0, cpu_seconds=0.0, strays_killed=0,
         audit_head="0" * 64, audit_events=2, audit_db="/tmp/x")
 
 
 def test_rich_summary_prints_the_childs_text_literally(capsys: pytest.CaptureFixture[str]) -> None:
-    _rich_summary(_report(["sh", "-c", "exit 3", "[/]", "[bold]x"], {"denied_by_rule (* /a/[x])": 1}))
+    denial = Denial("crm", "denied_by_rule", "* /a/[x]", 403, 1)
+    _rich_summary(_report(["sh", "-c", "exit 3", "[/]", "[bold]x"], [denial]))
     err = capsys.readouterr().err
     assert "[/]" in err and "[bold]x" in err and "/a/[x]" in err
 

@@ -1,22 +1,24 @@
 """The tamper-evident audit log: what every run asked for, what was decided, and how it ended.
 
-Callers import from here; ``store`` owns the database and the chain format, ``verify`` checks chains.
+One job per module: ``chain`` is the hash format, ``schema`` the database, its migrations and opening it,
+``writer`` records one run, ``store`` reads (and prunes) what is stored, ``queries`` and ``tally`` are the
+operator's and the summary's views of it, ``verify`` checks chains, ``export`` and ``health`` serve their
+commands. The names below are the stable surface for code outside the package.
 """
 
+from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.store import (
     EventRow,
-    RequestRecord,
-    ResponseRecord,
-    RunLog,
     RunRow,
     get_run,
+    iter_events,
     list_runs,
-    open_readonly,
     prune,
-    query_events,
+    query_exchanges,
     run_events,
 )
 from outloop_cli.audit.verify import RunVerdict, verify_all, verify_run
+from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
 
 __all__ = [
     "EventRow",
@@ -26,10 +28,11 @@ __all__ = [
     "RunRow",
     "RunVerdict",
     "get_run",
+    "iter_events",
     "list_runs",
     "open_readonly",
     "prune",
-    "query_events",
+    "query_exchanges",
     "run_events",
     "verify_all",
     "verify_run",

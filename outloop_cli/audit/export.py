@@ -10,8 +10,9 @@ import json
 from collections.abc import Iterable
 from typing import Final, TextIO
 
+from outloop_cli.audit.chain import EVENT_COLUMNS
 from outloop_cli.audit.queries import event_record
-from outloop_cli.audit.store import EVENT_COLUMNS, EventRow
+from outloop_cli.audit.store import EventRow
 
 FORMATS: Final = ("jsonl", "csv")
 CSV_COLUMNS: Final = ("time", *EVENT_COLUMNS, "hash")

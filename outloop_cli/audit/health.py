@@ -10,7 +10,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from outloop_cli.audit.store import SCHEMA_VERSION
+from outloop_cli.audit.schema import SCHEMA_VERSION
 
 
 @dataclass

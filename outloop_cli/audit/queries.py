@@ -12,11 +12,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from outloop_cli.audit.store import EventRow, RunRow, get_run, list_runs, run_events
-from outloop_cli.errors import UsageError
+from outloop_cli.audit.store import (
+    EventRow,
+    Exchange,
+    RunRow,
+    StatusRange,
+    get_run,
+    list_runs,
+    run_events,
+    runs_with_prefix,
+    unique_prefix_length,
+)
+from outloop_cli.errors import EXIT_AMBIGUOUS, UsageError
 from outloop_cli.timespec import iso_time
 
 RunState = Literal["ended", "live", "no end"]
+# Shortened run ids are never shorter than this: 8 characters of a ULID change every second or so, so runs
+# started minutes apart differ within them (like git's 7-character abbreviations).
+SHORT_ID_MIN = 8
+MIN_PREFIX = 4  # a shorter prefix names too many runs to be what anyone meant
+_CANDIDATES_SHOWN = 10
 POLL_SECONDS = 0.2
 _FOLLOW_BATCH = 500
 # A pid is the run's outloop only if that process existed when the run started; allow for clock granularity.
@@ -74,19 +89,85 @@ def view(conn: sqlite3.Connection, run: RunRow) -> RunView:
     return RunView(run, run_state(conn, run), sandbox_status(run.sandbox))
 
 
-def recent_runs(conn: sqlite3.Connection, *, limit: int, workspace: str | None = None) -> list[RunView]:
-    """Newest first, each with its state; liveness is probed only for runs without an end record."""
-    return [view(conn, run) for run in list_runs(conn, limit=limit, workspace=workspace)]
+def recent_runs(conn: sqlite3.Connection, *, limit: int, workspace: str | None = None, failed: bool = False,
+                statuses: list[StatusRange] | None = None) -> list[RunView]:
+    """Newest first, each with its state; liveness is probed only for runs without an end record.
+
+    ``failed`` keeps runs that exited non-zero, saw failed requests, or were killed before recording their end
+    (a run still live is not failed).
+    """
+    runs = [view(conn, run) for run in list_runs(conn, limit=limit, workspace=workspace, failed=failed,
+                                                 statuses=statuses or ())]
+    return [item for item in runs if item.state != "live"] if failed else runs
 
 
-def find_run(conn: sqlite3.Connection, run_id: str) -> RunView:
-    """RUN_ID or "last"; an unknown id is a usage error that says how to find ids."""
-    run = get_run(conn, run_id)
+class AmbiguousRunId(UsageError):
+    """A shortened run id that several runs start with."""
+
+    exit_code = EXIT_AMBIGUOUS
+
+
+def resolve_run_id(conn: sqlite3.Connection, text: str, *, workspace: str | None = None) -> str:
+    """The full id for "last" (the newest run, of ``workspace`` if given), a full id, or a unique prefix of one.
+
+    Pruned runs count too, so `audit verify` can name them.
+    """
+    if text == "last":
+        run = get_run(conn, "last", workspace=workspace)
+        if run is None:
+            raise UsageError("the audit database holds no runs yet"
+                             + (f" for workspace {workspace!r}" if workspace else ""))
+        return run.run_id
+    wanted = text.strip().upper()
+    if get_run(conn, wanted) is not None:
+        return wanted
+    found = runs_with_prefix(conn, wanted, limit=_CANDIDATES_SHOWN + 1) if len(wanted) >= MIN_PREFIX else []
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        hint = f" (a prefix needs at least {MIN_PREFIX} characters)" if len(wanted) < MIN_PREFIX else ""
+        raise UsageError(f"no run {text!r} in the audit database{hint}; `outloop audit` lists recent run ids")
+    more = ", and more" if len(found) > _CANDIDATES_SHOWN else ""
+    raise AmbiguousRunId(f"run id {text!r} is ambiguous: it begins {', '.join(found[:_CANDIDATES_SHOWN])}{more}; "
+                         "give more characters")
+
+
+def find_run(conn: sqlite3.Connection, run_id: str, *, workspace: str | None = None) -> RunView:
+    """RUN_ID (or a unique prefix) or "last"; an unknown id is a usage error that says how to find ids."""
+    full = resolve_run_id(conn, run_id, workspace=workspace)
+    run = get_run(conn, full)
     if run is None:
-        if run_id == "last":
-            raise UsageError("the audit database holds no runs yet")
-        raise UsageError(f"no run {run_id!r} in the audit database; `outloop audit` lists recent run ids")
+        raise UsageError(f"run {full} was pruned: only its marker is left (`outloop audit verify {full}`)")
     return view(conn, run)
+
+
+def short_ids(conn: sqlite3.Connection, run_ids: list[str]) -> dict[str, str]:
+    """Each id cut to one length at which every one of them is still unique in the database."""
+    length = unique_prefix_length(conn, run_ids, minimum=SHORT_ID_MIN)
+    return {run_id: run_id[:length] for run_id in run_ids}
+
+
+def failure_reasons(conn: sqlite3.Connection, item: RunView) -> list[str]:
+    """Why a run did not end well, most telling first; empty for a clean exit 0 without failed requests."""
+    run = item.run
+    end = run_events(conn, run.run_id, after_seq=(run.event_count or 1) - 2, limit=1) if not run.incomplete else []
+    detail = (end[0].detail or {}) if end and end[0].kind == "run_end" else {}
+    reasons = []
+    if detail.get("started") is False:
+        reasons.append(f"never started: {detail.get('error', 'no reason recorded')}")
+    elif item.state == "no end":
+        reasons.append("no end record: outloop was killed (kill -9, OOM, reboot) before the run ended")
+    if detail.get("timed_out"):
+        reasons.append("timed out")
+    if detail.get("limit_hit"):
+        reasons.append(f"limit hit: {detail['limit_hit']}")
+    if isinstance(detail.get("signal"), int) and detail["signal"]:
+        reasons.append(f"killed by signal {detail['signal']}")
+    if run.exit_code and not reasons:
+        reasons.append(f"the command exited with {run.exit_code}")
+    if run.errors:
+        reasons.append(f"{run.errors} of {run.allowed} allowed requests failed (upstream error, timeout or refusal)")
+    return reasons
 
 
 def count_events(conn: sqlite3.Connection, run_id: str) -> int:
@@ -110,6 +191,21 @@ def event_record(event: EventRow) -> dict[str, object]:
     """The JSON shape of an event, also used by `audit export --format jsonl`."""
     record = asdict(event)
     record["time"] = iso_time(event.ts)
+    return record
+
+
+def exchange_record(exchange: Exchange) -> dict[str, object]:
+    """A request's JSON in `audit events` and `audit show`: the stored event as exported, plus ``result`` and the
+    ``outcome`` event (seq, status, latency_ms, bytes_in sent upstream, bytes_out received, error) when there is one.
+    """
+    record = event_record(exchange.event)
+    if exchange.event.kind == "request":
+        record["result"] = exchange.result
+        response = exchange.response
+        record["outcome"] = None if response is None else {
+            "seq": response.seq, "time": iso_time(response.ts), "status": response.status,
+            "latency_ms": response.latency_ms, "bytes_in": response.bytes_in, "bytes_out": response.bytes_out,
+            "error": response.error, "hash": response.hash}
     return record
 
 

@@ -9,7 +9,9 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from outloop_cli.audit.store import EVENT_COLUMNS, GENESIS_HASH, event_hash, loads_lenient, snapshot
+from outloop_cli.audit.chain import EVENT_COLUMNS, GENESIS_HASH, event_hash, is_error
+from outloop_cli.audit.schema import snapshot
+from outloop_cli.audit.store import loads_lenient
 from outloop_cli.errors import UsageError
 
 
@@ -32,6 +34,7 @@ class _Chain:
     head: str = GENESIS_HASH
     allowed: int = 0
     denied: int = 0
+    errors: int = 0
     start: dict[str, object] | None = None
     end: dict[str, object] | None = None
     problem: str | None = None
@@ -68,6 +71,8 @@ def _walk(rows: Iterable[tuple[object, ...]]) -> _Chain:
                 chain.allowed += 1
             else:
                 chain.denied += 1
+        elif kind == "response" and is_error(fields["status"], fields["error"]):
+            chain.errors += 1
         detail = loads_lenient(fields["detail"])
         if kind == "run_start":
             chain.start = {**fields, "detail": detail if isinstance(detail, dict) else {}}
@@ -75,7 +80,9 @@ def _walk(rows: Iterable[tuple[object, ...]]) -> _Chain:
             if not isinstance(detail, dict):
                 return _stop(chain, f"run_end event {seq} has no readable detail", seq)
             expected = {"head_hash": chain.head, "event_count": seq, "allowed": chain.allowed,
-                        "denied": chain.denied}  # fmt: skip
+                        "denied": chain.denied, "errors": chain.errors}  # fmt: skip
+            if "errors" not in detail:
+                del expected["errors"]  # recorded before outcomes were counted (schema 1)
             wrong = sorted(key for key, value in expected.items() if detail.get(key) != value)
             if wrong:
                 problem = f"run_end event {seq} records {', '.join(wrong)} unlike the chain before it"
@@ -104,8 +111,8 @@ def _compare_run(run: dict[str, object], chain: _Chain) -> tuple[str, int] | Non
         return f"the runs row counts {recorded!r} events but the chain holds {chain.count}", at
     if run["head_hash"] != chain.head:
         return "the runs row's head hash does not match the chain's head", last
-    if (run["allowed"], run["denied"]) != (chain.allowed, chain.denied):
-        return "the runs row's allowed/denied counts do not match the chain", last
+    if (run["allowed"], run["denied"], run["errors"]) != (chain.allowed, chain.denied, chain.errors):
+        return "the runs row's allowed/denied/errors counts do not match the chain", last
     start_detail = start["detail"]
     assert isinstance(start_detail, dict)
     if (run["workspace"], run["started_at"]) != (start["workspace"], start["ts"]):
@@ -123,7 +130,7 @@ def _compare_run(run: dict[str, object], chain: _Chain) -> tuple[str, int] | Non
 
 
 _RUN_FIELDS = ("workspace", "command", "started_at", "ended_at", "exit_code", "duration", "allowed",
-               "denied", "sandbox", "head_hash", "event_count")  # fmt: skip
+               "denied", "errors", "sandbox", "head_hash", "event_count")  # fmt: skip
 
 
 def verify_run(conn: sqlite3.Connection, run_id: str) -> RunVerdict:

@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
-from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
 from outloop_cli.broker.connect import MAX_HEAD, BadConnect, head_end, is_connect, parse_connect, raw_response
 from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, Refuse, Tunnel
 from outloop_cli.broker.http_server import BrokerHTTPServer
-from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.broker.tunnel import Counts, TunnelRefused, connect_first, resolve_target, splice
 from outloop_cli.errors import AuditError
 
@@ -41,7 +40,7 @@ ErrorBody = Callable[[int, str, str], web.Response]  # the broker's error respon
 class EgressProxy:
     """One per run; `serve` adds a listener, `close` ends every tunnel and intercepted connection."""
 
-    def __init__(self, *, policy: EgressPolicy, ca: RunCA | None, audit: RunLog, stats: BrokerStats,
+    def __init__(self, *, policy: EgressPolicy, ca: RunCA | None, audit: RunLog,
                  peer_allowed: Callable[[asyncio.BaseTransport], bool],
                  intercepted: Callable[[Intercept, Authority], Handler], plain: BrokerHTTPServer,
                  on_error: Callable[[web.BaseRequest, int, BaseException | None], web.StreamResponse],
@@ -49,7 +48,6 @@ class EgressProxy:
         self.policy = policy
         self.ca = ca
         self.audit = audit
-        self.stats = stats
         self._peer_allowed = peer_allowed
         self._intercepted = intercepted
         self._plain = plain
@@ -121,7 +119,6 @@ class EgressProxy:
             await self._record(target, "deny", reason, None, status)
         except AuditError:
             status, code, message = 503, "audit_unavailable", "the audit log cannot be written"
-        self.stats.denials[reason] = self.stats.denials.get(reason, 0) + 1
         self._answer(transport, status, code, message)
 
     def _answer(self, transport: asyncio.Transport, status: int, code: str, message: str) -> None:
@@ -163,7 +160,6 @@ class EgressProxy:
             transport.close()
             with contextlib.suppress(AuditError):
                 await self._record(target, "deny", "tls_handshake_failed", None, None)
-            self.stats.denials["tls_handshake_failed"] = self.stats.denials.get("tls_handshake_failed", 0) + 1
             return
         if tls is None:
             transport.close()

@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from outloop_cli.audit.store import RequestRecord, ResponseRecord, RunLog
+from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
 from outloop_cli.broker.admission import MAX_REQUEST_BODY, Admission, Denial, short, unknown_credential
 from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, credential_hosts, parse_absolute_http
 from outloop_cli.broker.forward import (
@@ -42,7 +42,6 @@ from outloop_cli.broker.listeners import Listeners
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.proxy import EgressProxy
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
-from outloop_cli.broker.stats import BrokerStats
 from outloop_cli.errors import AuditError
 from outloop_cli.profiles import Credential, Profile
 from outloop_cli.secrets import Secret
@@ -84,7 +83,6 @@ class Broker:
         self.timeout = timeout
         self.profile = profile
         self.audit = audit
-        self.stats = BrokerStats()
         self.child_pid: int | None = None
         self.supervisor_pid = os.getpid()
         self.run_token = run_token
@@ -132,7 +130,7 @@ class Broker:
             await self._serve(listeners.loopback, self.handle_loopback)
         if listeners.proxy is not None:
             self._proxy = EgressProxy(
-                policy=self.egress, ca=self.ca, audit=self.audit, stats=self.stats,
+                policy=self.egress, ca=self.ca, audit=self.audit,
                 peer_allowed=self._transport_allowed, intercepted=self._intercepted_handler,
                 plain=BrokerHTTPServer(self.handle_proxied, self._protocol_error), on_error=self._protocol_error,
                 error_body=lambda status, code, message: _error_response(status, code, message, None, None))
@@ -277,7 +275,6 @@ class Broker:
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing to "
                                    "reveal (fail closed)", name, None)
-        self.stats.credential(name).allowed += 1
         return web.Response(text=self._secrets[name].reveal(), content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
 
@@ -304,12 +301,9 @@ class Broker:
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing "
                                    "to forward (fail closed)", name, verdict.rule)
-        self.stats.credential(name).allowed += 1
         return await self._forward(request, credential, path, verdict.query, seq, location_prefix)
 
     async def _refuse(self, request: web.BaseRequest, denial: Denial) -> web.StreamResponse:
-        if denial.status == 429 and denial.credential is not None:
-            self.stats.credential(denial.credential.name).rate_limited += 1
         return await self._deny(request, denial.credential, denial.status, denial.code, denial.reason,
                                 denial.message, rule=denial.rule, asked_for=denial.asked_for,
                                 headers=denial.headers, path=denial.path)
@@ -381,12 +375,6 @@ class Broker:
         finally:
             if task is not None:
                 self._in_flight.discard(task)
-            stats = self.stats.credential(credential.name)
-            stats.bytes_in += outcome.received[0]
-            stats.bytes_out += outcome.sent
-            if outcome.denied_reason:
-                stats.denied += 1
-                self.stats.denials[outcome.denied_reason] = self.stats.denials.get(outcome.denied_reason, 0) + 1
             self.audit.record_response(ResponseRecord(
                 request_seq=seq, status=outcome.status,
                 latency_ms=(time.perf_counter() - outcome.started) * 1000,
@@ -464,7 +452,6 @@ class Broker:
             self.audit.record_request(record)  # blocking but rare; the answer must not precede the audit row
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
-        self.stats.denials[reason] = self.stats.denials.get(reason, 0) + 1
         return _error_response(status, code, message, None, None)
 
     # ----- denials ---------------------------------------------------------------------------------------
@@ -481,10 +468,6 @@ class Broker:
                                       credential_name=name)
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written", name, rule)
-        if credential is not None and status != 429:  # rate-limited and budget refusals have their own column
-            self.stats.credential(credential.name).denied += 1
-        key = f"{reason} ({rule})" if rule else reason
-        self.stats.denials[key] = self.stats.denials.get(key, 0) + 1
         return _error_response(status, code, message, name, rule, headers)
 
     async def _audit_request(self, request: web.BaseRequest, credential: Credential | None, path: str,
@@ -505,7 +488,6 @@ class _Outcome:
     status: int = 0
     sent: int = 0
     error: str | None = None
-    denied_reason: str | None = None
     prepared: web.StreamResponse | None = None
     received: list[int] = field(default_factory=lambda: [0])
 
@@ -513,7 +495,6 @@ class _Outcome:
              request: web.BaseRequest | None = None, reason: str | None = None) -> web.StreamResponse:
         """The error response, or, when the child already has headers, a cut connection."""
         self.error = reason or code
-        self.denied_reason = reason
         if self.prepared is not None:
             # Too late for a clean error: cutting the connection tells the child the body is incomplete.
             if request is not None and request.transport is not None:

@@ -20,21 +20,34 @@ from outloop_cli.audit.queries import (
     RunView,
     count_events,
     event_record,
+    exchange_record,
+    failure_reasons,
     find_run,
     follow,
     live_or_next_run,
     recent_runs,
+    resolve_run_id,
     run_record,
+    short_ids,
 )
-from outloop_cli.audit.store import EventRow, iter_events, open_readonly, prune, query_events, run_events
+from outloop_cli.audit.schema import open_readonly
+from outloop_cli.audit.store import (
+    EventRow,
+    Exchange,
+    StatusRange,
+    iter_events,
+    prune,
+    query_exchanges,
+    run_exchanges,
+)
 from outloop_cli.audit.verify import RunVerdict, verify_all, verify_run
 from outloop_cli.commands.options import JsonFlag, WorkspaceFilter
 from outloop_cli.commands.output import print_json
 from outloop_cli.commands.tables import note, print_pairs, print_table
-from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError
+from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, UsageError
 from outloop_cli.home import audit_db_path, outloop_home
-from outloop_cli.timespec import format_time, parse_age, parse_point
-from outloop_cli.units import format_bytes, format_duration
+from outloop_cli.timespec import clock_time, compact_time, format_time, parse_age, parse_point, zone_name
+from outloop_cli.units import format_bytes, format_duration, plural
 
 app = typer.Typer(
     help="Read the audit log. Without a subcommand: recent runs, newest first (NO END marks a run that never "
@@ -42,12 +55,40 @@ app = typer.Typer(
          "checks, export and pruning.",
     rich_markup_mode=None,
 )
-RunIdArgument = Annotated[str, typer.Argument(help="A run id from `outloop audit`, or `last`.", show_default=False)]
+RunIdArgument = Annotated[str, typer.Argument(help="A run id from `outloop audit` (any unique prefix of at least 4 "
+                                                   "characters), or `last`.", show_default=False)]
 SinceOption = Annotated[str | None, typer.Option("--since", help="From this time: \"24h\", \"7d\" (ago) or "
                                                  "\"2025-01-31[T18:00]\".", show_default=False)]
 UntilOption = Annotated[str | None, typer.Option("--until", help="Before this time, same forms as --since.",
                                                  show_default=False)]
 COMMAND_WIDTH = 40
+STATUS_FORMS = "comma-separated codes or classes, e.g. 401, 5xx, 401,403,5xx"
+FailedRunsFlag = Annotated[bool, typer.Option("--failed", help="Only runs that failed: a non-zero exit, requests "
+                                              "that ended in an error, or no end record.")]
+FailedRequestsFlag = Annotated[bool, typer.Option("--failed", help="Only allowed requests that ended in an error: "
+                                                  "upstream 4xx/5xx, broker 502 (unreachable) or 504 (timeout).")]
+RunStatusOption = Annotated[str | None, typer.Option(
+    "--status", metavar="CODES", show_default=False,
+    help=f"Only runs with a request answered with one of these HTTP statuses: {STATUS_FORMS}.")]
+RequestStatusOption = Annotated[str | None, typer.Option(
+    "--status", metavar="CODES", show_default=False,
+    help=f"Only requests answered with one of these HTTP statuses (by the upstream, or by the broker for denials "
+         f"and its own errors): {STATUS_FORMS}.")]
+
+
+def parse_statuses(text: str | None) -> list[StatusRange]:
+    """`--status 401,5xx` as inclusive ranges; a bad item is a usage error naming it."""
+    if text is None:
+        return []
+    ranges = []
+    for item in (part.strip().lower() for part in text.split(",")):
+        if len(item) == 3 and item[0] in "12345" and item[1:] == "xx":
+            ranges.append((int(item[0]) * 100, int(item[0]) * 100 + 99))
+        elif item.isdigit() and 100 <= int(item) <= 599:
+            ranges.append((int(item), int(item)))
+        else:
+            raise UsageError(f"--status: {item!r} is not an HTTP status; write {STATUS_FORMS}")
+    return ranges
 
 
 class Decision(StrEnum):
@@ -65,8 +106,9 @@ def register(root: typer.Typer) -> None:
 
 
 @contextlib.contextmanager
-def _database() -> Iterator[sqlite3.Connection]:
-    conn = open_readonly(audit_db_path(outloop_home()))
+def _database(*, missing_ok: bool = True) -> Iterator[sqlite3.Connection]:
+    """The audit DB read-only; before the first run it reads as empty, so listings print nothing, not an error."""
+    conn = open_readonly(audit_db_path(outloop_home()), missing_ok=missing_ok)
     try:
         yield conn
     finally:
@@ -82,32 +124,42 @@ def recent(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N runs.")] = 20,
     workspace: WorkspaceFilter = None,
+    failed: FailedRunsFlag = False,
+    status: RunStatusOption = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recent runs, newest first; NO END marks a run that never recorded its end (killed, e.g. kill -9)."""
     if ctx.invoked_subcommand is not None:
         return
+    statuses = parse_statuses(status)
     with _database() as conn:
-        runs = recent_runs(conn, limit=limit, workspace=workspace)
+        runs = recent_runs(conn, limit=limit, workspace=workspace, failed=failed, statuses=statuses)
+        shown = short_ids(conn, [item.run.run_id for item in runs])
     if as_json:
         print_json([run_record(item) for item in runs])
         return
     if not runs:
-        note("no runs recorded yet" + (f" for workspace {workspace!r}" if workspace else ""))
+        filtered = " matching" if failed or statuses else ""
+        note(f"no{filtered} runs recorded yet" + (f" for workspace {workspace!r}" if workspace else "")
+             + ("" if filtered else "; `outloop run -w WORKSPACE -- COMMAND` records one"))
         return
-    print_table(("started", "run", "workspace", "command", "exit", "duration", "allowed", "denied", "sandbox",
-                 "state"), [_run_cells(item) for item in runs], right=("exit", "duration", "allowed", "denied"),
-                whole=("started", "run"))
+    columns = [f"started {zone_name()}", "run", "workspace", "exit", "took", "allow", "err", "deny", "state"]
+    with_sandbox = any(item.sandbox != "ok" for item in runs)  # shown only when some run was less contained
+    columns += ["sandbox", "command"] if with_sandbox else ["command"]
+    print_table(columns, [_run_cells(item, shown[item.run.run_id], with_sandbox) for item in runs],
+                right=("exit", "took", "allow", "err", "deny"), whole=(columns[0], "run", "state"))
 
 
-def _run_cells(item: RunView) -> list[object]:
+def _run_cells(item: RunView, run_id: str, with_sandbox: bool) -> list[object]:
     run = item.run
     command = " ".join(run.command)
     if len(command) > COMMAND_WIDTH:
         command = command[: COMMAND_WIDTH - 3] + "..."
     duration = format_duration(run.duration) if run.duration is not None else None
-    return [format_time(run.started_at), run.run_id, run.workspace, command, run.exit_code, duration,
-            run.allowed, run.denied, item.sandbox, item.state.upper() if item.state == "no end" else item.state]
+    state = item.state.upper() if item.state == "no end" else item.state
+    cells: list[object] = [compact_time(run.started_at), run_id, run.workspace, run.exit_code, duration,
+                           run.allowed, run.errors, run.denied, state]
+    return [*cells, item.sandbox, command] if with_sandbox else [*cells, command]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,45 +170,56 @@ def _run_cells(item: RunView) -> list[object]:
 def show(
     run_id: RunIdArgument,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most the first N events.")] = 200,
+    workspace: Annotated[str | None, typer.Option("--workspace", "-w", help="With `last`: the newest run of this "
+                                                  "workspace.", show_default=False)] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """One run: its header, then its events in order."""
+    """One run: why it failed (if it did), its header, then its events in order, each request with its outcome."""
     with _database() as conn:
-        item = find_run(conn, run_id)
-        events = run_events(conn, item.run.run_id, limit=limit)
+        item = find_run(conn, run_id, workspace=workspace)
+        exchanges = run_exchanges(conn, item.run.run_id, limit=limit)
         total = count_events(conn, item.run.run_id)
+        reasons = failure_reasons(conn, item)
     if as_json:
-        print_json({**run_record(item), "events_total": total, "events": [event_record(e) for e in events]})
+        print_json({**run_record(item), "failure": reasons, "events_total": total,
+                    "events": [exchange_record(e) for e in exchanges]})
         return
     run = item.run
-    print_pairs([
+    pairs: list[tuple[str, object]] = [("FAILED", reason) for reason in reasons]
+    pairs += [
         ("run", run.run_id), ("workspace", run.workspace), ("command", " ".join(run.command)),
         ("started", format_time(run.started_at)), ("ended", format_time(run.ended_at)),
         ("state", item.state), ("exit", run.exit_code),
         ("duration", format_duration(run.duration) if run.duration is not None else None),
-        ("requests", f"{run.allowed} allowed, {run.denied} denied"),
+        ("requests", f"{run.allowed} allowed ({plural(run.errors, 'error')}), {run.denied} denied"),
         ("sandbox", ", ".join(f"{k}: {v}" for k, v in run.sandbox.items()) if isinstance(run.sandbox, dict)
          else run.sandbox),
         ("events", f"{total}, head {(run.head_hash or '')[:16]}"),
-    ])
+    ]
+    print_pairs(pairs)
     sys.stdout.write("\n")
-    print_table(("seq", "time", "kind", "credential", "request", "decision", "reason", "status", "ms", "in",
-                 "out"), [_event_cells(e, with_run=False) for e in events],
-                right=("seq", "status", "ms", "in", "out"), whole=("seq", "time"))
-    if total > len(events):
-        note(f"{total - len(events)} more events not shown; use --limit {total} or --json")
+    print_table(("seq", "time", "kind", "request", "result", "status", "ms", "sent", "recv", "credential",
+                 "reason"), [_exchange_cells(e, None) for e in exchanges],
+                right=("seq", "status", "ms", "sent", "recv"), whole=("seq", "time", "kind", "result"))
+    shown = len(exchanges) + sum(1 for e in exchanges if e.response is not None)
+    if total > shown:
+        note(f"{total - shown} more events not shown; use --limit {total} or --json")
 
 
-def _event_cells(event: EventRow, *, with_run: bool) -> list[object]:
+def _exchange_cells(exchange: Exchange, run_id: str | None) -> list[object]:
+    """A row of `audit show` (run_id None: seq and time of day) or `audit events` (date, time and short run id)."""
+    event, response = exchange.event, exchange.response
     request = f"{event.method} {event.path}" if event.method else _detail_summary(event)
-    sizes = [format_bytes(event.bytes_in) if event.bytes_in is not None else None,
-             format_bytes(event.bytes_out) if event.bytes_out is not None else None]
-    when = format_time(event.ts) if with_run else format_time(event.ts)[11:]
-    first = [when, event.run_id, event.workspace] if with_run else [event.seq, when]
-    latency = f"{event.latency_ms:.0f}" if event.latency_ms is not None else None
-    return [*first, event.kind, event.credential, request, event.decision,
-            event.reason if not event.rule else f"{event.reason} ({event.rule})",
-            event.status, latency, *sizes]
+    first = [compact_time(event.ts, seconds=True), run_id] if run_id else [event.seq, clock_time(event.ts), event.kind]
+    outcome = response if response is not None else event
+    latency = f"{outcome.latency_ms:.0f}" if outcome.latency_ms is not None else None
+    sizes = [format_bytes(value) if value is not None else None for value in (outcome.bytes_in, outcome.bytes_out)]
+    why = event.reason if not event.rule else f"{event.reason} ({event.rule})"
+    if response is not None and response.error:
+        why = f"{response.error}; {why}"
+    result = "limited" if exchange.result == "rate_limited" else exchange.result
+    cells = [*first, request, result, exchange.status, latency, *sizes, event.credential, why]
+    return [*cells, event.workspace] if run_id else cells
 
 
 def _detail_summary(event: EventRow) -> str:
@@ -180,27 +243,32 @@ def events(
                                                    show_default=False)] = None,
     decision: Annotated[Decision | None, typer.Option("--decision", help="Only allowed or only denied requests.",
                                                       show_default=False)] = None,
+    failed: FailedRequestsFlag = False,
+    status: RequestStatusOption = None,
     since: SinceOption = None,
     until: UntilOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N events.")] = 50,
     as_json: JsonFlag = False,
 ) -> None:
-    """Requests across runs, newest first, filtered by workspace, credential, decision and time."""
+    """Requests across runs, newest first, each with its outcome (status, latency, bytes); filtered by workspace,
+    credential, decision, outcome and time."""
     since_ts = parse_point("--since", since) if since else None
     until_ts = parse_point("--until", until) if until else None
+    statuses = parse_statuses(status)
     with _database() as conn:
-        found = query_events(conn, workspace=workspace, credential=credential,
-                             decision=decision.value if decision else None, since=since_ts, until=until_ts,
-                             limit=limit)
+        found = query_exchanges(conn, workspace=workspace, credential=credential,
+                                decision=decision.value if decision else None, since=since_ts, until=until_ts,
+                                failed=failed, statuses=statuses, limit=limit)
+        shown = short_ids(conn, sorted({e.event.run_id for e in found}))
     if as_json:
-        print_json([event_record(e) for e in found])
+        print_json([exchange_record(e) for e in found])
         return
     if not found:
         note("no matching requests")
         return
-    print_table(("time", "run", "workspace", "kind", "credential", "request", "decision", "reason", "status",
-                 "ms", "in", "out"), [_event_cells(e, with_run=True) for e in found],
-                right=("status", "ms", "in", "out"), whole=("time", "run"))
+    print_table((f"time {zone_name()}", "run", "request", "result", "status", "ms", "sent", "recv", "credential",
+                 "reason", "workspace"), [_exchange_cells(e, shown[e.event.run_id]) for e in found],
+                right=("status", "ms", "sent", "recv"), whole=(f"time {zone_name()}", "run", "result"))
     if len(found) == limit:
         note(f"showing the newest {limit}; narrow with --since/--until or raise --limit")
 
@@ -219,16 +287,16 @@ def tail(
     as_json: JsonFlag = False,
 ) -> None:
     """Follow a run's events as they are recorded; ends when the run ends (or is found killed)."""
-    with _database() as conn:
+    with _database(missing_ok=False) as conn:
         if run_id is not None:
-            run = find_run(conn, run_id).run
+            run = find_run(conn, run_id, workspace=workspace).run
         else:
             run = live_or_next_run(conn, workspace=workspace,
                                    on_wait=lambda: note("waiting for a run to start (Ctrl-C to stop)"))
         note(f"following run {run.run_id} ({run.workspace}: {' '.join(run.command)})")
         last: EventRow | None = None
         for event in follow(conn, run, after_seq=count_events(conn, run.run_id) - lines - 1):
-            sys.stdout.write(_json_line(event) if as_json else _tail_line(event))
+            sys.stdout.write(_json_line(event) if as_json else tail_line(event))
             sys.stdout.flush()
             last = event
     if last is not None and last.kind == "run_end":
@@ -242,9 +310,22 @@ def _json_line(event: EventRow) -> str:
     return json.dumps(event_record(event), separators=(",", ":")) + "\n"
 
 
-def _tail_line(event: EventRow) -> str:
-    cells = _event_cells(event, with_run=False)
-    return "  ".join(str(cell) for cell in cells if cell is not None) + "\n"
+# Fixed widths, so lines written one at a time (to a pipe, as they happen) still line up: seq, time, kind,
+# credential, decision, status, ms, bytes; the request comes last, where its length does no harm.
+_TAIL_FORMAT = "{:>5}  {:<12}  {:<9}  {:<10}  {:<5}  {:>3}  {:>6}  {:>8}  {:>8}  {}\n"
+
+
+def tail_line(event: EventRow) -> str:
+    """One event as `audit tail` prints it; an outcome is its own line, under the request it answers."""
+    what = f"{event.method} {event.path}" if event.method else _detail_summary(event)
+    if event.kind == "request":
+        what += f"  ({event.reason}{f', {event.rule}' if event.rule else ''})"
+    elif event.error:
+        what += f"  ({event.error})"
+    sizes = [format_bytes(value) if value is not None else "" for value in (event.bytes_in, event.bytes_out)]
+    return _TAIL_FORMAT.format(event.seq, clock_time(event.ts), event.kind, event.credential or "-",
+                               event.decision or "", event.status or "",
+                               f"{event.latency_ms:.0f}" if event.latency_ms is not None else "", *sizes, what)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,7 +343,7 @@ def verify(
     A run with no end record whose chain holds is reported as incomplete (killed or still live), not broken.
     """
     with _database() as conn:
-        verdicts = [verify_run(conn, find_run(conn, run_id).run.run_id)] if run_id else verify_all(conn)
+        verdicts = [verify_run(conn, resolve_run_id(conn, run_id))] if run_id else verify_all(conn)
     counts = {status: sum(1 for v in verdicts if v.status == status)
               for status in ("ok", "incomplete", "pruned", "broken")}
     if as_json:
@@ -271,7 +352,8 @@ def verify(
         for verdict in verdicts:
             if verdict.status != "ok":
                 sys.stdout.write(_verdict_line(verdict) + "\n")
-        sys.stdout.write(f"{len(verdicts)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items()) + "\n")
+        sys.stdout.write(f"{plural(len(verdicts), 'run')}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                         + "\n")
     if counts["broken"]:
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
 
@@ -285,9 +367,10 @@ def _verdict_line(verdict: RunVerdict) -> str:
     if verdict.status == "broken":
         return f"BROKEN      run {verdict.run_id} at event {verdict.first_bad_seq}: {verdict.problem}"
     if verdict.status == "incomplete":
-        return (f"incomplete  run {verdict.run_id}: {verdict.events} events, chain intact, no end record "
+        return (f"incomplete  run {verdict.run_id}: {plural(verdict.events, 'event')}, chain intact, no end record "
                 "(still live, or killed)")
-    return f"pruned      run {verdict.run_id}: {verdict.events} events removed by `audit prune` (marker kept)"
+    return (f"pruned      run {verdict.run_id}: {plural(verdict.events, 'event')} removed by `audit prune` "
+            "(marker kept)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,15 +385,18 @@ def export(
     since: SinceOption = None,
     until: UntilOption = None,
     workspace: WorkspaceFilter = None,
+    run_id: Annotated[str | None, typer.Option("--run", metavar="RUN_ID", help="Only this run (an id, a unique "
+                                               "prefix, or `last`).", show_default=False)] = None,
 ) -> None:
     """Write every event (all kinds, oldest first) to stdout; redirect it to a file."""
     since_ts = parse_point("--since", since) if since else None
     until_ts = parse_point("--until", until) if until else None
     with _database() as conn:
-        count = write_events(iter_events(conn, workspace=workspace, since=since_ts, until=until_ts), sys.stdout,
-                             fmt.value)
+        only = resolve_run_id(conn, run_id, workspace=workspace) if run_id else None
+        count = write_events(iter_events(conn, workspace=workspace, since=since_ts, until=until_ts, run_id=only),
+                             sys.stdout, fmt.value)
     if sys.stderr.isatty():
-        note(f"exported {count} events")
+        note(f"exported {plural(count, 'event')}")
 
 
 @app.command("prune")
@@ -325,5 +411,5 @@ def prune_command(
     if as_json:
         print_json({"pruned_runs": removed, "ended_before": format_time(before)})
         return
-    sys.stdout.write(f"pruned {removed} runs that ended before {format_time(before)}; each left a marker "
+    sys.stdout.write(f"pruned {plural(removed, 'run')} that ended before {format_time(before)}; each left a marker "
                      "that `outloop audit verify` reports as pruned\n")

@@ -13,6 +13,7 @@ import typer
 from outloop_cli.commands.options import JsonFlag
 from outloop_cli.commands.output import console, print_json
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND
+from outloop_cli.units import plural
 
 if TYPE_CHECKING:
     from outloop_cli.doctor import Finding
@@ -55,5 +56,5 @@ def _print(findings: list[Finding], versions: dict[str, str]) -> None:
     out.print(Text("versions", style="bold"))
     out.print(Text("  " + ", ".join(f"{name} {version}" for name, version in versions.items())))
     problems = sum(1 for f in findings if f.status == "problem")
-    out.print(Text("outloop can run here" if not problems else f"{problems} problem(s) stop outloop here",
-                   style="green" if not problems else "bold red"))
+    verdict = f"outloop cannot run here: {plural(problems, 'problem')}" if problems else "outloop can run here"
+    out.print(Text(verdict, style="bold red" if problems else "green"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,9 +12,11 @@ import typer
 
 from outloop_cli.commands.output import console, wants_plain
 from outloop_cli.errors import OutloopError
-from outloop_cli.units import format_bytes, format_duration, parse_duration
+from outloop_cli.timespec import format_time
+from outloop_cli.units import format_bytes, format_duration, parse_duration, plural
 
 if TYPE_CHECKING:
+    from outloop_cli.audit.tally import Counts
     from outloop_cli.runner import RunReport
 
 NETWORK_CHOICES = ("auto", "broker-only", "open")
@@ -90,26 +91,56 @@ def _outcome(report: RunReport) -> str:
     return str(report.exit_code)
 
 
+def _counts_text(counts: Counts) -> str:
+    """One credential's requests, each counted once: errors are among the allowed, rate-limited among the denied."""
+    allowed = f"allowed {counts.allowed}" + (f" ({plural(counts.errors, 'error')})" if counts.errors else "")
+    denied = f"denied {counts.denied}" + (f" ({counts.rate_limited} rate-limited)" if counts.rate_limited else "")
+    return (f"{allowed}  {denied}  sent {format_bytes(counts.bytes_sent)}  "
+            f"received {format_bytes(counts.bytes_received)}")
+
+
+def _breakdown(report: RunReport) -> list[tuple[str, str]]:
+    """Why requests were refused or failed: (label, text) lines; their counts add up to the denied and errors."""
+    lines = []
+    for denial in report.tally.denials:
+        why = denial.reason + (f" (rule {denial.rule})" if denial.rule else "")
+        lines.append(("denied", f"{denial.count} x {why}, {_whose(denial.credential)}"))
+    for failure in report.tally.failures:
+        what = failure.error or "upstream answered"
+        lines.append(("error", f"{failure.count} x {what} {failure.status or ''}".rstrip()
+                      + f", {_whose(failure.credential)}"))
+    return lines
+
+
+def _whose(credential: str | None) -> str:
+    return f"credential {credential}" if credential else "no credential"
+
+
+UNATTRIBUTED_NOTE = "(no credential of the profile: /v1/run, unknown credentials, callers not in the run, bad routes)"
+
+
 def _plain_summary(report: RunReport) -> str:
     lines = [
         f"outloop run {report.run_id}",
         f"  workspace  {report.workspace}",
         f"  command    {' '.join(report.command)}",
         f"  exit       {_outcome(report)}",
-        f"  started    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(report.started_at))}",
+        f"  started    {format_time(report.started_at)}",
         f"  duration   {format_duration(report.duration)}",
     ]
-    for name, cred in report.credentials.items():
-        lines.append(f"  {name:<10} allowed {cred.allowed}  denied {cred.denied}  "
-                     f"rate-limited {cred.rate_limited}  in {format_bytes(cred.bytes_in)}  "
-                     f"out {format_bytes(cred.bytes_out)}")
-    for reason, count in sorted(report.denials.items(), key=lambda item: -item[1]):
-        lines.append(f"  denied     {count} x {reason}")
+    for name, counts in report.tally.credentials.items():
+        lines.append(f"  {name:<10} {_counts_text(counts)}")
+    if report.tally.unattributed.requests:
+        lines.append(f"  {'other':<10} {_counts_text(report.tally.unattributed)}  {UNATTRIBUTED_NOTE}")
+    lines += [f"  {label:<10} {text}" for label, text in _breakdown(report)]
+    if report.counts_error:
+        lines.append(f"  WARNING    request counts unavailable: {report.counts_error}")
     lines.append("  sandbox    " + ", ".join(f"{k}: {v}" for k, v in report.sandbox.items()))
     lines += [f"  WARNING    {k}: {v}" for k, v in report.sandbox.items() if "NOT" in v]
     lines.append(f"  child      peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                  f"strays killed {report.strays_killed}")
-    lines.append(f"  audit      {report.audit_events} events, head {report.audit_head[:16]}  ({report.audit_db})")
+    lines.append(f"  audit      {plural(report.audit_events, 'event')}, head {report.audit_head[:16]}  "
+                 f"({report.audit_db})")
     return "\n".join(lines) + "\n"
 
 
@@ -125,6 +156,7 @@ def _rich_summary(report: RunReport) -> None:
     header.add_row("command", Text(" ".join(report.command)))  # the child's argv is data, never markup
     style = "green" if report.exit_code == 0 else "red"
     header.add_row("exit", f"[{style}]{_outcome(report)}[/]")
+    header.add_row("started", format_time(report.started_at))
     header.add_row("duration", format_duration(report.duration))
     header.add_row("child", f"peak {format_bytes(report.peak_rss_bytes)}, cpu {report.cpu_seconds:.2f}s, "
                    f"strays killed {report.strays_killed}")
@@ -132,14 +164,23 @@ def _rich_summary(report: RunReport) -> None:
         f"[bold red]{escape(k)}: {escape(v)}[/]" if "NOT" in v else escape(f"{k}: {v}")
         for k, v in report.sandbox.items())
     header.add_row("sandbox", sandbox_text)
-    header.add_row("audit", f"{report.audit_events} events, head {report.audit_head[:16]}")
-    table = Table(title=None, expand=False)
-    for column in ("credential", "allowed", "denied", "rate-limited", "in", "out"):
+    header.add_row("audit", f"{plural(report.audit_events, 'event')}, head {report.audit_head[:16]}")
+    table = Table(title=None, expand=False, caption="errors: allowed, but the answer failed; "
+                  "rate-limited: among the denied; bytes are bodies sent to and received from upstream")
+    for column in ("credential", "allowed", "errors", "denied", "rate-limited", "sent", "received"):
         table.add_column(column, justify="left" if column == "credential" else "right")
-    for name, cred in report.credentials.items():
-        table.add_row(Text(name), str(cred.allowed), str(cred.denied), str(cred.rate_limited),
-                      format_bytes(cred.bytes_in), format_bytes(cred.bytes_out))
+    rows = list(report.tally.credentials.items())
+    if report.tally.unattributed.requests:
+        rows.append(("other", report.tally.unattributed))
+    for name, counts in rows:
+        table.add_row(Text(name), str(counts.allowed), Text(str(counts.errors), style="red" if counts.errors else ""),
+                      str(counts.denied), str(counts.rate_limited), format_bytes(counts.bytes_sent),
+                      format_bytes(counts.bytes_received))
     out.print(Panel(header, title=f"outloop run {report.run_id}", expand=False))
     out.print(table)
-    for reason, count in sorted(report.denials.items(), key=lambda item: -item[1]):
-        out.print(f"  [red]denied[/] {count} x {escape(reason)}")
+    if report.tally.unattributed.requests:
+        out.print(f"  other: {UNATTRIBUTED_NOTE}")
+    for label, text in _breakdown(report):
+        out.print(f"  [red]{label}[/] {escape(text)}")
+    if report.counts_error:
+        out.print(f"  [bold red]request counts unavailable:[/] {escape(report.counts_error)}")

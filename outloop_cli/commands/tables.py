@@ -13,11 +13,16 @@ from outloop_cli.commands.output import console, wants_plain
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[str] = (),
                 whole: Sequence[str] = ()) -> None:
-    """`right` names the numeric columns, aligned right in both forms; on a narrow terminal the other columns
-    are cut short with an ellipsis, except those named in `whole` (ids people copy), which are never shortened."""
+    """`right` names the numeric columns, aligned right in both forms.
+
+    On a terminal narrower than the table, the text columns are cut short with an ellipsis, rightmost first (so
+    put the text that matters most to the left), and left out where even a stub would not fit. Numbers and the
+    columns named in `whole` (ids, times, states people read or copy) are never shortened: when they alone are
+    too wide, the terminal wraps the lines. Plain output is never cut: it is for grep and mail.
+    """
     cells = [[_text(value) for value in row] for row in rows]
+    widths = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
     if wants_plain(sys.stdout):
-        widths = [max([len(column), *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
         for line in ([*columns], *cells):
             parts = [cell.rjust(width) if column in right else cell.ljust(width)
                      for column, cell, width in zip(columns, line, widths, strict=True)]
@@ -26,14 +31,43 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[object]], *, rig
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for index, column in enumerate(columns):
-        widest = max([len(column), *(len(row[index]) for row in cells)])
-        table.add_column(column, justify="right" if column in right else "left", no_wrap=True,
-                         overflow="ellipsis", min_width=widest if column in whole else None)
+    out = console()
+    fixed = {index for index, column in enumerate(columns) if column in right or column in whole}
+    widths = fit_widths(widths, fixed, out.width)
+    kept = [index for index, width in enumerate(widths) if width]
+    out.width = max(out.width, sum(widths) + _GAP * (len(kept) - 1))  # rich would shrink every column instead
+    table = Table(box=None, header_style="bold", pad_edge=False, collapse_padding=False)
+    for index in kept:
+        table.add_column(columns[index], justify="right" if columns[index] in right else "left", no_wrap=True,
+                         overflow="ellipsis", width=widths[index])
     for row in cells:
-        table.add_row(*(Text(cell) for cell in row))  # Text, not markup: values come from loops and profiles
-    console().print(table)
+        table.add_row(*(Text(row[index]) for index in kept))  # Text, not markup: values come from loops and profiles
+    out.print(table)
+
+
+_GAP = 2  # rich's default padding: one space each side of a column
+_MIN_CUT = 3  # a cut column keeps at least "ab…"
+
+
+def fit_widths(widths: Sequence[int], fixed: set[int], room: int) -> list[int]:
+    """Column widths for a table `room` characters wide, gaps included, where possible: cuttable columns, rightmost
+    first, shrink to _MIN_CUT characters, or are left out (width 0) when that is not enough; fixed columns never
+    lose a character."""
+    result = list(widths)
+
+    def excess() -> int:
+        kept = [width for width in result if width]
+        return sum(kept) + _GAP * (len(kept) - 1) - room
+
+    cuttable = [index for index in reversed(range(len(result))) if index not in fixed]
+    for index in cuttable:
+        if excess() <= 0:
+            return result
+        if excess() <= result[index] - _MIN_CUT:
+            result[index] -= excess()
+            return result
+        result[index] = 0  # a stub of a few characters says nothing: better left out, letting the rest show
+    return result
 
 
 def print_pairs(pairs: Sequence[tuple[str, object]], *, indent: int = 0) -> None:

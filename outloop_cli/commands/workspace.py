@@ -18,6 +18,7 @@ from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError
 from outloop_cli.home import outloop_home, profile_dirs
 from outloop_cli.profiles import load_profile
 from outloop_cli.secret_admin import SecretStatus, profile_secrets
+from outloop_cli.units import plural
 from outloop_cli.workspaces import (
     ENV_CHOICE,
     WorkspaceCheck,
@@ -134,7 +135,7 @@ def check(
     else:
         for result in results:
             _print_check(result)
-        sys.stdout.write(f"{len(results)} workspaces checked, {problems} problems\n")
+        sys.stdout.write(f"{plural(len(results), 'workspace')} checked, {plural(problems, 'problem')}\n")
     if problems:
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
 
@@ -152,7 +153,7 @@ def _check_record(result: WorkspaceCheck) -> dict[str, object]:
 
 def _print_check(result: WorkspaceCheck) -> None:
     if not result.problems:
-        sys.stdout.write(f"ok       {result.name}: {len(result.secrets)} secrets present\n")
+        sys.stdout.write(f"ok       {result.name}: {plural(len(result.secrets), 'secret')} present\n")
         return
     sys.stdout.write(f"PROBLEM  {result.name}\n")
     for problem in result.problems:

@@ -17,7 +17,7 @@ import pytest
 from conftest import World
 
 from adversarial.conftest import run_hostile
-from outloop_cli.audit.store import EVENT_COLUMNS, GENESIS_HASH, event_hash
+from outloop_cli.audit.chain import EVENT_COLUMNS, GENESIS_HASH, event_hash
 
 FORGING_LOOP = """
     import json

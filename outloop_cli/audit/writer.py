@@ -1,0 +1,445 @@
+"""The per-run writer: one thread commits a run's events in order, chained and counted.
+
+The broker records through it; the decision is on disk before the request may go upstream.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+from outloop_cli.audit.chain import (
+    COLUMN_KEYWORDS,
+    EVENT_COLUMNS,
+    GENESIS_HASH,
+    canonical_json,
+    check_decision,
+    column_value,
+    event_hash,
+    is_error,
+    json_object,
+    now,
+    text_value,
+)
+from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, describe_error, open_rw
+from outloop_cli.errors import AuditError
+
+if TYPE_CHECKING:
+    import asyncio  # imported lazily at run time: `outloop audit` and `--help` never need an event loop
+
+# Caps one group commit so a burst cannot hold the write lock (and every other run) for long.
+_MAX_BATCH: Final = 512
+# Kinds with their own method: they feed the counters and the run_end cross-check, so never generic.
+_RESERVED_KINDS: Final = frozenset({"run_start", "run_end", "request", "response"})
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What the broker knows when it decides; committed before the request may go upstream."""
+
+    credential: str | None
+    method: str
+    host: str | None
+    path: str
+    decision: str  # "allow" | "deny"
+    reason: str
+    rule: str | None
+    status: int | None = None  # the broker's own status code, for denials
+
+
+@dataclass(frozen=True)
+class ResponseRecord:
+    """How an allowed request ended; ``error`` is a code such as ``upstream_timeout``, never a message."""
+
+    request_seq: int
+    status: int
+    latency_ms: float
+    bytes_in: int
+    bytes_out: int
+    error: str | None = None
+
+
+_CHECKPOINT_SECONDS = 1.0
+_Outcome = int | AuditError
+# Who waits for an event's commit: a thread, an asyncio task, or nobody (fire-and-forget).
+_Waiter: TypeAlias = "concurrent.futures.Future[int] | asyncio.Future[int] | None"
+
+
+@dataclass(frozen=True)
+class _End:
+    exit_code: int
+    duration: float
+    detail: dict[str, object]
+
+
+@dataclass(frozen=True)
+class _Item:
+    kind: str
+    ts: float
+    fields: dict[str, object]
+    waiter: _Waiter
+    end: _End | None = None
+
+
+def _settle(future: asyncio.Future[int] | concurrent.futures.Future[int], outcome: _Outcome) -> None:
+    if future.done():  # the awaiting task was cancelled; the event is committed regardless
+        return
+    if isinstance(outcome, AuditError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _settle_all(outcomes: list[tuple[asyncio.Future[int], _Outcome]]) -> None:
+    for future, outcome in outcomes:
+        _settle(future, outcome)
+
+
+def _notify(outcomes: list[tuple[_Waiter, _Outcome]]) -> None:
+    """Wake each waiting event loop once per batch: a wakeup per event cost more than the commit."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], _Outcome]]] = {}
+    for waiter, outcome in outcomes:
+        if isinstance(waiter, concurrent.futures.Future):
+            _settle(waiter, outcome)
+        elif waiter is not None:
+            by_loop.setdefault(waiter.get_loop(), []).append((waiter, outcome))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            loop.call_soon_threadsafe(_settle_all, settled)
+
+
+_INSERT_EVENT: Final = (
+    f"INSERT INTO events ({', '.join((*EVENT_COLUMNS, 'hash'))}) "
+    f"VALUES ({', '.join(':' + name for name in (*EVENT_COLUMNS, 'hash'))})"
+)
+
+
+class RunLog:
+    """Writer for ONE run, used by the broker process; thread-safe and usable from asyncio.
+
+    All writes go through one writer thread that commits whatever is queued as one transaction (group
+    commit): concurrent requests share a commit instead of queueing for the write lock one by one, and
+    seq numbers and the chain are assigned in exactly one place, so they cannot race.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        db_path: Path,
+        run_id: str,
+        workspace: str,
+        command: list[str],
+        sandbox: object,
+        busy_timeout: float,
+    ) -> None:
+        self.db_path = db_path
+        self.run_id = run_id
+        self.workspace = workspace
+        self._conn = conn
+        self._command = canonical_json(command)
+        self._sandbox = None if sandbox is None else canonical_json(sandbox)
+        self._busy_timeout = busy_timeout
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        # Owned by the writer thread once it runs.
+        self._seq = 0
+        self._head = GENESIS_HASH
+        self._allowed = 0
+        self._denied = 0
+        self._errors = 0  # allowed requests whose outcome failed (is_error)
+        self._lost = 0  # fire-and-forget events whose batch failed; reported in run_end
+        # seq -> (credential, method, host, path) of allowed requests still awaiting their response.
+        self._open_requests: dict[object, tuple[object, object, object, object]] = {}
+        self._thread = threading.Thread(target=self._loop, name=f"outloop-audit-{run_id}", daemon=True)
+        self._stopping = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name=f"outloop-ckpt-{run_id}",
+                                              daemon=True)
+
+    @classmethod
+    def start(
+        cls,
+        db_path: Path,
+        *,
+        run_id: str,
+        workspace: str,
+        command: list[str],
+        detail: Mapping[str, object],
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    ) -> RunLog:
+        """Open the database and commit the run's row and run_start event (seq 0) before returning.
+
+        ``detail`` is stored on run_start (its ``sandbox`` entry also on the runs row); the command is
+        added to it so the runs row can be checked against the chain.
+        """
+        start_detail = {**json_object(detail, "run detail"), "command": list(command)}
+        conn = open_rw(db_path, busy_timeout)
+        log = cls(
+            conn,
+            db_path=db_path,
+            run_id=run_id,
+            workspace=workspace,
+            command=list(command),
+            sandbox=start_detail.get("sandbox"),
+            busy_timeout=busy_timeout,
+        )
+        started: concurrent.futures.Future[int] = concurrent.futures.Future()
+        log._commit([_Item("run_start", now(), {"detail": start_detail}, started)])
+        try:
+            started.result()
+        except AuditError:
+            conn.close()
+            raise
+        log._thread.start()
+        log._checkpointer.start()
+        return log
+
+    @property
+    def allowed(self) -> int:
+        """Committed allowed requests."""
+        return self._allowed
+
+    @property
+    def denied(self) -> int:
+        """Committed denied requests."""
+        return self._denied
+
+    # -- public writes ----------------------------------------------------------------------------
+
+    def record_request(self, rec: RequestRecord) -> int:
+        """Commit a decision and return its seq; AuditError means it is not on disk, so refuse the request."""
+        return self._wait(functools.partial(self._request_item, rec))
+
+    async def record_request_async(self, rec: RequestRecord) -> int:
+        """As record_request, without blocking the event loop."""
+        return await self._wait_async(functools.partial(self._request_item, rec))
+
+    def record_response(self, rec: ResponseRecord) -> None:
+        """Queue a response event; it is committed with the next batch and nobody waits for it."""
+        self._submit(self._response_item(rec, None))
+
+    async def record_response_async(self, rec: ResponseRecord) -> int:
+        """Commit a response event and return its seq, for when durability must precede the reply."""
+        return await self._wait_async(functools.partial(self._response_item, rec))
+
+    def record_event(self, kind: str, **fields: object) -> int:
+        """Commit an event of another kind (``reveal``, ``limit_hit``...) and return its seq.
+
+        Keywords naming an event column fill it; any others are folded into the JSON ``detail``.
+        """
+        if kind in _RESERVED_KINDS:
+            raise ValueError(f"use the dedicated RunLog method for {kind} events")
+        extra = fields.pop("detail", None) or {}
+        if not isinstance(extra, Mapping):
+            raise TypeError("audit field detail must be a mapping")
+        columns = {name: fields.pop(name) for name in list(fields) if name in COLUMN_KEYWORDS}
+        if "decision" in columns:
+            check_decision(columns["decision"])
+        detail = {**fields, **extra}
+        values = {name: column_value(name, value) for name, value in columns.items()}
+        if detail:
+            values["detail"] = json_object(detail, f"{kind} event detail")
+        return self._wait(functools.partial(_Item, text_value(kind), now(), values))
+
+    def finish(self, *, exit_code: int, duration: float, detail: Mapping[str, object]) -> tuple[str, int]:
+        """Commit run_end after everything queued, close the runs row, and stop the writer.
+
+        run_end's detail gets exit_code, duration, allowed, denied, errors, lost_events and the chain's head hash
+        and event count before it (these win over same-named caller keys). Returns the final head hash and
+        the event count including run_end, for the run summary.
+        """
+        end = _End(int(exit_code), float(duration), json_object(detail, "run end detail"))
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._submit(_Item("run_end", now(), {}, future, end), last=True)
+        try:
+            future.result()
+        finally:
+            self._thread.join()
+            self._stopping.set()
+            self._checkpointer.join()
+        return self._head, self._seq
+
+    def _checkpoint_loop(self) -> None:
+        """Copy the WAL into the database off the commit path.
+
+        SQLite's automatic checkpoint runs inside whichever COMMIT crosses the threshold and fsyncs there: about
+        one brokered request in eighty would wait milliseconds for it. The writer turns that off; this thread
+        checkpoints (PASSIVE: never blocks writers or readers) every second, and once more at the end.
+        """
+        try:
+            conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout, isolation_level=None)
+        except sqlite3.Error:
+            return  # the writer reports real problems; a missing checkpoint only lets the WAL grow
+        try:
+            while True:
+                stopping = self._stopping.wait(_CHECKPOINT_SECONDS)
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                if stopping:
+                    return
+        finally:
+            conn.close()
+
+    # -- building and queueing ----------------------------------------------------------------------
+
+    def _request_item(self, rec: RequestRecord, waiter: _Waiter) -> _Item:
+        check_decision(rec.decision)
+        fields = {
+            name: column_value(name, getattr(rec, name))
+            for name in ("credential", "method", "host", "path", "decision", "reason", "rule", "status")
+        }
+        return _Item("request", now(), fields, waiter)
+
+    def _response_item(self, rec: ResponseRecord, waiter: _Waiter) -> _Item:
+        fields = {
+            name: column_value(name, getattr(rec, name))
+            for name in ("request_seq", "status", "latency_ms", "bytes_in", "bytes_out", "error")
+        }
+        return _Item("response", now(), fields, waiter)
+
+    def _submit(self, item: _Item, *, last: bool = False) -> None:
+        # Closing under the same lock as queueing, so no other thread's event can land after run_end.
+        with self._lock:
+            if self._closed:
+                raise AuditError(f"the audit log of run {self.run_id} is already closed")
+            self._queue.put(item)
+            if last:
+                self._closed = True
+                self._queue.put(None)
+
+    def _wait(self, make: Callable[[_Waiter], _Item]) -> int:
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._submit(make(future))
+        return future.result()
+
+    async def _wait_async(self, make: Callable[[_Waiter], _Item]) -> int:
+        import asyncio
+
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._submit(make(future))
+        return await future
+
+    # -- the writer thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._commit(batch)
+                if stop:
+                    return
+        finally:
+            self._conn.close()
+
+    def _commit(self, batch: list[_Item]) -> None:
+        """Write a batch as one transaction, then tell every waiter; on failure undo the in-memory chain."""
+        saved = (self._seq, self._head, self._allowed, self._denied, self._errors)
+        try:
+            rows = [self._chain(item) for item in batch]
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                if saved[0] == 0:
+                    self._conn.execute(
+                        "INSERT INTO runs (run_id, workspace, command, started_at, sandbox) VALUES (?, ?, ?, ?, ?)",
+                        (self.run_id, self.workspace, self._command, rows[0]["ts"], self._sandbox),
+                    )
+                self._conn.executemany(_INSERT_EVENT, rows)
+                self._conn.execute(
+                    "UPDATE runs SET allowed = ?, denied = ?, errors = ?, head_hash = ?, event_count = ? "
+                    "WHERE run_id = ?",
+                    (self._allowed, self._denied, self._errors, self._head, self._seq, self.run_id),
+                )
+                end = batch[-1].end
+                if end is not None:
+                    self._conn.execute(
+                        "UPDATE runs SET ended_at = ?, exit_code = ?, duration = ? WHERE run_id = ?",
+                        (batch[-1].ts, end.exit_code, end.duration, self.run_id),
+                    )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            self._seq, self._head, self._allowed, self._denied, self._errors = saved
+            # Only SQLite's own message is shown: it names files and columns, never a bound value.
+            if isinstance(exc, sqlite3.Error):
+                reason = describe_error(exc, self._busy_timeout)
+            else:
+                reason = f"unexpected {type(exc).__name__}"
+            message = f"cannot write to the audit database at {self.db_path}: {reason}"
+            self._lost += sum(1 for item in batch if item.waiter is None)
+            _notify([(item.waiter, AuditError(message)) for item in batch])
+            return
+        for seq, item in enumerate(batch, start=saved[0]):
+            if item.kind == "response":
+                self._open_requests.pop(item.fields["request_seq"], None)
+            elif item.kind == "request" and item.fields["decision"] == "allow":
+                f = item.fields
+                self._open_requests[seq] = (f["credential"], f["method"], f["host"], f["path"])
+        _notify([(item.waiter, seq) for seq, item in enumerate(batch, start=saved[0])])
+
+    def _chain(self, item: _Item) -> dict[str, object]:
+        """Give an item its seq and hash, advancing the in-memory chain and counters."""
+        fields = dict(item.fields)
+        if item.kind == "request":
+            if fields["decision"] == "allow":
+                self._allowed += 1
+            else:
+                self._denied += 1
+        elif item.kind == "response":
+            if is_error(fields["status"], fields["error"]):
+                self._errors += 1
+            # Copy what was asked from the request, so responses can be queried by credential and shown alone.
+            asked = self._open_requests.get(fields["request_seq"])
+            if asked is not None:
+                fields["credential"], fields["method"], fields["host"], fields["path"] = asked
+        if item.end is not None:
+            fields["detail"] = {
+                **item.end.detail,
+                "exit_code": item.end.exit_code,
+                "duration": item.end.duration,
+                "allowed": self._allowed,
+                "denied": self._denied,
+                "errors": self._errors,
+                "lost_events": self._lost,
+                "head_hash": self._head,
+                "event_count": self._seq,
+            }
+        if "detail" in fields:
+            fields["detail"] = canonical_json(fields["detail"])
+        row: dict[str, object] = dict.fromkeys(EVENT_COLUMNS)
+        row.update(fields)
+        row.update(
+            run_id=self.run_id,
+            seq=self._seq,
+            ts=item.ts,
+            kind=item.kind,
+            workspace=self.workspace,
+            prev_hash=self._head,
+        )
+        row["hash"] = self._head = event_hash(row)
+        self._seq += 1
+        return row
