@@ -50,9 +50,11 @@ def main() -> int:
         (DEMO / "profiles" / "acme.toml").write_text(PROFILE.format(port=port))
         env = {**os.environ, "OUTLOOP_HOME": str(DEMO), "DEMO_ACME_CRM_TOKEN": token}
         outloop = str(Path(sys.executable).parent / "outloop")
-        print(f"$ outloop run -w acme -- python examples/loop.py    (fake CRM on 127.0.0.1:{port})\n", flush=True)
-        completed = subprocess.run([outloop, "run", "-w", "acme", "--", sys.executable,
-                                    str(ROOT / "examples" / "loop.py")], env=env, check=False)
+        # The loop's working dir is the one place it may write: examples/, not the checkout (which holds .demo).
+        print(f"$ cd examples && outloop run -w acme -- python loop.py    (fake CRM on 127.0.0.1:{port})\n",
+              flush=True)
+        completed = subprocess.run([outloop, "run", "-w", "acme", "--", sys.executable, "loop.py"], env=env,
+                                   cwd=ROOT / "examples", check=False)
         return completed.returncode
     finally:
         crm.terminate()

@@ -18,11 +18,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
-from outloop_cli import __version__, sandbox
+from outloop_cli import __version__
 from outloop_cli.audit.health import inspect_database
 from outloop_cli.errors import ProfileError
 from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
 from outloop_cli.profiles import Profile, available_workspaces, load_profile
+from outloop_cli.sandbox.probe import capabilities
 from outloop_cli.secrets import KEYRING_WAYS_OUT, source_kind
 from outloop_cli.units import plural
 from outloop_cli.workspaces import current_choice
@@ -61,7 +62,8 @@ def diagnose(environ: Mapping[str, str]) -> Report:
         *_paths(home, dirs, profiles, broken, environ),
         *_keyring(uses_keyring=any(source_kind(c.secret_ref)[0] == "keyring"
                                    for p in profiles for c in p.credentials.values())),
-        *_sandbox(needs_isolation=[p.workspace for p in profiles if p.run.network == "broker-only"]),
+        *_sandbox(needs_isolation=[p.workspace for p in profiles if p.run.network == "broker-only"],
+                  host_view=[p.workspace for p in profiles if p.run.filesystem == "host"]),
         *_audit(audit_db_path(home)),
     ]
     return Report(findings, versions())
@@ -168,9 +170,9 @@ def _probe() -> dict[str, object]:
     return outcome if isinstance(outcome, dict) else {"ok": False, "step": "start", "error": "bad probe output"}
 
 
-def _sandbox(needs_isolation: Sequence[str]) -> list[Finding]:
+def _sandbox(needs_isolation: Sequence[str], host_view: Sequence[str]) -> list[Finding]:
     findings = []
-    for cap in sandbox.capabilities():
+    for cap in capabilities():
         status: Status = "ok" if cap.available else "warn"
         if not cap.available and cap.name == "network_isolation" and needs_isolation:
             status = "problem"
@@ -178,6 +180,12 @@ def _sandbox(needs_isolation: Sequence[str]) -> list[Finding]:
         else:
             detail = cap.detail
         findings.append(Finding("sandbox", cap.name, status, detail, cap.fix))
+    if host_view:
+        findings.append(Finding("sandbox", "host_view", "warn",
+                                "filesystem = \"host\" (the whole host visible and writable) in: "
+                                + ", ".join(host_view),
+                                "use the default filesystem = \"workspace\" with [run] read/write for what the loop "
+                                "needs"))
     return findings
 
 

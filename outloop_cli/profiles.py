@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -27,16 +28,18 @@ CREDENTIAL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENV_GLOB = re.compile(r"[A-Za-z0-9_*?]+")
 NETWORK_MODES = ("auto", "broker-only", "open")
+FILESYSTEM_MODES = ("workspace", "host")
 DEFAULT_ENV_KEEP = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TERM")
 DEFAULT_INJECT_HEADER = "Authorization"
 DEFAULT_INJECT_VALUE = "Bearer {secret}"
 CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
 
 NetworkMode = Literal["auto", "broker-only", "open"]
+FilesystemMode = Literal["workspace", "host"]
 
 TOP_KEYS = ("version", "description", "extends", "run", "credentials")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
-            "cpu_seconds", "egress", "proxy")
+            "cpu_seconds", "filesystem", "read", "write", "egress", "proxy")
 CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
                    "child_env", "description", "connect_timeout", "read_timeout", "ca_file")
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -87,6 +90,9 @@ class RunSettings:
     memory: int | None = None
     processes: int | None = None
     cpu_seconds: int | None = None
+    filesystem: FilesystemMode = "workspace"
+    read: tuple[str, ...] = ()  # extra read-only paths of the workspace view
+    write: tuple[str, ...] = ()  # extra read-write paths of the workspace view
     egress: tuple[EgressRule, ...] = ()
     proxy: bool | None = None  # None: on when the child's network is isolated
 
@@ -292,11 +298,31 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
         updates["network"] = network
     if "hide" in table:
         updates["hide"] = (*base.hide, *reader.string_list("run.hide", table["hide"]))
+    if "filesystem" in table:
+        filesystem = reader.string("run.filesystem", table["filesystem"])
+        if filesystem not in FILESYSTEM_MODES:
+            raise reader.fail("run.filesystem", f"expected one of {', '.join(FILESYSTEM_MODES)}, got {filesystem!r}")
+        updates["filesystem"] = filesystem
+    for key in ("read", "write"):
+        if key in table:
+            updates[key] = (*getattr(base, key), *_view_paths(reader, f"run.{key}", table[key]))
     if "egress" in table:
         updates["egress"] = (*base.egress, *_parse_egress(reader, reader.string_list("run.egress", table["egress"])))
     if "proxy" in table:
         updates["proxy"] = reader.boolean("run.proxy", table["proxy"])
     return RunSettings(**{**base.__dict__, **updates})
+
+
+def _view_paths(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
+    """Absolute paths, or `~`-relative ones (the operator's real home); never the whole disk."""
+    paths = reader.string_list(key, value)
+    for path in paths:
+        if not (path.startswith("/") or path == "~" or path.startswith("~/")) or "\0" in path:
+            raise reader.fail(key, f"{path!r} is not an absolute path: write /srv/data or ~/data")
+        if os.path.normpath(path) == "/":
+            raise reader.fail(key, "\"/\" is the whole host: set run.filesystem = \"host\" instead, if the loop "
+                                   "really needs it")
+    return paths
 
 
 def _parse_egress(reader: _Reader, entries: Sequence[str]) -> list[EgressRule]:

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from outloop_cli.broker.ca import RunCA
     from outloop_cli.broker.server import Broker
 
-from outloop_cli import sandbox
 from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.tally import Counts, Tally, run_tally
 from outloop_cli.audit.writer import RunLog
@@ -35,6 +34,8 @@ from outloop_cli.home import audit_db_path, current_workspace, ensure_private_di
 from outloop_cli.linux import set_not_dumpable
 from outloop_cli.profiles import Profile, check_workspace_name, load_profile
 from outloop_cli.proxy_env import proxy_environment
+from outloop_cli.sandbox.plan import Target
+from outloop_cli.sandbox.plan import plan as sandbox_plan
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
 from outloop_cli.timespec import iso_time
@@ -217,14 +218,21 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     relay_socket = run_dir / "loopback.sock" if base_url_mode else None
     proxy_socket = run_dir / "proxy.sock"
     pending_ca = _RunCAInBackground(profile) if profile.run.proxy is not False else None
-    plan = sandbox.plan(profile, network, home=home, run_dir=run_dir, environ=request.environ,
-                        relay_socket=relay_socket, profile_dirs=dirs, proxy_socket=proxy_socket)
-    ca = pending_ca.result(run_dir) if pending_ca is not None and plan.proxy_port is not None else None
     run_token = "outloop-" + token_source.token_urlsafe(24)
     outloop_vars = {"OUTLOOP_SOCKET": str(socket_path), "OUTLOOP_RUN_ID": run_id,
                     "OUTLOOP_WORKSPACE": profile.workspace}
     env = child_environment(request.environ, profile.run.env_keep, profile.run.env_set, outloop_vars)
-    executable = resolve_command(request.command, env)
+    try:
+        executable = resolve_command(request.command, env)
+        plan = sandbox_plan(profile, network, Target(executable=executable, search_path=env.get("PATH", os.defpath),
+                                                     home=home, run_dir=run_dir, environ=request.environ,
+                                                     profile_dirs=dirs), relay_socket, proxy_socket)
+    except OutloopError:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    ca = pending_ca.result(run_dir) if pending_ca is not None and plan.proxy_port is not None else None
+    if plan.child_home is not None:
+        env["HOME"] = plan.child_home  # the workspace's own: caches persist per client, never across clients
     argv = plan.command([executable, *request.command[1:]])
     listeners = _bind(socket_path, relay_socket if plan.relay_port is not None else None,
                       loopback=base_url_mode and plan.relay_port is None,

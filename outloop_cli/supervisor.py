@@ -1,6 +1,8 @@
-"""Start the child in its own process group with a stripped environment, and watch its whole tree.
+"""Start the child in a session of its own with a stripped environment, and watch its whole tree.
 
-Signals are forwarded, a timeout kills the tree (TERM, grace, KILL), and strays left at exit are killed and counted.
+Its own session means no controlling terminal: nothing it does can push input into the operator's terminal
+(TIOCSTI). Ctrl-C still stops the run: the terminal signals outloop, which forwards. Signals are forwarded, a
+timeout kills the tree (TERM, grace, KILL), and strays left at exit are killed and counted.
 """
 
 from __future__ import annotations
@@ -98,23 +100,22 @@ class Supervisor:
         self._timed_out = False
         self._exited: asyncio.Event | None = None
         self._tree_empty = threading.Event()
-        self._terminal_fd: int | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
         self._peak_rss = 0
 
     def spawn(self, executable: str) -> int:
         set_child_subreaper()
+        withhold_inherited_fds()
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         self._cpu_before = usage.ru_utime + usage.ru_stime
         self._started = time.monotonic()
         try:
             self.pid = os.posix_spawn(
-                executable, self.argv, self.env, setpgroup=0,
+                executable, self.argv, self.env, setsid=True,
                 setsigdef=[*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGCHLD],
             )
         except OSError as exc:  # E2BIG, ENOEXEC, EACCES on an interpreter line...
             raise CommandNotExecutable(f"{self.argv[0]}: cannot execute: {exc.strerror}") from None
-        self._hand_over_terminal()
         return self.pid
 
     async def wait(self) -> ChildResult:
@@ -134,7 +135,6 @@ class Supervisor:
                     handle.cancel()
             for sig in FORWARDED_SIGNALS:
                 loop.remove_signal_handler(sig)
-            self._take_back_terminal()
         strays = await loop.run_in_executor(None, self._kill_strays)
         return self._result(strays)
 
@@ -223,22 +223,18 @@ class Supervisor:
             duration=time.monotonic() - self._started,
         )
 
-    def _hand_over_terminal(self) -> None:
-        """Give the terminal's foreground to the child's group, so Ctrl-C and reads from the tty reach it."""
-        with contextlib.suppress(OSError):
-            if os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp():
-                os.tcsetpgrp(0, self.pid)
-                self._terminal_fd = 0
 
-    def _take_back_terminal(self) -> None:
-        if self._terminal_fd is None:
-            return
-        previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we are in the background while we do it
-        try:
+def withhold_inherited_fds() -> None:
+    """Only fds 0-2 reach the child: whatever else the process that started outloop left open (a socket, a
+    secret file) becomes close-on-exec. outloop's own fds are close-on-exec already (PEP 446)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 256))
+    for fd in fds:
+        if fd > 2:
             with contextlib.suppress(OSError):
-                os.tcsetpgrp(self._terminal_fd, os.getpgrp())
-        finally:
-            signal.signal(signal.SIGTTOU, previous)
+                os.set_inheritable(fd, False)
 
 
 def _high_water(pid: int) -> int:

@@ -92,6 +92,7 @@ def resolved_profile(profile: Profile, statuses: Sequence[SecretStatus]) -> dict
             "timeout": run.timeout, "max_requests": run.max_requests, "network": run.network,
             "env_keep": list(run.env_keep), "env_set": dict(run.env_set), "hide": list(run.hide),
             "memory": run.memory, "processes": run.processes, "cpu_seconds": run.cpu_seconds,
+            "filesystem": run.filesystem, "read": list(run.read), "write": list(run.write),
             "egress": [rule.text for rule in run.egress], "proxy": run.proxy,
         },
         "credentials": {name: _credential(cred, by_name[name]) for name, cred in sorted(profile.credentials.items())},

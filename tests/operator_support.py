@@ -75,7 +75,7 @@ def start_run(world: World, source: str, workspace: str = "acme") -> subprocess.
     script.write_text(textwrap.dedent(source))
     return subprocess.Popen([OUTLOOP, "run", "-w", workspace, "--profiles", str(world.profiles), "--", PYTHON,
                              str(script)], env=world.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, cwd=world.work)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:

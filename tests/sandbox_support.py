@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from outloop_cli.sandbox import capabilities
+from outloop_cli.sandbox.probe import capabilities
 
 if TYPE_CHECKING:
     from conftest import World
@@ -59,10 +59,12 @@ class OtherUser:
     env: dict[str, str]
 
     def command(self, argv: list[str]) -> list[str]:
-        """`argv` run as the account (through runuser when the tests run as root)."""
+        """`argv` run as the account (through runuser when the tests run as root; runuser resets HOME, so it is
+        set again from `env`)."""
         if os.geteuid() != 0:
             return argv
-        return [shutil.which("runuser") or "/usr/sbin/runuser", "-u", self.account.pw_name, "--", *argv]
+        return [shutil.which("runuser") or "/usr/sbin/runuser", "-u", self.account.pw_name, "--", "/usr/bin/env",
+                f"HOME={self.env['HOME']}", *argv]
 
 
 def as_other_user(world: World) -> OtherUser:
@@ -77,9 +79,87 @@ def as_other_user(world: World) -> OtherUser:
     """)
     bin_dir = runtime_for_other_users(world.home.parent / "rt")
     world.home.parent.chmod(0o755)
-    give_to(account, world.home, world.work)
-    env = {**world.env, "HOME": str(world.work), "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    home = operator_home(world)
+    give_to(account, world.home, world.work, home)
+    env = {**world.env, "HOME": str(home), "PATH": f"{bin_dir}:/usr/bin:/bin"}
     return OtherUser(account, bin_dir, env)
+
+
+def operator_home(world: World) -> Path:
+    """The operator's $HOME for a test: a directory of the world's own, never the real one."""
+    home = world.home.parent / "operator-home"
+    home.mkdir(exist_ok=True)
+    return home
+
+
+BACKENDS = ("bwrap", "unshare")
+OPERATORS = ("root", "user")
+
+
+def use_backend(world: World, backend: str) -> None:
+    require_layer("bubblewrap" if backend == "bwrap" else "user_namespaces")
+    world.extra_env["OUTLOOP_SANDBOX"] = backend
+
+
+@dataclass(frozen=True)
+class Operator:
+    """Who runs outloop in a hostile test: root, or the unprivileged account; the positive control (the same
+    attack without outloop) runs as the same user."""
+
+    name: str
+    world: World
+    other: OtherUser | None
+    home: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.other.env) if self.other is not None else {**self.world.env, "HOME": str(self.home)}
+
+    @property
+    def python(self) -> str:
+        import sys
+
+        return str(self.other.bin_dir / "python") if self.other is not None else sys.executable
+
+    @property
+    def outloop(self) -> str:
+        from conftest import OUTLOOP
+
+        return str(self.other.bin_dir / "outloop") if self.other is not None else OUTLOOP
+
+    def command(self, argv: list[str]) -> list[str]:
+        return self.other.command(argv) if self.other is not None else argv
+
+    def give(self, *paths: Path) -> None:
+        if self.other is not None:
+            give_to(self.other.account, *paths)
+
+    def run(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.command(argv), capture_output=True, text=True, timeout=timeout,
+                              env={**self.env, **(env or {})}, cwd=cwd or self.world.work)
+
+    def outloop_run(self, *command: str, workspace: str = "acme", flags: tuple[str, ...] = (),
+                    env: dict[str, str] | None = None, profiles: Path | None = None, lookup_flag: bool = True,
+                    timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """`outloop run`; `lookup_flag=False` leaves the lookup path to OUTLOOP_PROFILES / OUTLOOP_HOME."""
+        lookup = ["--profiles", str(profiles or self.world.profiles)] if lookup_flag else []
+        return self.run([self.outloop, "run", "-w", workspace, *lookup, *flags, "--", *command], env=env,
+                        timeout=timeout)
+
+
+def operator(world: World, name: str) -> Operator:
+    """`root` needs the tests to run as root (CI does); `user` is the unprivileged account (or, when the tests
+    run unprivileged, this user)."""
+    if name == "root" and os.geteuid() != 0:
+        message = "root-operator cases need the tests to run as root"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    if name == "root":
+        return Operator(name, world, None, operator_home(world))
+    other = as_other_user(world)
+    return Operator(name, world, other, Path(other.env["HOME"]))
 
 
 def give_to(user: pwd.struct_passwd, *paths: Path) -> None:
@@ -162,3 +242,24 @@ def runtime_for_other_users(base: Path) -> Path:
         for name in [root, *(os.path.join(root, d) for d in dirs)]:
             os.chmod(name, 0o755)
     return venv / "bin"
+
+
+def find_process(marker: str, *, outloop: bool = False, timeout: float = 30.0) -> int:
+    """The pid of the process whose command line holds `marker`: outloop itself (`outloop=True`), or the loop
+    (the process started as `python <script>`, not a wrapper that merely names it)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            argv = process.info["cmdline"] or []
+            if not any(marker in part for part in argv):
+                continue
+            is_outloop = len(argv) > 2 and argv[1].endswith("/outloop") and argv[2] == "run"
+            is_loop = len(argv) >= 2 and "python" in os.path.basename(argv[0]) and marker in argv[1]
+            if (is_outloop if outloop else is_loop):
+                return int(process.info["pid"])
+        time.sleep(0.05)
+    raise AssertionError(f"no process with {marker!r} appeared")

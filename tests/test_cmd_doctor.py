@@ -9,7 +9,7 @@ from conftest import World
 from operator_support import AuditedWorld
 
 from outloop_cli.audit.schema import SCHEMA_VERSION
-from outloop_cli.sandbox import capabilities
+from outloop_cli.sandbox.probe import capabilities
 
 
 def test_doctor_reports_keyring_sandbox_paths_audit_and_versions(audited_world: AuditedWorld) -> None:

@@ -813,3 +813,22 @@ def test_repo_clients_inherit_the_agency_openai_credential_owned_by_agency(works
 @pytest.mark.parametrize(("workspace", "client"), [("acme", "acme"), ("globex", "globex")])
 def test_repo_clients_tell_their_loop_who_they_are(workspace: str, client: str) -> None:
     assert load_profile(workspace, [REPO_PROFILES]).run.env_set["LOOP_CLIENT"] == client
+
+
+def test_the_filesystem_view_keys_load_and_add_up_through_extends(pdir: Path) -> None:
+    write(pdir, "base", 'version = 1\n[run]\nread = ["/srv/shared"]\nwrite = ["~/cache"]\n')
+    profile = load(pdir, 'version = 1\nextends = "base"\n[run]\nfilesystem = "host"\nread = ["~/data"]\n')
+    assert profile.run.filesystem == "host"
+    assert profile.run.read == ("/srv/shared", "~/data") and profile.run.write == ("~/cache",)
+    assert load(pdir, "version = 1\n").run.filesystem == "workspace"
+
+
+@pytest.mark.parametrize(("lines", "key", "problem"), [
+    ('filesystem = "none"', "run.filesystem", "expected one of workspace, host"),
+    ('read = ["data"]', "run.read", "not an absolute path: write /srv/data or ~/data"),
+    ('write = ["/"]', "run.write", 'set run.filesystem = "host" instead'),
+    ('write = "/srv"', "run.write", "list"),
+])
+def test_bad_filesystem_view_keys_name_the_key_and_the_fix(pdir: Path, lines: str, key: str, problem: str) -> None:
+    message = error(pdir, with_run(lines))
+    assert key in message and problem in message, message

@@ -64,7 +64,7 @@ def test_kill_9_of_outloop_loses_no_event_whose_response_the_child_received(worl
     """))
     process = subprocess.Popen([OUTLOOP, "run", "-w", "acme", "--profiles", str(world.profiles), "--",
                                 PYTHON, str(script)], env=world.env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, cwd=world.work)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if received.exists() and len(received.read_text().splitlines()) >= 300:

@@ -12,7 +12,8 @@ import time
 
 import pytest
 from conftest import PYTHON, World
-from sandbox_support import DNS_QUERY_LOOP, DnsResponder, as_other_user, require_layer
+from operator_support import wait_for
+from sandbox_support import DNS_QUERY_LOOP, DnsResponder, as_other_user, find_process, give_to, require_layer
 
 pytestmark = pytest.mark.sandbox
 
@@ -107,17 +108,19 @@ READ_LOOP = """
 
 
 def test_child_cannot_read_outloop_home_keyring_file_secrets_or_hidden_paths(world: World, backend: str) -> None:
-    secret_file = world.work / "secrets" / "crm.token"
+    base = world.work.parent  # holds OUTLOOP_HOME and the working dir; the profile lets the child read all of it
+    secret_file = base / "secrets" / "crm.token"
     secret_file.parent.mkdir()
     secret_file.write_text(world.canaries["acme"])
     secret_file.chmod(0o600)
-    private = world.work / "private"
+    private = base / "private"
     private.mkdir()
     (private / "notes.txt").write_text(world.canaries["globex"])
     world.write_profile("acme", f"""
         version = 1
         [run]
         hide = ["{private}"]
+        read = ["{base}"]
         [credentials.crm]
         secret = "file:{secret_file}"
         base_url = "{{UPSTREAM}}"
@@ -134,7 +137,7 @@ def test_child_cannot_read_outloop_home_keyring_file_secrets_or_hidden_paths(wor
     seen = json.loads(result.out)
     assert all(state != "READ" for state in seen.values()), seen
     world.assert_no_canary(result.out, result.err)
-    assert "hidden_paths:" in result.err and "NOT hidden" not in result.err
+    assert "filesystem: workspace:" in result.err and "NOT" not in result.err
 
 
 def test_outside_process_connecting_to_the_socket_gets_401_and_is_audited(world: World) -> None:
@@ -165,19 +168,9 @@ def test_outside_process_connecting_to_the_socket_gets_401_and_is_audited(world:
     assert world.upstream.requests == []
 
 
-PROC_LOOP = """
-    import ctypes, json, os
-    def outloop_pid():
-        pid = os.getppid()
-        while pid > 1:
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                if b"bin/outloop" in handle.read():
-                    return pid
-            with open(f"/proc/{pid}/stat", "rb") as handle:
-                stat = handle.read()
-            pid = int(stat[stat.rfind(b")") + 2:].split()[1])
-        raise SystemExit("outloop not found")
-    target = outloop_pid()
+PROC_PROBE = """
+    import ctypes, json, os, sys
+    target = int(sys.argv[1])
     results = {"uid": os.getuid()}
     for name in ("environ", "mem", "maps"):
         try:
@@ -193,20 +186,39 @@ PROC_LOOP = """
 """
 
 
-def test_non_root_child_cannot_read_broker_memory_or_environ(world: World) -> None:
+def test_a_same_user_process_cannot_read_broker_memory_or_environ(world: World) -> None:
+    """The loop cannot even see the broker (own PID namespace); any other process of the operator's user can,
+    and PR_SET_DUMPABLE=0 is what keeps it out of the broker's memory and environment."""
     require_layer("dumpable")
     other = as_other_user(world)
-    script = world.work / "proc.py"
-    script.write_text(textwrap.dedent(PROC_LOOP))
+    waiter, probe, release = world.work / "wait.py", world.work / "probe.py", world.work / "release"
+    started = world.work / "started"
+    waiter.write_text(textwrap.dedent(f"""
+        import os, time
+        open({str(started)!r}, "w").close()
+        while not os.path.exists({str(release)!r}):
+            time.sleep(0.05)
+    """))
+    probe.write_text(textwrap.dedent(PROC_PROBE))
+    give_to(other.account, waiter, probe)
     command = other.command([str(other.bin_dir / "outloop"), "run", "-w", "acme", "--profiles", str(world.profiles),
-                             "--", str(other.bin_dir / "python"), str(script)])
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=60, env=other.env, cwd=world.work)
-    assert completed.returncode == 0, completed.stderr
+                             "--", str(other.bin_dir / "python"), str(waiter)])
+    run = subprocess.Popen(command, env=other.env, cwd=world.work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        wait_for(started.exists)  # the loop runs: outloop made itself undumpable before it started the loop
+        broker = find_process(waiter.name, outloop=True)
+        completed = subprocess.run(other.command([str(other.bin_dir / "python"), str(probe), str(broker)]),
+                                   capture_output=True, text=True, timeout=60, env=other.env, cwd=world.work)
+    finally:
+        release.touch()
+        out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
     seen = json.loads(completed.stdout)
     assert seen["uid"] == other.account.pw_uid != 0
     assert seen["environ"] != "READ" and seen["mem"] != "READ", seen
     assert seen["ptrace"] != "ATTACHED", seen
-    assert world.canaries["env"] not in completed.stdout + completed.stderr
+    assert world.canaries["env"] not in completed.stdout + completed.stderr + out + err
 
 
 def test_broker_only_fails_closed_when_no_layer_is_available(world: World) -> None:

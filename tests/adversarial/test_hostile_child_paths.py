@@ -70,13 +70,15 @@ def test_child_cannot_touch_outloop_state_the_next_runs_profile_or_outloop_code(
     require_layer("bubblewrap" if backend == "bwrap" else "user_namespaces")
     world.extra_env["OUTLOOP_SANDBOX"] = backend
     # Profiles outside OUTLOOP_HOME (--profiles DIR), so they are not hidden: the child may read, not change them.
-    profiles = world.home.parent / "profiles"
+    # The profile lets the child read everything around its working dir, so the masks, not the view, must hold.
+    base = world.home.parent
+    profiles = base / "profiles"
     profiles.mkdir()
-    secret_file = world.work / "secrets" / "crm.token"
+    secret_file = base / "secrets" / "crm.token"
     secret_file.parent.mkdir()
     secret_file.write_text(world.canaries["acme"])
     secret_file.chmod(0o600)
-    note = world.work / "secrets" / "private" / "note.txt"
+    note = base / "secrets" / "private" / "note.txt"
     note.parent.mkdir()
     note.write_text(world.canaries["globex"])
     (profiles / "acme.toml").write_text(f"""
@@ -84,6 +86,7 @@ version = 1
 extends = "agency"
 [run]
 hide = ["{note.parent}"]
+read = ["{base}"]
 [credentials.crm]
 secret = "file:{secret_file}"
 base_url = "{world.upstream.base_url}"
@@ -113,8 +116,8 @@ allow = ["GET /crm/**"]
         for leftover in (planted, site_pth):
             leftover.unlink(missing_ok=True)
     wrong = {k: v for k, v in seen.items() if v in ("READ", "WROTE", "UNLINKED") or str(v).startswith("LISTED")}
-    # Writes into hidden dirs land in the sandbox's empty tmpfs and vanish. A root child may count the broker's
-    # fds (the directory is root's), but not open one. Nothing else may succeed.
+    # Writes into hidden dirs land in the sandbox's empty tmpfs and vanish. The broker is outside the child's PID
+    # namespace (its /proc entries do not exist there). Nothing else may succeed.
     assert set(wrong) <= {f"write {world.audit_db}", f"unlink {world.audit_db}", f"write {world.home / 'planted'}",
                           "list /proc/{broker}/fd"}, seen
     for path in (profiles / "acme.toml", profiles / "globex.toml", profiles / "agency.toml", planted, site_pth):

@@ -73,7 +73,8 @@ def test_a_fork_and_exit_loop_does_not_outlive_the_run(world: World) -> None:
         time.sleep(0.5)
         assert progress.read_text() == before, "the hopper is still forking after the run ended"
         assert _processes_running(marker) == []
-        assert json.loads((world.work / "summary.json").read_text())["strays_killed"] >= 1
+        # The hoppers died with the loop's PID namespace; outloop's own sweep had nothing left to count.
+        assert "dies with outloop" in json.loads((world.work / "summary.json").read_text())["sandbox"]["processes"]
     finally:
         _kill_all(marker)
 
