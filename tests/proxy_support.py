@@ -132,7 +132,9 @@ class ProxyWorld:
 @contextlib.contextmanager
 def make_proxy_world() -> Iterator[ProxyWorld]:
     with make_world() as world:
-        ca = make_test_ca(world.home.parent)
+        tls_dir = world.work / "tls"  # the child reads the test CA here: the workspace view shows it the work dir
+        tls_dir.mkdir()
+        ca = make_test_ca(tls_dir)
         with (RecordingUpstream(tls=ca.server_context(), name="localhost") as api,
               RecordingUpstream(tls=ca.server_context(), name="localhost") as index,
               RecordingUpstream(tls=ca.server_context(), name="localhost") as third):
