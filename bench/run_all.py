@@ -19,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import broker as broker_bench
+import guard as guard_bench
 import proxy as proxy_bench
 import startup as startup_bench
 from common import REPO, fmt, machine, wait_for_quiet
@@ -101,8 +102,8 @@ def targets(broker: dict[str, Any] | None, startup: dict[str, Any] | None,
 
 
 def render(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[str, Any] | None,
-           profile: str | None, experiments: dict[str, Any] | None, failures: list[str], seconds: float,
-           proxy: dict[str, Any] | None = None) -> str:
+           guard: dict[str, Any] | None, profile: str | None, experiments: dict[str, Any] | None,
+           failures: list[str], seconds: float, proxy: dict[str, Any] | None = None) -> str:
     lines = [
         "## Machine",
         "",
@@ -129,6 +130,10 @@ def render(info: dict[str, str], broker: dict[str, Any] | None, startup: dict[st
         "## Egress proxy",
         "",
         proxy_bench.render(proxy) if proxy else "Not measured (see failures below).",
+        "",
+        "## Wrong-client guard",
+        "",
+        guard_bench.render(guard) if guard else "Not measured (see failures below).",
     ]
     if experiments:
         lines += ["", "## What-if experiments (bench-only monkeypatches, not product options)", "",
@@ -225,6 +230,7 @@ def main() -> int:
     startup = section("startup", lambda: startup_bench.run(runs=args.runs, log=log), failures)
     proxy = section("proxy", lambda: proxy_bench.run(requests=500 if args.quick else 2000,
                                                      connections=50 if args.quick else 200, log=log), failures)
+    guard = section("guard", lambda: guard_bench.run(rounds=1 if args.quick else 5, log=log), failures)
     experiments = None
     if args.experiments:
         experiments = section("experiments", lambda: broker_bench.run(
@@ -244,7 +250,7 @@ def main() -> int:
 
         profile = section("profile", do_profile, failures)
     info["load average after (1/5/15 min)"] = load_average()
-    text = render(info, broker, startup, profile, experiments, failures, time.monotonic() - started, proxy)
+    text = render(info, broker, startup, guard, profile, experiments, failures, time.monotonic() - started, proxy)
     if not args.no_write:
         try:
             write_doc(text)

@@ -4,8 +4,10 @@
 
 _outloop_subcommands() {  # subcommands of a command path
     case "$1" in
-        '') echo 'audit doctor run secret workspace' ;;
-        'audit') echo 'events export prune show tail verify' ;;
+        '') echo 'audit doctor policy run secret workspace' ;;
+        'audit') echo 'central events export prune ship show tail verify' ;;
+        'audit central') echo 'init' ;;
+        'policy') echo 'lint replay suggest test' ;;
         'secret') echo 'check list rm set' ;;
         'workspace') echo 'check current list new show use' ;;
     esac
@@ -14,24 +16,32 @@ _outloop_subcommands() {  # subcommands of a command path
 _outloop_options() {  # options of a command path
     case "$1" in
         '') echo '--version --help' ;;
-        'audit') echo '--limit -n --workspace -w --failed --status --json --help' ;;
-        'audit events') echo '--workspace -w --credential -c --decision --failed --status --since --until --limit -n --json --help' ;;
+        'audit') echo '--limit -n --workspace -w --failed --status --central --batch --json --help' ;;
+        'audit central') echo '--help' ;;
+        'audit central init') echo '--json --help' ;;
+        'audit events') echo '--workspace -w --credential -c --decision --failed --status --since --until --limit -n --central --json --help' ;;
         'audit export') echo '--format --since --until --workspace -w --run --help' ;;
         'audit prune') echo '--older-than --json --help' ;;
-        'audit show') echo '--limit -n --workspace -w --json --help' ;;
+        'audit ship') echo '--batch-size --json --help' ;;
+        'audit show') echo '--limit -n --workspace -w --central --json --help' ;;
         'audit tail') echo '--lines -n --workspace -w --json --help' ;;
-        'audit verify') echo '--json --help' ;;
-        'doctor') echo '--json --help' ;;
-        'run') echo '-w --workspace --profiles --timeout --network --summary-json --quiet -q --help' ;;
+        'audit verify') echo '--central --against-central --json --help' ;;
+        'doctor') echo '-w --workspace --profiles --json --help' ;;
+        'policy') echo '--help' ;;
+        'policy lint') echo '--since --profiles --json --help' ;;
+        'policy replay') echo '--since --profile --profiles --json --help' ;;
+        'policy suggest') echo '--from --since --apply --profiles --json --help' ;;
+        'policy test') echo '--credential -c --all --profiles --json --help' ;;
+        'run') echo '-w --workspace --profiles --timeout --network --summary-json --quiet -q --each --parallel --fail-fast --help' ;;
         'secret') echo '--help' ;;
         'secret check') echo '--profiles --json --help' ;;
         'secret list') echo '--profiles --json --help' ;;
         'secret rm') echo '--help' ;;
-        'secret set') echo '--stdin --profiles --help' ;;
+        'secret set') echo '--stdin --allow-plaintext --profiles --help' ;;
         'workspace') echo '--help' ;;
         'workspace check') echo '--profiles --json --help' ;;
         'workspace current') echo '--json --help' ;;
-        'workspace list') echo '--profiles --json --help' ;;
+        'workspace list') echo '--profiles --all --json --help' ;;
         'workspace new') echo '--extends --profiles --help' ;;
         'workspace show') echo '--profiles --json --help' ;;
         'workspace use') echo '--profiles --help' ;;
@@ -45,6 +55,7 @@ _outloop_value_kind() {  # what the value of PATH|OPTION is
         'audit|--workspace') echo 'workspaces' ;;
         'audit|-w') echo 'workspaces' ;;
         'audit|--status') echo 'none' ;;
+        'audit|--batch') echo 'none' ;;
         'audit events|--workspace') echo 'workspaces' ;;
         'audit events|-w') echo 'workspaces' ;;
         'audit events|--credential') echo 'credentials' ;;
@@ -62,6 +73,7 @@ _outloop_value_kind() {  # what the value of PATH|OPTION is
         'audit export|-w') echo 'workspaces' ;;
         'audit export|--run') echo 'runs' ;;
         'audit prune|--older-than') echo 'none' ;;
+        'audit ship|--batch-size') echo 'none' ;;
         'audit show|--limit') echo 'none' ;;
         'audit show|-n') echo 'none' ;;
         'audit show|--workspace') echo 'workspaces' ;;
@@ -70,12 +82,29 @@ _outloop_value_kind() {  # what the value of PATH|OPTION is
         'audit tail|-n') echo 'none' ;;
         'audit tail|--workspace') echo 'workspaces' ;;
         'audit tail|-w') echo 'workspaces' ;;
+        'doctor|-w') echo 'workspaces' ;;
+        'doctor|--workspace') echo 'workspaces' ;;
+        'doctor|--profiles') echo 'files' ;;
+        'policy lint|--since') echo 'none' ;;
+        'policy lint|--profiles') echo 'files' ;;
+        'policy replay|--since') echo 'none' ;;
+        'policy replay|--profile') echo 'files' ;;
+        'policy replay|--profiles') echo 'files' ;;
+        'policy suggest|--from') echo 'runs' ;;
+        'policy suggest|--since') echo 'none' ;;
+        'policy suggest|--profiles') echo 'files' ;;
+        'policy test|--credential') echo 'credentials' ;;
+        'policy test|-c') echo 'credentials' ;;
+        'policy test|--all') echo 'files' ;;
+        'policy test|--profiles') echo 'files' ;;
         'run|-w') echo 'workspaces' ;;
         'run|--workspace') echo 'workspaces' ;;
         'run|--profiles') echo 'files' ;;
         'run|--timeout') echo 'none' ;;
         'run|--network') echo 'words:auto broker-only open' ;;
         'run|--summary-json') echo 'files' ;;
+        'run|--each') echo 'selections' ;;
+        'run|--parallel') echo 'none' ;;
         'secret check|--profiles') echo 'files' ;;
         'secret list|--profiles') echo 'files' ;;
         'secret set|--profiles') echo 'files' ;;
@@ -93,6 +122,11 @@ _outloop_positional_kind() {  # what positional PATH|INDEX is
         'audit show|0') echo 'runs' ;;
         'audit tail|0') echo 'runs' ;;
         'audit verify|0') echo 'runs' ;;
+        'policy lint|0') echo 'workspaces' ;;
+        'policy replay|0') echo 'workspaces' ;;
+        'policy suggest|0') echo 'workspaces' ;;
+        'policy test|0') echo 'workspaces' ;;
+        'policy test|1') echo 'none' ;;
         'secret check|0') echo 'workspaces' ;;
         'secret list|0') echo 'workspaces' ;;
         'secret rm|0') echo 'workspaces' ;;
@@ -155,7 +189,7 @@ _outloop_scan() {
 _outloop_reply() {  # kind, current word, workspace
     local IFS=$'\n'  # one candidate per line: names never hold a newline, file names may hold a space
     case $1 in
-        workspaces | credentials | runs)
+        workspaces | credentials | runs | selections)
             COMPREPLY=($(compgen -W "$(outloop __complete "$1" ${3:+"$3"} 2>/dev/null)" -- "$2")) ;;
         words:*) COMPREPLY=($(IFS=' '; compgen -W "${1#words:}" -- "$2")) ;;
         files) compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$2")) ;;

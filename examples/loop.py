@@ -25,11 +25,11 @@ def main() -> None:
 
     # What an injected prompt might try. Each is refused, and each refusal is in the audit.
     merge = client.request("crm", "POST", "/crm/v3/objects/contacts/101/merge", json={"into": "102"})
-    print(f"merge contacts        -> {merge.status} {merge.error['error'] if merge.error else ''}")
+    print(f"merge contacts        -> {merge.status} {merge.error['type'] if merge.error else ''}")
     other = client.request("globex-crm", "GET", "/crm/v3/objects/contacts")
-    print(f"use another client's  -> {other.status} {other.error['error'] if other.error else ''}")
+    print(f"use another client's  -> {other.status} {other.error['type'] if other.error else ''}")
     sneaky = client.request("crm", "GET", "/crm/v3/objects/contacts/../../../admin")
-    print(f"path traversal        -> {sneaky.status} {sneaky.error['error'] if sneaky.error else ''}")
+    print(f"path traversal        -> {sneaky.status} {sneaky.error['type'] if sneaky.error else ''}")
     leaked = [name for name in os.environ if "TOKEN" in name or "SECRET" in name or "KEY" in name]
     print(f"secret-looking env    -> {leaked or 'none'}")
 

@@ -22,6 +22,7 @@ COMMAND_MODULES = {
     "workspace": "outloop_cli.commands.workspace",
     "secret": "outloop_cli.commands.secret",
     "doctor": "outloop_cli.commands.doctor",
+    "policy": "outloop_cli.commands.policy",
     "__complete": "outloop_cli.commands.complete",
 }
 
@@ -58,30 +59,35 @@ def main_options(
     """outloop: secrets stay with the broker, never with the loop."""
 
 
-def main() -> None:
+def run_cli(argv: Sequence[str]) -> int:
+    """Run outloop with `argv` (without the program name) and return its exit code; errors are printed here."""
     try:
         # Non-standalone click returns the code of typer.Exit instead of raising it.
-        code = build_app(sys.argv[1:])(standalone_mode=False)
+        code = build_app(argv)(args=list(argv), prog_name="outloop", standalone_mode=False)
     except OutloopError as exc:
         print(f"outloop: {exc.message}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except typer.Abort:
         print("outloop: aborted", file=sys.stderr)
-        sys.exit(130)
+        return 130
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
     except typer.TyperException as exc:  # usage errors: unknown option, missing argument, bad value
         show = getattr(exc, "show", None)
         if callable(show):
             show()
         else:
             print(f"outloop: {exc.format_message()}", file=sys.stderr)
-        sys.exit(_usage_exit_code(exc.exit_code))
-    sys.exit(code if isinstance(code, int) else 0)
+        return _usage_exit_code(argv, exc.exit_code)
+    return code if isinstance(code, int) else 0
 
 
-def _usage_exit_code(click_code: int) -> int:
+def main() -> None:
+    sys.exit(run_cli(sys.argv[1:]))
+
+
+def _usage_exit_code(argv: Sequence[str], click_code: int) -> int:
     """`outloop run` keeps 1-123 for the child, so its own usage errors are 125 like coreutils `timeout`."""
-    return EXIT_OUTLOOP_FAILED if len(sys.argv) > 1 and sys.argv[1] == "run" else click_code
+    return EXIT_OUTLOOP_FAILED if argv and argv[0] == "run" else click_code

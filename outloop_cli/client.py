@@ -100,21 +100,27 @@ class Response:
 
     @property
     def error(self) -> dict[str, Any] | None:
-        """The broker's ``{"error", "message", "credential", "rule"}`` when it denied the request."""
-        if not self.denied:
-            return None
-        try:
-            parsed = jsonlib.loads(self.body)
-        except ValueError:
-            return None
-        return parsed if isinstance(parsed, dict) else None
+        """When the broker refused: its ``{"type", "reason", "message", "credential", "rule"}`` object."""
+        return _broker_error(self.headers, self.body)
+
+
+def _broker_error(headers: Mapping[str, str], body: bytes) -> dict[str, Any] | None:
+    """The inner object of the broker's ``{"error": {...}}`` body; None for an upstream's own answer."""
+    if not _is_denied(headers):
+        return None
+    try:
+        parsed = jsonlib.loads(body)
+    except ValueError:
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return error if isinstance(error, dict) else None
 
 
 def _describe(resp: Response) -> str:
     error = resp.error
     if error is None:
         return f"HTTP {resp.status}"
-    return f"{error.get('error', 'error')}: {error.get('message', '')} (HTTP {resp.status})"
+    return f"{error.get('type', 'error')} ({error.get('reason', '?')}): {error.get('message', '')} (HTTP {resp.status})"
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):

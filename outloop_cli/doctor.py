@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 from outloop_cli import __version__
+from outloop_cli.audit.central_config import load_central
 from outloop_cli.audit.health import inspect_database
-from outloop_cli.errors import ProfileError
+from outloop_cli.audit.shipped import backlog_readonly
+from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
 from outloop_cli.profiles import Profile, available_workspaces, load_profile
 from outloop_cli.sandbox.probe import capabilities
@@ -65,8 +68,36 @@ def diagnose(environ: Mapping[str, str]) -> Report:
         *_sandbox(needs_isolation=[p.workspace for p in profiles if p.run.network == "broker-only"],
                   host_view=[p.workspace for p in profiles if p.run.filesystem == "host"]),
         *_audit(audit_db_path(home)),
+        *_central(home, environ),
     ]
     return Report(findings, versions())
+
+
+def preflight(workspace: str, profiles_dir: Path | None, environ: Mapping[str, str]) -> list[Finding]:
+    """A no-op run of `workspace` through the real run path: its profile, every secret from its real source
+    (keyring as this user sees it now, cmd: commands run), the sandbox it would get, and a child (`true`) started
+    in it. Nothing goes upstream and no [notify] hook runs. Meant for cron an hour before the nightly run."""
+    from outloop_cli.runner import RunRequest, execute  # the run stack loads only for `doctor -w`
+
+    section = f"workspace {workspace} (no-op run)"
+    no_op = [shutil.which("true", path=environ.get("PATH")) or "/bin/true"]
+    try:
+        report = execute(RunRequest(command=no_op, workspace=workspace, profiles_dir=profiles_dir,
+                                    environ=environ, notify=False))
+    except OutloopError as exc:
+        return [Finding(section, "run", "problem", exc.message,
+                        "fix what it names; `outloop workspace check` and `outloop doctor` list more")]
+    if report.exit_code != 0:
+        return [Finding(section, "run", "problem", f"the no-op child exited with {report.exit_code} "
+                        "inside the sandbox", "see `outloop audit show last`")]
+    credentials = ", ".join(sorted(report.tally.credentials)) or "none"
+    findings = [Finding(section, "run", "ok", f"secrets resolved ({credentials}), sandbox started, child exited 0 "
+                        f"(run {report.run_id})")]
+    for layer, state in report.sandbox.items():
+        degraded = "NOT" in state
+        findings.append(Finding(section, layer, "warn" if degraded else "ok", state,
+                                "`outloop doctor` (sandbox section) says how to get it" if degraded else None))
+    return findings
 
 
 def versions() -> dict[str, str]:
@@ -146,10 +177,12 @@ def _keyring(uses_keyring: bool) -> list[Finding]:
         findings.append(Finding("keyring", "headless", "warn",
                                 f"{short} needs a desktop session (D-Bus / unlocked keychain) that cron and "
                                 "systemd services usually lack", KEYRING_WAYS_OUT))
-    elif "Plaintext" in short:
+    elif outcome.get("plaintext"):
         findings.append(Finding("keyring", "headless", "warn", f"{short} works headless but stores secrets "
-                                "unencrypted in a file", "use it only on a single-user machine with disk "
-                                "encryption, or move secrets to cmd: (e.g. pass, op read)"))
+                                "UNENCRYPTED in a file (`secret set` refuses it without --allow-plaintext)",
+                                "move secrets to cmd: (e.g. pass, op read), file: (mode 0600) or env:, or use "
+                                "a Secret Service / KWallet keyring; keep this one only on a single-user "
+                                "machine with disk encryption"))
     else:
         findings.append(Finding("keyring", "headless", "ok", f"{short} answered with no terminal attached"))
     return findings
@@ -199,6 +232,37 @@ def _audit(path: Path) -> list[Finding]:
     summary = f"{path}: {', '.join(facts)}, {health.size_bytes} bytes"
     findings = [Finding("audit", "database", "info" if health.problems else "ok", summary)]
     findings += [Finding("audit", "database", "problem", problem, fix) for problem, fix in health.problems]
-    findings += [Finding("audit", "database", "warn", warning, fix) for warning, fix in health.warnings]
     findings += [Finding("audit", "database", "info", note) for note in health.notes]
+    return findings
+
+
+def _central(home: Path, environ: Mapping[str, str]) -> list[Finding]:
+    """Whether this host ships its audit, what still waits to be shipped, and whether the server answers."""
+    try:
+        config = load_central(home)
+    except OutloopError as exc:
+        return [Finding("central audit", "config", "warn", exc.message, "fix [audit.central] in config.toml")]
+    if config is None:
+        return [Finding("central audit", "config", "info", "not configured (no [audit.central] in config.toml)")]
+    from outloop_cli.audit.central_db import connect, describe, require_schema
+
+    target = f"{describe(config)} as host {config.host_id}"
+    findings = [Finding("central audit", "config", "ok", target)]
+    waiting = backlog_readonly(audit_db_path(home))
+    if waiting is not None:
+        status: Status = "ok" if waiting.events == 0 else "info"
+        findings.append(Finding("central audit", "backlog", status,
+                                f"{waiting.events} events in {waiting.runs} runs not shipped yet",
+                                None if waiting.events == 0 else "`outloop audit ship` (or a timer running it)"))
+    try:
+        conn = connect(config, environ, timeout=config.timeout)
+        try:
+            require_schema(conn, config)
+        finally:
+            conn.close()
+    except OutloopError as exc:
+        findings.append(Finding("central audit", "server", "warn", exc.message,
+                                "runs are unaffected; start the server or fix the dsn, then `outloop audit ship`"))
+    else:
+        findings.append(Finding("central audit", "server", "ok", "reachable, schema current"))
     return findings

@@ -14,6 +14,7 @@ EXIT_NOT_FOUND = 127
 EXIT_USAGE = 2
 EXIT_PROBLEMS_FOUND = 1
 EXIT_AMBIGUOUS = 3  # a shortened run id matches several runs: the message lists them
+EXIT_UNAVAILABLE = 4  # a server the command needs (the central audit database) cannot be reached or used
 
 
 class OutloopError(Exception):
@@ -39,6 +40,11 @@ class SecretError(OutloopError):
     """A credential's secret could not be resolved."""
 
 
+class InsecureSecretError(SecretError):
+    """The secret is there but others may read it (a `file:` open to group or others): refused, and reported as
+    `insecure mode` rather than `missing`, since the fix is a chmod, not a new secret."""
+
+
 class SandboxError(OutloopError):
     """A sandbox layer the profile requires is unavailable."""
 
@@ -51,3 +57,8 @@ class UsageError(OutloopError):
     """Bad input to an operator command (unknown workspace, malformed duration...)."""
 
     exit_code = EXIT_USAGE
+
+
+class StateDirError(OutloopError):
+    """outloop's own state (OUTLOOP_HOME, run dirs, audit.db, config.toml) is unsafe to use: another user's, a
+    link, or open to everyone. Refused for every command, never adopted."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import tomli_w
 
+from outloop_cli import private_fs
 from outloop_cli.errors import UsageError
 
 
@@ -29,12 +29,22 @@ def outloop_home(environ: Mapping[str, str] | None = None) -> Path:
     return Path(config_home) / "outloop"
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) with mode 0700 and tighten it if it already exists."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077:
-        path.chmod(0o700)
+def ensure_private_dir(path: Path, *, within: Path | None = None) -> Path:
+    """Create or check `path` as outloop's own 0700 directory: never through a link, never another user's
+    (StateDirError, exit 125). Pass `within=home` for a directory under OUTLOOP_HOME (`run/<id>`,
+    `homes/<workspace>`), so every component from OUTLOOP_HOME down is held to the same rules."""
+    fd = private_fs.open_dir(path, private_from=within)
+    assert fd is not None  # created when missing
+    os.close(fd)
     return path
+
+
+def check_home(home: Path) -> None:
+    """Refuse an OUTLOOP_HOME that is a link, another user's, or world-writable before anything in it is read
+    (a planted profile or config is as dangerous as a planted audit.db); a missing one is fine."""
+    fd = private_fs.open_dir(home, create=False)
+    if fd is not None:
+        os.close(fd)
 
 
 def audit_db_path(home: Path) -> Path:
@@ -52,35 +62,34 @@ def profile_dirs(explicit: Path | None, environ: Mapping[str, str] | None = None
         return [explicit]
     if env.get("OUTLOOP_PROFILES"):
         return [Path(part).expanduser() for part in env["OUTLOOP_PROFILES"].split(":") if part]
-    return [outloop_home(env) / "profiles"]
+    home = outloop_home(env)
+    check_home(home)
+    return [home / "profiles"]
 
 
 def load_config(home: Path) -> dict[str, Any]:
     """The operator's config.toml, or an empty one; a broken file is an error, not silently ignored."""
     path = config_path(home)
-    try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
-    except FileNotFoundError:
+    data = private_fs.read_private_file(path)
+    if data is None:
         return {}
-    except (tomllib.TOMLDecodeError, OSError) as exc:
-        raise UsageError(f"{path}: cannot read config: {exc}. Fix or delete the file.") from exc
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read config: {exc}. Fix or delete the file.") from None
 
 
 def save_config(home: Path, config: Mapping[str, Any]) -> Path:
-    """Write config.toml atomically (temp file + rename) so a crash never leaves half a file."""
-    ensure_private_dir(home)
+    """Write config.toml all or nothing, never through a link planted at it or at a temp name."""
     path = config_path(home)
-    fd, tmp_name = tempfile.mkstemp(dir=home, prefix=".config.", suffix=".toml")
+    dir_fd = private_fs.open_dir(home)
+    assert dir_fd is not None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            tomli_w.dump(dict(config), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        private_fs.replace_file(dir_fd, path.name, tomli_w.dumps(dict(config)).encode(), mode=0o600)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(dir_fd)
     return path
 
 

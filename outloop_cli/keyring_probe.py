@@ -16,10 +16,12 @@ PROBE_SERVICE = "outloop-doctor/probe"
 def probe() -> dict[str, object]:
     import keyring
 
+    from outloop_cli.secrets import backend_name, stores_plaintext
+
     backend = keyring.get_keyring()
     user = f"probe-{secrets.token_hex(4)}"
     value = secrets.token_hex(16)
-    result: dict[str, object] = {"backend": f"{type(backend).__module__}.{type(backend).__name__}",
+    result: dict[str, object] = {"backend": backend_name(backend), "plaintext": stores_plaintext(backend),
                                  "priority": getattr(backend, "priority", None)}
     step = "set"
     try:

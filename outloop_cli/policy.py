@@ -5,10 +5,11 @@ Pure and free of I/O, so every decision can be tested exhaustively and audited b
 
 from __future__ import annotations
 
+import difflib
 import re
 import string
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote_to_bytes
@@ -61,7 +62,9 @@ _ESCAPED_BYTE_REASONS: Final[Mapping[int, str]] = {
 
 # RFC 7230 token: what a request method may be at all.
 _METHOD_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# Rules are stricter than the wire, so a typo cannot produce a method no client ever sends.
+# Rules are stricter than the wire, so a typo cannot produce a method no client ever sends: a rule names one of
+# these, `*`, or a custom verb its credential declares in `custom_methods` (WebDAV's PROPFIND, SSDP's M-SEARCH).
+STANDARD_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 _RULE_METHOD: Final = re.compile(r"[A-Z_\-]+")
 _RULE_EXAMPLE: Final = "e.g. 'GET /v1/items/*'"
 _TEMPLATE_CHARS: Final = frozenset("{}<>")
@@ -108,8 +111,12 @@ class Decision:
     rule: str | None
 
 
-def parse_rule(text: str) -> Rule:
-    """Parse strictly, because a rule that silently means something else is a hole in the policy."""
+def parse_rule(text: str, custom_methods: Collection[str] = ()) -> Rule:
+    """Parse strictly, because a rule that silently means something else is a hole in the policy.
+
+    A misspelt method (`DELET`) would match nothing and block silently, so methods outside STANDARD_METHODS are
+    refused unless listed in `custom_methods`.
+    """
     stripped = text.strip()
     if not stripped:
         raise RuleError(f"the rule is empty: write a method and a path glob, {_RULE_EXAMPLE}")
@@ -117,21 +124,28 @@ def parse_rule(text: str) -> Rule:
     if len(parts) != 2 or not all(parts):
         raise RuleError(f"a rule is a method and a path glob separated by exactly one space, {_RULE_EXAMPLE}")
     method, path = parts
-    _check_rule_method(method, path)
+    _check_rule_method(method, path, custom_methods)
     return Rule(text=stripped, method=method, segments=_parse_rule_path(path))
 
 
-def _check_rule_method(method: str, path: str) -> None:
-    if method == "*" or _RULE_METHOD.fullmatch(method):
+def _check_rule_method(method: str, path: str, custom_methods: Collection[str]) -> None:
+    if method == "*" or method in STANDARD_METHODS or method in custom_methods:
         return
     if method.startswith("/"):
         raise RuleError(
             f"the method comes first, then the path: write '{path} {method}', not '{method} {path}'"
         )
-    if _RULE_METHOD.fullmatch(method.upper()):
+    if method.upper() in (*STANDARD_METHODS, *custom_methods):
         raise RuleError(f"methods are matched case-sensitively: write {method.upper()}, not {method}")
+    if not _RULE_METHOD.fullmatch(method.upper()):
+        raise RuleError(
+            f"method {method!r} is not valid: use an upper-case HTTP method such as GET or POST, or * for any"
+        )
+    close = difflib.get_close_matches(method.upper(), STANDARD_METHODS, n=1, cutoff=0.6)
+    guess = f"did you mean {close[0]}? " if close else ""
     raise RuleError(
-        f"method {method!r} is not valid: use an upper-case HTTP method such as GET or POST, or * for any"
+        f"{method!r} is not a standard HTTP method ({', '.join(STANDARD_METHODS)} or * for any); {guess}"
+        f"for a custom verb, list it in this credential's custom_methods, e.g. custom_methods = [\"{method}\"]"
     )
 
 

@@ -13,38 +13,56 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from outloop_cli.auth.config import AuthConfig, parse_auth
 from outloop_cli.broker.egress import EgressError, EgressRule, parse_egress_rule
 from outloop_cli.errors import ProfileError
-from outloop_cli.policy import Rule, RuleError, parse_rule
+from outloop_cli.policy import STANDARD_METHODS, Rule, RuleError, parse_rule
 from outloop_cli.units import Rate, parse_duration, parse_rate, parse_size
 
 SCHEMA_VERSION = 1
 WORKSPACE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 CREDENTIAL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+CUSTOM_METHOD = re.compile(r"[A-Z][A-Z_-]{0,31}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 ENV_GLOB = re.compile(r"[A-Za-z0-9_*?]+")
-NETWORK_MODES = ("auto", "broker-only", "open")
 FILESYSTEM_MODES = ("workspace", "host")
 DEFAULT_ENV_KEEP = ("PATH", "HOME", "LANG", "LC_*", "TZ", "TERM")
 DEFAULT_INJECT_HEADER = "Authorization"
 DEFAULT_INJECT_VALUE = "Bearer {secret}"
 CHILD_ENV_PLACEHOLDERS = ("{url}", "{token}")
 
-NetworkMode = Literal["auto", "broker-only", "open"]
 FilesystemMode = Literal["workspace", "host"]
 
-TOP_KEYS = ("version", "description", "extends", "run", "credentials")
+
+class NetworkMode(StrEnum):
+    """`[run] network` and `outloop run --network`, spelt once (see DESIGN: Sandbox layers)."""
+
+    AUTO = "auto"
+    BROKER_ONLY = "broker-only"
+    OPEN = "open"
+
+
+TOP_KEYS = ("version", "description", "extends", "abstract", "run", "notify", "credentials", "tags", "guard")
+NOTIFY_KEYS = ("on", "command")
+NOTIFY_CONDITIONS = ("failure", "denied", "errors")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
             "cpu_seconds", "filesystem", "read", "write", "egress", "proxy")
 CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
-                   "child_env", "description", "connect_timeout", "read_timeout", "ca_file")
+                   "child_env", "description", "connect_timeout", "read_timeout", "custom_methods",
+                   "auth", "ca_file")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 120.0  # longest silence between upstream bytes; LLM streams pause while "thinking"
 INJECT_KEYS = ("header", "value", "query", "basic")
+GUARD_KEYS = ("identifiers", "responses", "max_body")
+GUARD_RESPONSES = ("flag", "deny")
+DEFAULT_GUARD_MAX_BODY = 4 * 1024 * 1024
+# Shorter identifiers would match inside ordinary words and ids, refusing the workspace's own traffic.
+MIN_IDENTIFIER_LENGTH = 3
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,7 @@ class Credential:
     description: str = ""
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    auth: AuthConfig | None = None  # set: the broker mints or signs each request instead of injecting `secret`
     ca_file: str | None = None  # extra roots for a private upstream, on top of the system's
 
     @property
@@ -85,7 +104,7 @@ class RunSettings:
     max_requests: int | None = None
     env_keep: tuple[str, ...] = DEFAULT_ENV_KEEP
     env_set: Mapping[str, str] = field(default_factory=dict)
-    network: NetworkMode = "auto"
+    network: NetworkMode = NetworkMode.AUTO
     hide: tuple[str, ...] = ()
     memory: int | None = None
     processes: int | None = None
@@ -98,6 +117,24 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
+class GuardSettings:
+    """`[guard]`: this client's identifiers (never inherited: they name one client's data) and how this
+    workspace's own runs treat other clients' identifiers (inherited like `[run]`)."""
+
+    identifiers: tuple[str, ...] = ()
+    responses: Literal["flag", "deny"] = "flag"
+    max_body: int = DEFAULT_GUARD_MAX_BODY
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """`[notify]`: which run outcomes call `command` (with the summary JSON on stdin), see notify.py."""
+
+    on: tuple[str, ...]
+    command: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Profile:
     workspace: str
     path: Path
@@ -106,6 +143,10 @@ class Profile:
     run: RunSettings
     credentials: Mapping[str, Credential]
     sources: tuple[Path, ...]  # this file and every file it extends, nearest first
+    tags: tuple[str, ...] = ()  # this file's own, for `run --each @TAG`; not inherited
+    guard: GuardSettings = GuardSettings()
+    abstract: bool = False  # a base for `extends`, never run itself; not inherited by the profiles extending it
+    notify: NotifySettings | None = None  # inherited whole from the base when this file has no [notify]
 
 
 def check_workspace_name(name: str) -> str:
@@ -145,17 +186,55 @@ def available_workspaces(dirs: Sequence[Path]) -> dict[str, Path]:
     return found
 
 
+def runnable_workspaces(dirs: Sequence[Path]) -> dict[str, Path]:
+    """available_workspaces without the `abstract = true` bases, for lists and completion. A file that does not
+    parse stays in, so its error is seen where the user looks."""
+    found = {}
+    for name, path in available_workspaces(dirs).items():
+        try:
+            abstract = read_toml(path).get("abstract") is True
+        except ProfileError:
+            abstract = False
+        if not abstract:
+            found[name] = path
+    return found
+
+
+def refuse_abstract(profile: Profile, dirs: Sequence[Path]) -> None:
+    """`run` (and the doctor's dry run) on a base profile: say what it is for and what to run instead."""
+    if not profile.abstract:
+        return
+    children = []
+    for name, path in sorted(runnable_workspaces(dirs).items()):
+        try:
+            if read_toml(path).get("extends") == profile.workspace:
+                children.append(name)
+        except ProfileError:
+            continue
+    hint = f" (e.g. {', '.join(children)})" if children else ""
+    raise ProfileError(f"{profile.path}: abstract = true: workspace {profile.workspace!r} is a base for "
+                       f"`extends`, not run itself; run a workspace that extends it{hint}")
+
+
 def load_profile(workspace: str, dirs: Sequence[Path]) -> Profile:
     """Resolve `workspace` along `dirs`, follow `extends`, validate everything."""
     return _load(workspace, dirs, chain=())
 
 
-def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profile:
-    path = find_profile(workspace, dirs)
+def load_draft(path: Path, workspace: str, dirs: Sequence[Path]) -> Profile:
+    """A profile file that is not (yet) on the lookup path, read as `workspace`'s: `policy replay --profile`
+    judges past requests by a draft before it goes live. Its `extends` resolve along `dirs` as usual."""
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile file")
+    return _load(workspace, dirs, chain=(), path=path)
+
+
+def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...], path: Path | None = None) -> Profile:
+    path = path or find_profile(workspace, dirs)
     if workspace in chain:
         cycle = " -> ".join((*chain, workspace))
         raise ProfileError(f"{path}: extends: cycle {cycle}. Remove one of the `extends` keys.")
-    raw = _read_toml(path)
+    raw = read_toml(path)
     reader = _Reader(path)
     reader.check_keys("", raw, TOP_KEYS)
     version = raw.get("version")
@@ -165,6 +244,7 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
             + (f"found {version!r}" if "version" in raw else "but the key is missing")
         )
     description = reader.string("description", raw.get("description", ""))
+    abstract = reader.boolean("abstract", raw.get("abstract", False))
     extends = raw.get("extends")
     parent: Profile | None = None
     if extends is not None:
@@ -175,6 +255,7 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
             raise ProfileError(f"{path}: extends: {exc.message}") from None
         parent = _load(extends, dirs, chain=(*chain, workspace))
     run = _parse_run(reader, raw.get("run", {}), parent.run if parent else None, raw_has_run="run" in raw)
+    notify = _parse_notify(reader, raw["notify"]) if "notify" in raw else parent.notify if parent else None
     own = _parse_credentials(reader, workspace, raw.get("credentials", {}))
     credentials = dict(parent.credentials) if parent else {}
     credentials.update(own)  # own credentials win over inherited ones of the same name
@@ -187,10 +268,50 @@ def _load(workspace: str, dirs: Sequence[Path], chain: tuple[str, ...]) -> Profi
         run=run,
         credentials=credentials,
         sources=(path, *(parent.sources if parent else ())),
+        tags=_parse_tags(reader, raw.get("tags", [])),
+        guard=_parse_guard(reader, raw.get("guard", {}), parent.guard if parent else GuardSettings()),
+        abstract=abstract,
+        notify=notify,
     )
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_guard_identifiers(path: Path) -> tuple[str, ...]:
+    """Another workspace's `guard.identifiers`, read without loading the rest of its profile.
+
+    A run guards against every other client's identifiers, so another profile's unrelated mistake must not stop
+    it; a `[guard]` table that cannot be read does (the guard fails closed).
+    """
+    return _parse_guard(_Reader(path), read_toml(path).get("guard", {}), GuardSettings()).identifiers
+
+
+def _parse_tags(reader: _Reader, value: Any) -> tuple[str, ...]:
+    tags = reader.string_list("tags", value)
+    for tag in tags:
+        if not WORKSPACE_NAME.fullmatch(tag):
+            raise reader.fail("tags", f"{tag!r} is not a valid tag: use lower-case letters, digits, '-' and '_'")
+    return tags
+
+
+def _parse_guard(reader: _Reader, value: Any, inherited: GuardSettings) -> GuardSettings:
+    table = reader.table("guard", value)
+    reader.check_keys("guard.", table, GUARD_KEYS)
+    identifiers = reader.string_list("guard.identifiers", table.get("identifiers", []))
+    for index, identifier in enumerate(identifiers):
+        if len(identifier.strip()) < MIN_IDENTIFIER_LENGTH or identifier != identifier.strip():
+            raise reader.fail(f"guard.identifiers[{index}]", f"{identifier!r}: an identifier is at least "
+                              f"{MIN_IDENTIFIER_LENGTH} characters without leading or trailing blanks, so it "
+                              "cannot match inside ordinary text")
+    responses: str = inherited.responses
+    if "responses" in table:
+        responses = reader.string("guard.responses", table["responses"])
+        if responses not in GUARD_RESPONSES:
+            raise reader.fail("guard.responses", f"expected one of {', '.join(GUARD_RESPONSES)}, got {responses!r}")
+    max_body = (reader.converted("guard.max_body", table["max_body"], parse_size) if "max_body" in table
+                else inherited.max_body)
+    return GuardSettings(identifiers=identifiers, responses=responses, max_body=max_body)  # type: ignore[arg-type]
+
+
+def read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
@@ -293,9 +414,10 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
         updates["env_set"] = {**base.env_set, **env_set}
     if "network" in table:
         network = reader.string("run.network", table["network"])
-        if network not in NETWORK_MODES:
-            raise reader.fail("run.network", f"expected one of {', '.join(NETWORK_MODES)}, got {network!r}")
-        updates["network"] = network
+        try:
+            updates["network"] = NetworkMode(network)
+        except ValueError:
+            raise reader.fail("run.network", f"expected one of {', '.join(NetworkMode)}, got {network!r}") from None
     if "hide" in table:
         updates["hide"] = (*base.hide, *reader.string_list("run.hide", table["hide"]))
     if "filesystem" in table:
@@ -311,6 +433,24 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
     if "proxy" in table:
         updates["proxy"] = reader.boolean("run.proxy", table["proxy"])
     return RunSettings(**{**base.__dict__, **updates})
+
+
+def _parse_notify(reader: _Reader, value: Any) -> NotifySettings:
+    table = reader.table("notify", value)
+    reader.check_keys("notify.", table, NOTIFY_KEYS)
+    if "command" not in table:
+        raise reader.fail("notify.command", "missing; add e.g. `command = [\"/usr/local/bin/notify-team\"]`")
+    command = reader.string_list("notify.command", table["command"])
+    if not command or not command[0]:
+        raise reader.fail("notify.command", "empty; name the program to run, e.g. [\"mail\", \"-s\", \"loop\", "
+                                            "\"ops@example.com\"]")
+    on = reader.string_list("notify.on", table.get("on", ["failure"]))
+    for condition in on:
+        if condition not in NOTIFY_CONDITIONS:
+            close = difflib.get_close_matches(condition, NOTIFY_CONDITIONS, n=1)
+            fix = f"did you mean {close[0]!r}?" if close else f"use any of {', '.join(NOTIFY_CONDITIONS)}"
+            raise reader.fail("notify.on", f"{condition!r} is not a condition; {fix}")
+    return NotifySettings(on=on, command=command)
 
 
 def _view_paths(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
@@ -369,9 +509,11 @@ def _parse_credential(reader: _Reader, workspace: str, name: str, value: Any) ->
     _check_secret_ref(reader, f"{prefix}.secret", secret_ref)
     base_url = _check_base_url(reader, f"{prefix}.base_url", reader.string(f"{prefix}.base_url",
                                                                           table["base_url"]))
+    auth = parse_auth(reader, prefix, table, _check_base_url)
     inject = _parse_inject(reader, f"{prefix}.inject", table.get("inject"))
-    allow = _parse_rules(reader, f"{prefix}.allow", table.get("allow", []))
-    deny = _parse_rules(reader, f"{prefix}.deny", table.get("deny", []))
+    custom_methods = _parse_custom_methods(reader, f"{prefix}.custom_methods", table.get("custom_methods", []))
+    allow = _parse_rules(reader, f"{prefix}.allow", table.get("allow", []), custom_methods)
+    deny = _parse_rules(reader, f"{prefix}.deny", table.get("deny", []), custom_methods)
     rate = reader.converted(f"{prefix}.rate", table["rate"], parse_rate) if "rate" in table else None
     max_requests = (reader.positive_int(f"{prefix}.max_requests", table["max_requests"])
                     if "max_requests" in table else None)
@@ -387,7 +529,7 @@ def _parse_credential(reader: _Reader, workspace: str, name: str, value: Any) ->
     return Credential(
         name=name, owner=workspace, secret_ref=secret_ref, base_url=base_url, inject=inject,
         allow=allow, deny=deny, rate=rate, max_requests=max_requests, reveal=reveal,
-        child_env=child_env, description=description, ca_file=ca_file, **timeouts,
+        child_env=child_env, description=description, auth=auth, ca_file=ca_file, **timeouts,
     )
 
 
@@ -471,12 +613,23 @@ def _parse_inject(reader: _Reader, key: str, value: Any) -> Injection:
     return Injection(style=style, name=name)
 
 
-def _parse_rules(reader: _Reader, key: str, value: Any) -> tuple[Rule, ...]:
+def _parse_custom_methods(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
+    methods = reader.string_list(key, value)
+    for method in methods:
+        if not CUSTOM_METHOD.fullmatch(method):
+            raise reader.fail(key, f"{method!r} is not a method name: use upper-case letters, '-' and '_', "
+                                   "e.g. \"PROPFIND\"")
+        if method in STANDARD_METHODS:
+            raise reader.fail(key, f"{method} is a standard method already; list only custom verbs here")
+    return methods
+
+
+def _parse_rules(reader: _Reader, key: str, value: Any, custom_methods: tuple[str, ...]) -> tuple[Rule, ...]:
     texts = reader.string_list(key, value)
     rules = []
     for index, text in enumerate(texts):
         try:
-            rules.append(parse_rule(text))
+            rules.append(parse_rule(text, custom_methods))
         except RuleError as exc:
             raise reader.fail(f"{key}[{index}]", f"bad rule {text!r}: {exc}") from None
     return tuple(rules)

@@ -6,6 +6,7 @@ The command layer only parses flags into a RunRequest and prints the RunReport; 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import secrets as token_source
@@ -24,15 +25,20 @@ if TYPE_CHECKING:
     from outloop_cli.broker.ca import RunCA
     from outloop_cli.broker.server import Broker
 
+from outloop_cli.audit.central_config import load_central
+from outloop_cli.audit.central_probe import unreachable
 from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.tally import Counts, Tally, run_tally
 from outloop_cli.audit.writer import RunLog
 from outloop_cli.broker.egress import EgressPolicy, credential_hosts
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.errors import OutloopError, ProfileError
+from outloop_cli.guard import Guard, load_guard
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
-from outloop_cli.profiles import Profile, check_workspace_name, load_profile
+from outloop_cli.notify import run_hook, triggers
+from outloop_cli.policy_snapshot import policy_hash
+from outloop_cli.profiles import Credential, NetworkMode, Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.proxy_env import proxy_environment
 from outloop_cli.sandbox.plan import Target
 from outloop_cli.sandbox.plan import plan as sandbox_plan
@@ -41,6 +47,7 @@ from outloop_cli.supervisor import Supervisor, child_environment, resolve_comman
 from outloop_cli.timespec import iso_time
 
 MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+_PRELOAD_DELAY = 0.5  # seconds after the child started before the shipper is imported (see _preload_shipping)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -50,8 +57,10 @@ class RunRequest:
     workspace: str | None = None
     profiles_dir: Path | None = None
     timeout: float | None = None
-    network: str | None = None
+    network: NetworkMode | None = None
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    batch_id: str | None = None  # set by `run --each`: recorded with the run so `audit --batch` finds it
+    notify: bool = True  # False for `doctor -w`'s no-op run: a pre-flight check must not page anyone
 
 
 @dataclass
@@ -80,6 +89,11 @@ class RunReport:
     audit_db: str
     limit_hit: str | None = None
     counts_error: str | None = None
+    central: str | None = None  # what shipping to the central audit database did, when it is configured
+    policy_hash: str = ""
+    batch_id: str | None = None
+    notify: dict[str, Any] | None = None  # what the [notify] hook did, when it ran (notify.NotifyOutcome)
+    warnings: list[str] = field(default_factory=list)  # things the operator must act on, e.g. an unstored token
 
     def to_json(self) -> dict[str, Any]:
         """Stable snake_case keys; credential names are the only keys taken from the profile."""
@@ -91,6 +105,7 @@ class RunReport:
         data["unattributed"] = _counts_json(self.tally.unattributed)
         data["denials"] = tally["denials"]
         data["errors"] = tally["failures"]
+        data["flagged"] = tally["flags"]
         return data
 
 
@@ -131,24 +146,61 @@ def execute(request: RunRequest) -> RunReport:
     home = outloop_home(environ)
     workspace = resolve_workspace(request.workspace, environ)
     resolved_secrets: dict[str, Secret] = {}
+    profile: Profile | None = None
     try:
         dirs = profile_dirs(request.profiles_dir, environ)
         profile = load_profile(workspace, dirs)
+        refuse_abstract(profile, dirs)
         timeout = request.timeout if request.timeout is not None else profile.run.timeout
         network = request.network or profile.run.network
         for name, cred in profile.credentials.items():
-            resolved_secrets[name] = resolve_secret(cred.owner, name, cred.secret_ref, environ)
+            resolved_secrets[name] = _resolve(cred, environ)
         refuse_secrets_in_child_env(profile, environ, resolved_secrets)
+        guard = load_guard(profile, dirs)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
-            return loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network))
+            report = loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network,
+                                            guard))
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
-        _record_failed_start(home, workspace, request.command, error)
+        _record_failed_start(home, workspace, request, error, profile)
         raise
     finally:
         for secret in resolved_secrets.values():
             secret.wipe()
+    report.central = ship_after_run(home, environ, report.run_id)
+    return report
+
+
+def ship_after_run(home: Path, environ: Mapping[str, str], run_id: str) -> str | None:
+    """Try to ship this run's events to the central audit database, if one is configured; never raises.
+
+    The local audit already holds the run, so a slow or absent server costs at most the configured timeout
+    and a line in the summary, never the exit code; `outloop audit ship` sends what this could not.
+    """
+    try:
+        config = load_central(home)
+        if config is None:
+            return None
+        down = unreachable(config.dsn, config.timeout)
+        if down is not None:
+            return f"not shipped: cannot connect to the central audit database ({down}); `outloop audit ship` " \
+                   "sends it later"
+        from outloop_cli.audit.central_ship import ship  # psycopg loads only where shipping is configured
+
+        result = ship(audit_db_path(home), config, environ, run_id=run_id, timeout=config.timeout)
+    except Exception as exc:  # whatever went wrong, the run itself succeeded or failed on its own terms
+        reason = exc.message if isinstance(exc, OutloopError) else f"unexpected {type(exc).__name__}"
+        return f"not shipped: {reason}; `outloop audit ship` sends it later"
+    return f"shipped {result.sent} events to {result.target} as {result.host_id}"
+
+
+def _resolve(credential: Credential, environ: Mapping[str, str]) -> Secret:
+    if credential.auth is None:
+        return resolve_secret(credential.owner, credential.name, credential.secret_ref, environ)
+    from outloop_cli.auth.documents import resolve_credential_secret  # loaded only by runs that need it
+
+    return resolve_credential_secret(credential, environ)
 
 
 MIN_SUBSTRING_SECRET = 8  # shorter secrets are only refused as a whole value: "abc" may well occur in a PATH
@@ -164,9 +216,18 @@ def refuse_secrets_in_child_env(profile: Profile, environ: Mapping[str, str], se
     for credential in profile.credentials.values():
         values.update(credential.child_env)
     for name, secret in secrets.items():
-        value = secret.reveal()
-        if not value:
+        auth = profile.credentials[name].auth
+        if auth is None:
+            _refuse_in(values, secret.reveal(), profile, name)
             continue
+        from outloop_cli.auth.documents import document_values
+
+        for value in document_values(auth, secret.reveal()):  # each field of an `auth` credential's document
+            _refuse_in(values, value, profile, name)
+
+
+def _refuse_in(values: Mapping[str, str], value: str, profile: Profile, name: str) -> None:
+    if value:
         for variable, text in values.items():
             if text == value or (len(value) >= MIN_SUBSTRING_SECRET and value in text):
                 raise ProfileError(
@@ -191,22 +252,59 @@ class _StartFailed(Exception):
         self.error = error
 
 
-def _record_failed_start(home: Path, workspace: str, command: Sequence[str], error: OutloopError) -> None:
-    """A run that never started still belongs in "what ran last night"; best effort, the error matters more."""
+def _record_failed_start(home: Path, workspace: str, request: RunRequest, error: OutloopError,
+                         profile: Profile | None) -> None:
+    """A run that never started still belongs in "what ran last night"; best effort, the error matters more.
+    Once the profile loaded, its [notify] hook hears of it too: a missing secret is what cron must report."""
+    run_id = new_run_id()
     try:
-        log = RunLog.start(audit_db_path(home), run_id=new_run_id(), workspace=workspace, command=list(command),
-                           detail={"error": error.message})
-        log.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
+        log: RunLog | None = RunLog.start(audit_db_path(home), run_id=run_id, workspace=workspace,
+                                          command=list(request.command),
+                                          detail={"error": error.message, **_batch_detail(request)})
     except OutloopError:
-        pass
+        log = None
+    detail = _start_failure_detail(profile, run_id, request, error)
+    if log is not None:
+        with contextlib.suppress(OutloopError):
+            log.finish(exit_code=error.exit_code, duration=0.0, detail=detail)
+
+
+def _start_failure_detail(profile: Profile | None, run_id: str, request: RunRequest, error: OutloopError
+                          ) -> dict[str, object]:
+    """The end record of a run that never started, after its [notify] hook (if any) was told."""
+    detail: dict[str, object] = {"error": error.message, "started": False}
+    if profile is not None and request.notify:
+        summary = {"run_id": run_id, "workspace": profile.workspace, "command": list(request.command),
+                   "exit_code": error.exit_code, "started": False, "error": error.message}
+        detail["notify"] = notify_after_run(profile, summary, request.environ)
+    return detail
+
+
+def notify_after_run(profile: Profile, summary: Mapping[str, Any], environ: Mapping[str, str]
+                     ) -> dict[str, Any] | None:
+    """The [notify] step: run the hook when the run meets one of its conditions; None when it did not run.
+
+    It runs before the run's log is closed, and its outcome goes into the end record (so into the hash chain);
+    the summary it reads therefore has no audit head yet. Its result never changes the run's exit code.
+    """
+    if profile.notify is None:
+        return None
+    fired = triggers(profile.notify.on, summary)
+    if not fired:
+        return None
+    return run_hook(profile.notify.command, fired, summary, environ).to_json()
+
+
+def _batch_detail(request: RunRequest) -> dict[str, str]:
+    return {"batch_id": request.batch_id} if request.batch_id else {}
 
 
 async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: Profile,
-                   resolved: Mapping[str, Secret], timeout: float | None, network: str) -> RunReport:
+                   resolved: Mapping[str, Secret], timeout: float | None, network: str, guard: Guard | None
+                   ) -> RunReport:
     run_id = new_run_id()
     started_at = time.time()
-    ensure_private_dir(home)
-    run_dir = ensure_private_dir(home / "run" / run_id)
+    run_dir = ensure_private_dir(home / "run" / run_id, within=home)
     socket_path = run_dir / "broker.sock"
     if len(os.fsencode(socket_path)) > MAX_UNIX_SOCKET_PATH:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -244,16 +342,25 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     if plan.proxy_port is not None:
         env.update(proxy_environment(plan.proxy_port, ca[1] if ca else None))
 
-    audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
-                         command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid()})
+    policy = policy_hash(profile)
+    try:
+        audit = RunLog.start(audit_db_path(home), run_id=run_id, workspace=profile.workspace,
+                             command=list(request.command), detail={"sandbox": plan.layers, "pid": os.getpid(),
+                                                                    "policy_hash": policy, **_batch_detail(request)})
+    except OutloopError:  # an unusable audit.db: nothing may run, and nothing of this run stays behind
+        listeners.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     broker: Broker | None = None
     try:
         supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)
         try:
             child_pid = supervisor.spawn(argv[0])
         except OutloopError as error:
-            audit.finish(exit_code=error.exit_code, duration=0.0, detail={"error": error.message, "started": False})
+            audit.finish(exit_code=error.exit_code, duration=0.0,
+                         detail=_start_failure_detail(profile, run_id, request, error))
             raise _StartFailed(error) from None
+        _preload_shipping(home)
         child = asyncio.ensure_future(supervisor.wait())
         # The broker stack (aiohttp: ~150 ms to import) loads only once a connection is waiting, so a loop that
         # never calls it, or exits at once, never pays for it; connections wait in the backlog meanwhile.
@@ -267,7 +374,8 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             if await _before_exit(child, server_module):
                 broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved,
                                                        audit=audit, run_token=run_token if base_url_mode else None,
-                                                       timeout=timeout, ca=ca[0] if ca else None, own_url=url)
+                                                       timeout=timeout, guard=guard, ca=ca[0] if ca else None,
+                                                       own_url=url)
                 broker.child_pid = child_pid
                 await broker.serve(listeners)
         result = await child
@@ -278,21 +386,36 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         shutil.rmtree(run_dir, ignore_errors=True)
 
     limit_hit = _limit_hit(profile, result.exit_code, result.cpu_seconds)
-    head, count = audit.finish(exit_code=result.exit_code, duration=result.duration, detail={
+    end_detail: dict[str, object] = {
         "limit_hit": limit_hit,
         "timed_out": result.timed_out, "signal": result.signal, "strays_killed": result.strays_killed,
         "peak_rss_bytes": result.peak_rss_bytes, "cpu_seconds": round(result.cpu_seconds, 3),
         "sandbox": plan.layers,
-    })
-    tally, counts_error = _tally(home, run_id, profile)
-    return RunReport(
-        run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
-        duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
-        tally=tally, counts_error=counts_error, sandbox=plan.layers,
-        peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
-        strays_killed=result.strays_killed, audit_head=head, audit_events=count,
-        audit_db=str(audit_db_path(home)), limit_hit=limit_hit,
-    )
+    }
+
+    def report(tally: Tally, counts_error: str | None, head: str = "", events: int = 0) -> RunReport:
+        return RunReport(
+            run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
+            duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
+            tally=tally, counts_error=counts_error, sandbox=plan.layers,
+            peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
+            strays_killed=result.strays_killed, audit_head=head, audit_events=events,
+            audit_db=str(audit_db_path(home)), limit_hit=limit_hit, policy_hash=policy, batch_id=request.batch_id,
+            warnings=list(broker.warnings) if broker is not None else [],
+        )
+
+    if profile.notify is None or not request.notify:
+        head, count = audit.finish(exit_code=result.exit_code, duration=result.duration, detail=end_detail)
+        return report(*_tally(home, run_id, profile), head, count)
+    # The hook reads the counts before the log closes, so its outcome can go into the end record. This
+    # synchronous event commits every outcome still queued, so the counts read back after it are complete.
+    audit.record_event("notify", detail={"armed": list(profile.notify.on)})
+    notified = report(*_tally(home, run_id, profile))
+    notified.notify = end_detail["notify"] = notify_after_run(
+        profile, {**notified.to_json(), "audit_head": None, "audit_events": None}, request.environ)
+    notified.audit_head, notified.audit_events = audit.finish(exit_code=result.exit_code,
+                                                              duration=result.duration, detail=end_detail)
+    return notified
 
 
 class _RunCAInBackground:
@@ -404,6 +527,30 @@ def _import_in_background(module: str) -> asyncio.Future[ModuleType]:
 
     threading.Thread(target=work, name="outloop-broker-import", daemon=True).start()
     return future
+
+
+def _preload_shipping(home: Path) -> None:
+    """Import the shipper (psycopg: a few hundred ms of CPU) while the child runs, not after it.
+
+    Not before the child has had a moment to start: on a small machine the import would compete with the
+    child's own start-up for the CPU, and start-up must cost the same with or without a central database.
+    """
+    try:
+        config = load_central(home)
+    except OutloopError:
+        return  # reported by ship_after_run, which never fails the run either
+    if config is None:
+        return
+
+    def work() -> None:
+        if unreachable(config.dsn, config.timeout) is not None:
+            return  # a server that is down costs the run nothing; ship_after_run says so
+        with contextlib.suppress(Exception):  # ship_after_run imports it again and reports what fails
+            importlib.import_module("outloop_cli.audit.central_ship")
+
+    timer = threading.Timer(_PRELOAD_DELAY, work)
+    timer.name, timer.daemon = "outloop-ship-import", True
+    timer.start()
 
 
 def _settle(future: asyncio.Future[ModuleType], value: ModuleType | None, error: BaseException | None) -> None:

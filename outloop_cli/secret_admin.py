@@ -7,15 +7,26 @@ message names only the workspace, the credential and where the secret lives.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, SecretError, UsageError
+if TYPE_CHECKING:
+    from keyring.backend import KeyringBackend
+
+from outloop_cli.auth.documents import compact_document, document_kind, resolve_credential_secret
+from outloop_cli.errors import EXIT_PROBLEMS_FOUND, InsecureSecretError, OutloopError, SecretError, UsageError
 from outloop_cli.profiles import Credential, Profile
-from outloop_cli.secrets import MAX_SECRET_BYTES, keyring_service, resolve_secret, source_kind, usable_keyring
+from outloop_cli.secrets import (
+    MAX_SECRET_BYTES,
+    backend_name,
+    keyring_service,
+    source_kind,
+    stores_plaintext,
+    usable_keyring,
+)
 
-SecretState = Literal["present", "missing", "not checked"]
+SecretState = Literal["present", "missing", "insecure mode", "not checked"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +61,9 @@ def secret_status(credential: Credential, environ: Mapping[str, str], *, run_com
         return SecretStatus(credential.name, credential.owner, source, "not checked",
                             "cmd: sources run only in `outloop workspace check` and `outloop secret check`")
     try:
-        resolve_secret(credential.owner, credential.name, credential.secret_ref, environ).wipe()
+        resolve_credential_secret(credential, environ).wipe()
+    except InsecureSecretError as exc:
+        return SecretStatus(credential.name, credential.owner, source, "insecure mode", exc.message)
     except SecretError as exc:
         return SecretStatus(credential.name, credential.owner, source, "missing", exc.message)
     return SecretStatus(credential.name, credential.owner, source, "present")
@@ -106,16 +119,28 @@ def check_value(value: str) -> None:
         raise UsageError(f"the secret is larger than {MAX_SECRET_BYTES} bytes; nothing was stored")
 
 
-def store_secret(workspace: str, credential: str, value: str) -> str:
-    """Write the keyring entry (service outloop/<workspace>, user <credential>); return the backend's name."""
-    check_value(value)
+def storing_keyring(*, allow_plaintext: bool) -> KeyringBackend:
+    """The backend `secret set` writes to, checked before a value is asked for: a plaintext file backend is
+    refused unless the user chose it knowingly, since "stored in the keyring" reads as "stored encrypted"."""
     backend = usable_keyring()
+    if stores_plaintext(backend) and not allow_plaintext:
+        where = getattr(backend, "file_path", None)
+        raise SecretError(
+            f"the keyring backend {backend_name(backend)} stores secrets unencrypted"
+            + (f" in {where}" if where else "") + "; nothing was stored. Use a Secret Service or KWallet "
+            "keyring, or give the credential secret = \"cmd:...\", \"file:PATH\" (mode 0600) or \"env:VAR\" "
+            "in its profile; or pass --allow-plaintext to store it in that file anyway")
+    return backend
+
+
+def store_secret(backend: KeyringBackend, workspace: str, credential: str, value: str) -> None:
+    """Write the keyring entry (service outloop/<workspace>, user <credential>)."""
+    check_value(value)
     try:
         backend.set_password(keyring_service(workspace), credential, value)
     except Exception as exc:  # backends raise anything; the message of some may echo what was stored
         raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the keyring "
                           f"({type(backend).__name__}) refused the secret: {type(exc).__name__}") from None
-    return type(backend).__name__
 
 
 def delete_secret(workspace: str, credential: str) -> None:
@@ -133,3 +158,37 @@ def delete_secret(workspace: str, credential: str) -> None:
         raise OutloopError(f"no keyring entry for workspace {workspace!r}, credential {credential!r} "
                            f"(service {service!r}, user {credential!r}); nothing was removed",
                            exit_code=EXIT_PROBLEMS_FOUND)
+
+
+def keyring_document(credential: Credential, text: str) -> str:
+    """An `auth` credential's document as the keyring keeps it: checked against its scheme (a missing field is
+    named, nothing stored), then one line of compact JSON, like every other keyring value."""
+    assert credential.auth is not None
+    if len(text.encode("utf-8")) > MAX_SECRET_BYTES:
+        raise UsageError(f"the secret is larger than {MAX_SECRET_BYTES} bytes; nothing was stored")
+    try:
+        return compact_document(credential.auth, text, f"credential {credential.name!r} "
+                                f"({document_kind(credential.auth)})")
+    except SecretError as exc:
+        raise UsageError(f"{exc.message}\nnothing was stored") from None
+
+
+def write_back_document(credential: Credential, text: str, warn: Callable[[str], None] | None = None) -> bool:
+    """Store an `auth` credential's updated document (a rotated refresh token) whole, in one keyring write.
+
+    False when the source is not the keyring (env:, file:, cmd: are the operator's to change) or the write failed.
+    A plaintext backend is not refused here as `secret set` refuses it: the old document was read from that very
+    backend (stored there with --allow-plaintext) and no longer works, so refusing would lose the only working
+    token. It is stored, and `warn` says so in the run summary.
+    """
+    if source_kind(credential.secret_ref)[0] != "keyring":
+        return False
+    try:
+        backend = usable_keyring()
+        store_secret(backend, credential.owner, credential.name, keyring_document(credential, text))
+    except OutloopError:
+        return False
+    if stores_plaintext(backend) and warn is not None:
+        warn(f"credential {credential.name!r}: the rotated refresh token was stored UNENCRYPTED by the keyring "
+             f"backend {backend_name(backend)}, where its previous one was kept")
+    return True

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from keyring.backend import KeyringBackend
 
-from outloop_cli.errors import SecretError
+from outloop_cli.errors import InsecureSecretError, SecretError
 
 CMD_TIMEOUT_SECONDS = 30.0
 MAX_SECRET_BYTES = 64 * 1024
@@ -67,7 +67,10 @@ class KeyringSource:
     """Service `outloop/<workspace>`, username `<credential>`, as `outloop secret set` stores them."""
 
     def fetch(self, workspace: str, credential: str, argument: str, environ: Mapping[str, str]) -> str:
-        backend = usable_keyring()
+        try:
+            backend = usable_keyring()
+        except SecretError as exc:
+            raise SecretError(f"workspace {workspace!r}, credential {credential!r}: {exc.message}") from None
         try:
             value = backend.get_password(keyring_service(workspace), credential)
         except Exception as exc:  # backends raise anything: dbus errors, locked collections...
@@ -87,9 +90,9 @@ class KeyringSource:
 KEYRING_WAYS_OUT = (
     "Ways out for cron and servers: use secret = \"cmd:COMMAND\" with a password manager that works "
     "unattended (e.g. cmd:op read op://vault/item/field), \"file:PATH\" with a 0600 file, or \"env:VAR\"; "
-    "or run where a keyring is unlocked (a desktop session); or a file-backed backend (pip install "
-    "keyrings.alt; PYTHON_KEYRING_BACKEND=keyrings.alt.file.PlaintextKeyring stores values unencrypted in a "
-    "0600 file; EncryptedKeyring prompts for a password, which cron cannot answer)."
+    "or run where a Secret Service or KWallet keyring is unlocked (a desktop session). File-backed keyrings such "
+    "as keyrings.alt's PlaintextKeyring store values unencrypted (PYTHON_KEYRING_BACKEND selects one; "
+    "`outloop secret set` refuses it without --allow-plaintext)."
 )
 
 
@@ -107,6 +110,19 @@ def usable_keyring() -> KeyringBackend:
         raise SecretError(f"no usable keyring backend on this machine (found {type(backend).__name__}). "
                           f"{KEYRING_WAYS_OUT}")
     return backend
+
+
+def stores_plaintext(backend: KeyringBackend) -> bool:
+    """Whether the backend keeps values unencrypted. keyring backends do not declare it; the plaintext ones
+    (keyrings.alt's PlaintextKeyring and the like) say so in their class name, a chainer through any member."""
+    members = getattr(backend, "backends", None)
+    if isinstance(members, list) and members:
+        return any(stores_plaintext(member) for member in members)
+    return "plaintext" in type(backend).__name__.lower()
+
+
+def backend_name(backend: KeyringBackend) -> str:
+    return f"{type(backend).__module__}.{type(backend).__name__}"
 
 
 class EnvSource:
@@ -133,7 +149,7 @@ class FileSource:
                 if not stat.S_ISREG(info.st_mode):
                     raise SecretError(f"{where} is not a regular file")
                 if info.st_mode & 0o077:
-                    raise SecretError(
+                    raise InsecureSecretError(
                         f"{where} is readable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
                         f"run `chmod 600 {path}`"
                     )
@@ -177,9 +193,7 @@ class CommandSource:
             raise SecretError(f"{where} {argv[0]!r} exited with code {completed.returncode}{detail}")
         if len(completed.stdout) > MAX_SECRET_BYTES:
             raise SecretError(f"{where} printed more than {MAX_SECRET_BYTES} bytes; print only the secret")
-        # Like `pass show`, take the first line: password managers print metadata after it.
-        text = _decode(where, completed.stdout)
-        return text.splitlines()[0] if text.strip() else ""
+        return _decode(where, completed.stdout)  # resolve_secret keeps the first line, or all of a document
 
 
 def _decode(where: str, data: bytes) -> str:
@@ -207,13 +221,25 @@ def source_kind(secret_ref: str) -> tuple[str, str]:
     return scheme, argument
 
 
-def resolve_secret(workspace: str, credential: str, secret_ref: str, environ: Mapping[str, str]) -> Secret:
-    """Fetch one secret; every failure names the workspace and credential, never the value."""
+def resolve_secret(workspace: str, credential: str, secret_ref: str, environ: Mapping[str, str], *,
+                   document: bool = False) -> Secret:
+    """Fetch one secret; every failure names the workspace and credential, never the value.
+
+    `document`: the secret is an `auth` credential's TOML/JSON document, so line breaks belong in it; its fields are
+    checked by outloop_cli.auth.documents.
+    """
     scheme, argument = source_kind(secret_ref)
     source = _SOURCES.get(scheme)
     if source is None:
         raise SecretError(f"workspace {workspace!r}, credential {credential!r}: unknown secret source {scheme!r}")
     value = source.fetch(workspace, credential, argument, environ)
+    if document:
+        if not value.strip() or "\0" in value:
+            raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret document is empty "
+                              "or contains NUL")
+        return Secret(value)
+    if scheme == "cmd":  # like `pass show`, the first line: password managers print metadata after it
+        value = value.splitlines()[0] if value.strip() else ""
     if not value:
         raise SecretError(f"workspace {workspace!r}, credential {credential!r}: the secret is empty")
     if any(ch in value for ch in "\r\n\0"):

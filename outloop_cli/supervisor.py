@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import psutil
 
-from outloop_cli.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, OutloopError
-from outloop_cli.linux import set_child_subreaper
+from outloop_cli.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, OutloopError, SandboxError
+from outloop_cli.linux import join_anonymous_session_keyring, set_child_subreaper
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                      signal.SIGUSR2)
@@ -106,6 +106,9 @@ class Supervisor:
     def spawn(self, executable: str) -> int:
         set_child_subreaper()
         withhold_inherited_fds()
+        if not join_anonymous_session_keyring():
+            raise SandboxError("cannot give the loop an empty session keyring (keyctl refused, e.g. the key quota "
+                               "is used up): it would inherit the keys of the session that started outloop")
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         self._cpu_before = usage.ru_utime + usage.ru_stime
         self._started = time.monotonic()

@@ -10,7 +10,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from outloop_cli.auth.config import AuthConfig
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError, ProfileError, UsageError
+from outloop_cli.guard import declared_identifiers, overlapping_identifiers
 from outloop_cli.home import current_workspace, ensure_private_dir, load_config, save_config
 from outloop_cli.profiles import (
     Credential,
@@ -36,6 +38,7 @@ class WorkspaceEntry:
     extends: str | None = None
     credentials: tuple[str, ...] = ()
     error: str | None = None
+    abstract: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ def list_workspaces(dirs: Sequence[Path], current: str | None) -> list[Workspace
             entries.append(WorkspaceEntry(name, path, name == current, error=exc.message))
             continue
         entries.append(WorkspaceEntry(name, path, name == current, profile.description, profile.extends,
-                                      tuple(sorted(profile.credentials))))
+                                      tuple(sorted(profile.credentials)), abstract=profile.abstract))
     return entries
 
 
@@ -99,6 +102,11 @@ def resolved_profile(profile: Profile, statuses: Sequence[SecretStatus]) -> dict
     }
 
 
+def auth_settings(auth: AuthConfig) -> dict[str, object]:
+    """The scheme's profile settings (no secret lives there), lists as lists for JSON."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in auth._asdict().items()}
+
+
 def _credential(cred: Credential, status: SecretStatus) -> dict[str, object]:
     inject = cred.inject
     return {
@@ -107,7 +115,8 @@ def _credential(cred: Credential, status: SecretStatus) -> dict[str, object]:
         "secret_state": status.state,
         "secret_problem": status.problem,
         "base_url": cred.base_url,
-        "inject": {"style": inject.style, "name": inject.name, "template": inject.template},
+        "inject": None if cred.auth else {"style": inject.style, "name": inject.name, "template": inject.template},
+        "auth": {cred.auth.scheme: auth_settings(cred.auth)} if cred.auth else None,
         "allow": [rule.text for rule in cred.allow],
         "deny": [rule.text for rule in cred.deny],
         "rate": str(cred.rate) if cred.rate else None,
@@ -184,6 +193,7 @@ class WorkspaceCheck:
     path: Path | None
     secrets: list[SecretStatus] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # worth a look, but no reason to fail a cron check
 
 
 def check_workspaces(dirs: Sequence[Path], names: Sequence[str] | None, home: Path,
@@ -201,8 +211,24 @@ def check_workspaces(dirs: Sequence[Path], names: Sequence[str] | None, home: Pa
             find_profile(name, dirs)  # an unknown name is an error with hints, not a problem line
     cache: dict[tuple[str, str, str], SecretStatus] = {}
     results = [_check_one(name, found.get(name), dirs, environ, cache) for name in names]
+    _check_guard_overlaps(results, dirs)
     _check_choice(results, home, environ, found)
     return results
+
+
+def _check_guard_overlaps(results: list[WorkspaceCheck], dirs: Sequence[Path]) -> None:
+    try:
+        declared = declared_identifiers(dirs)
+    except ProfileError:
+        return  # the unreadable [guard] is already that workspace's problem line
+    by_name = {result.name: result for result in results}
+    for overlap in overlapping_identifiers(declared):
+        message = (f"guard identifiers overlap: {overlap.first.rule} and {overlap.second.rule} (one contains the "
+                   "other, ignoring case), so a run of one workspace refuses data of its own client; make them "
+                   "more specific")
+        for name in dict.fromkeys((overlap.first.workspace, overlap.second.workspace)):
+            if name in by_name:
+                by_name[name].warnings.append(message)
 
 
 def _check_one(name: str, path: Path | None, dirs: Sequence[Path], environ: Mapping[str, str],
@@ -226,7 +252,7 @@ def _check_one(name: str, path: Path | None, dirs: Sequence[Path], environ: Mapp
         status = cache[key]
         result.secrets.append(status)
         if status.problem:
-            result.problems.append(status.problem)
+            result.problems.append(f"{status.state}: {status.problem}")
     return result
 
 

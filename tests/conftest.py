@@ -30,7 +30,10 @@ from upstream import RecordingUpstream
 
 OUTLOOP = str(Path(sys.executable).parent / "outloop")
 PYTHON = sys.executable
-KEYRING_BACKEND = "keyrings.alt.file.PlaintextKeyring"
+# The tests' own file-backed keyring (tests/keyring_backend), chosen through the environment like a user would.
+KEYRING_DIR = Path(__file__).parent / "keyring_backend"
+KEYRING_BACKEND = "outloop_test_keyring.PlaintextFileKeyring"
+sys.path.insert(0, str(KEYRING_DIR))  # test_secrets drives the same backend in-process
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class World:
         env.update({
             "OUTLOOP_HOME": str(self.home),
             "PYTHON_KEYRING_BACKEND": KEYRING_BACKEND,
+            "PYTHONPATH": str(KEYRING_DIR),
             "XDG_DATA_HOME": str(self.home / "xdg-data"),
             # Secret-looking variables in outloop's own environment: the child must never see them.
             "AWS_SECRET_ACCESS_KEY": self.canaries["aws"],

@@ -7,6 +7,7 @@ and tampering tests work on copies made with SQLite's backup API, which carries 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import OUTLOOP, PYTHON, World
+
+from outloop_cli.audit.chain import EVENT_COLUMNS, GENESIS_HASH, event_hash
 
 # Three allowed requests and two denied ones (a deny rule, and no matching rule), then exit 0.
 ACME_LOOP = """
@@ -57,7 +60,8 @@ def fill_audit(world: World) -> AuditedWorld:
     """20 concurrent real runs (acme and globex alternating), then one run killed with SIGKILL mid-way."""
     loops = [(ACME_LOOP, "acme") if n % 2 == 0 else (GLOBEX_LOOP, "globex") for n in range(CONCURRENT_RUNS)]
     with ThreadPoolExecutor(CONCURRENT_RUNS) as pool:
-        results = list(pool.map(lambda loop: world.run_loop(loop[0], workspace=loop[1]), loops))
+        # Twenty runs at once on a busy two-core machine take about a minute: give each more than that.
+        results = list(pool.map(lambda loop: world.run_loop(loop[0], workspace=loop[1], timeout=180), loops))
     assert [r.code for r in results] == [0 if n % 2 == 0 else 3 for n in range(CONCURRENT_RUNS)], results
     finished = run_ids(world.audit_db)
     killed = kill_a_run(world)
@@ -132,6 +136,32 @@ def tamper(home: Path, *statements: str) -> None:
         conn.close()  # the last close checkpoints the WAL, so the file alone holds the change
 
 
+def rewrite_consistently(db: Path, run_id: str) -> str:
+    """Turn the run's first denial into an allow and rehash the whole chain, runs row included: what a writer
+    who knows the (unkeyed) chain format does. The local verify passes afterwards. Returns the new head."""
+    conn = sqlite3.connect(db)
+    columns = ", ".join((*EVENT_COLUMNS, "hash"))
+    rows = [dict(zip((*EVENT_COLUMNS, "hash"), row, strict=True))
+            for row in conn.execute(f"SELECT {columns} FROM events WHERE run_id = ? ORDER BY seq", (run_id,))]
+    denied_seq = next(row["seq"] for row in rows if row["decision"] == "deny")
+    head = GENESIS_HASH
+    for row in rows:
+        if row["seq"] == denied_seq:
+            row["decision"], row["reason"], row["status"] = "allow", "allowed", None
+        if row["kind"] == "run_end":
+            detail = json.loads(str(row["detail"]))
+            detail.update(head_hash=head, allowed=detail["allowed"] + 1, denied=detail["denied"] - 1)
+            row["detail"] = json.dumps(detail, sort_keys=True, separators=(",", ":"))
+        row["prev_hash"] = head
+        row["hash"] = head = event_hash(row)
+        conn.execute("UPDATE events SET decision = ?, reason = ?, status = ?, detail = ?, prev_hash = ?, hash = ? "
+                     "WHERE run_id = ? AND seq = ?", (row["decision"], row["reason"], row["status"], row["detail"],
+                                                      row["prev_hash"], row["hash"], run_id, row["seq"]))
+    conn.execute("UPDATE runs SET head_hash = ?, allowed = allowed + 1, denied = denied - 1 WHERE run_id = ?",
+                 (head, run_id))
+    conn.commit()
+    conn.close()
+    return head
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 

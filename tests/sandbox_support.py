@@ -14,7 +14,7 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
@@ -26,14 +26,25 @@ if TYPE_CHECKING:
 TEST_USER = "outloop-test"
 
 
+def skip_or_fail(message: str) -> NoReturn:
+    """Skip on a developer's machine; fail in CI, which installs everything the suite needs and must run it."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + " (CI must run these tests, not skip them)")
+    pytest.skip(message)
+
+
 def require_layer(name: str) -> None:
     layer = next(cap for cap in capabilities() if cap.name == name)
-    if layer.available:
-        return
-    message = f"sandbox layer {name!r} unavailable here: {layer.detail}; fix: {layer.fix}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message + " (CI must run sandbox tests, not skip them)")
-    pytest.skip(message)
+    if not layer.available:
+        skip_or_fail(f"sandbox layer {name!r} unavailable here: {layer.detail}; fix: {layer.fix}")
+
+
+def require_program(name: str) -> str:
+    """The path of `name` (a shell the completion tests drive, say), which `.ci/run` installs in CI."""
+    path = shutil.which(name)
+    if path is None:
+        skip_or_fail(f"{name} is not installed")
+    return path
 
 
 def unprivileged_user() -> pwd.struct_passwd:
@@ -152,10 +163,7 @@ def operator(world: World, name: str) -> Operator:
     """`root` needs the tests to run as root (CI does); `user` is the unprivileged account (or, when the tests
     run unprivileged, this user)."""
     if name == "root" and os.geteuid() != 0:
-        message = "root-operator cases need the tests to run as root"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail("root-operator cases need the tests to run as root")
     if name == "root":
         return Operator(name, world, None, operator_home(world))
     other = as_other_user(world)
@@ -224,10 +232,7 @@ def runtime_for_other_users(base: Path) -> Path:
 
     system_python = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
     if not system_python.exists():
-        message = f"{system_python} is missing: a non-root user needs a world-readable Python of this version"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail(f"{system_python} is missing: a non-root user needs a world-readable Python of this version")
     venv = base / "venv"
     subprocess.run([str(system_python), "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from conftest import World
 
+from outloop_cli.audit.schema import SCHEMA_VERSION
+
 FIXTURE = Path(__file__).parent / "data" / "audit-schema1.db"
 RUN_A, RUN_B, RUN_C = "01J0000000000000000000000A", "01J0000000000000000000000B", "01J0000000000000000000000C"
 
@@ -33,7 +35,7 @@ def test_a_schema_1_database_is_upgraded_in_place_and_still_verifies(world: Worl
     assert user_version(world.audit_db) == 1 and len(before) == 13
 
     runs = {run["run_id"]: run for run in json.loads(world.outloop("audit", "--json").out)}
-    assert user_version(world.audit_db) == 2
+    assert user_version(world.audit_db) == SCHEMA_VERSION
     assert stored_events(world.audit_db) == before  # every hashed column as it was
     assert {run_id: (run["allowed"], run["errors"], run["denied"], run["state"]) for run_id, run in runs.items()} == {
         RUN_A: (2, 1, 1, "ended"), RUN_B: (1, 1, 0, "ended"), RUN_C: (1, 0, 0, "no end")}
@@ -61,7 +63,7 @@ def test_new_runs_append_to_an_upgraded_database(world: World) -> None:
         assert Outloop().request("crm", "GET", "/crm/v3/objects/contacts/1").status == 200
     """)
     assert result.code == 0, result.err
-    assert user_version(world.audit_db) == 2
+    assert user_version(world.audit_db) == SCHEMA_VERSION
     verified = world.outloop("audit", "verify")
     assert verified.code == 0 and verified.out.splitlines()[-1] == "4 runs: 3 ok, 1 incomplete, 0 pruned, 0 broken"
     newest = json.loads(world.outloop("audit", "show", "last", "--json").out)

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from operator_support import wait_for
 
 from outloop_cli.audit import (
     EventRow,
@@ -40,7 +41,7 @@ from outloop_cli.audit import (
     verify_run,
 )
 from outloop_cli.audit.schema import SCHEMA_VERSION
-from outloop_cli.errors import AuditError, UsageError
+from outloop_cli.errors import AuditError, StateDirError, UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,7 +238,7 @@ def test_query_exchanges_filters_and_orders_newest_first(db: Path) -> None:
     log.record_request(allow(credential="crm"))
     log.record_request(deny(credential="crm"))
     middle = time.time()
-    time.sleep(0.01)
+    wait_for(lambda: time.time() > middle)
     log.record_request(deny(credential="mail"))
     log.finish(exit_code=0, duration=0.1, detail={})
     other = start(db, "01B", "globex")
@@ -275,19 +276,21 @@ def test_a_finished_log_refuses_further_writes(db: Path) -> None:
 def test_requests_racing_finish_never_land_after_run_end(db: Path) -> None:
     log = start(db)
     outcomes: list[str] = []
+    recorded: set[int] = set()
 
-    def worker() -> None:
+    def worker(index: int) -> None:
         while True:
             try:
                 log.record_request(allow())
             except AuditError:
                 outcomes.append("refused")
                 return
+            recorded.add(index)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.05)
+    wait_for(lambda: len(recorded) == 4)  # every worker is recording when finish comes
     log.finish(exit_code=0, duration=0.1, detail={})
     for thread in threads:
         thread.join()
@@ -446,7 +449,8 @@ def test_a_lost_fire_and_forget_response_is_counted_in_run_end(db: Path) -> None
     seq = log.record_request(allow())
     locker = hold_write_lock(db)
     log.record_response(ResponseRecord(seq, 200, 1.0, 1, 1))
-    time.sleep(0.6)  # the writer gives up on that batch while the lock is held
+    with pytest.raises(AuditError, match="locked"):  # queued behind it: by now that batch has failed too
+        log.record_request(allow())
     locker.close()
     log.finish(exit_code=0, duration=0.1, detail={})
     reader = open_readonly(db)
@@ -457,7 +461,7 @@ def test_a_lost_fire_and_forget_response_is_counted_in_run_end(db: Path) -> None
 
 def test_a_directory_where_the_database_should_be_fails_closed(db: Path) -> None:
     db.mkdir(parents=True)
-    with pytest.raises(AuditError, match="cannot create the audit database"):
+    with pytest.raises(StateDirError, match="is not a regular file"):
         start(db)
 
 
@@ -591,7 +595,7 @@ def test_prune_leaves_markers_and_verify_reports_no_breaks(db: Path, conn: Opene
     finished_run(db, "01OLD2")
     assert run_script(db, KILLED_RUN).wait(timeout=60) == 9
     cutoff = time.time()
-    time.sleep(0.01)
+    wait_for(lambda: time.time() > cutoff)
     finished_run(db, "01NEW")
     assert prune(db, older_than=cutoff) == 2
     reader = open_readonly(db)

@@ -84,3 +84,76 @@ def test_token_from_another_run_is_useless(openai_world: World) -> None:
     old_token = first.out.strip()
     replay = openai_world.run_loop(TOKEN_LOOP.replace('call(os.environ["OUTLOOP_TOKEN"]), ', f'call("{old_token}"), '))
     assert json.loads(replay.out)[0] == 401
+
+
+SDK_PROFILE = """
+    version = 1
+    [credentials.openai]
+    secret = "keyring"
+    base_url = "{UPSTREAM}/v1"
+    allow = ["POST /chat/completions"]
+    child_env = { OPENAI_BASE_URL = "{url}", OPENAI_API_KEY = "{token}" }
+
+    [credentials.anthropic]
+    secret = "keyring"
+    base_url = "{UPSTREAM}"
+    inject = { header = "x-api-key", value = "{secret}" }
+    allow = ["GET /v1/models"]
+    deny = ["POST /v1/messages"]
+    child_env = { ANTHROPIC_BASE_URL = "{url}", ANTHROPIC_API_KEY = "{token}" }
+"""
+
+SDK_REFUSAL_LOOP = """
+    import json
+    import anthropic, openai
+    seen = {}
+    try:
+        openai.OpenAI(max_retries=0).embeddings.create(model="e", input="hi")
+    except openai.PermissionDeniedError as exc:
+        seen["openai"] = {"text": str(exc), "type": exc.type, "body": exc.body}
+    try:
+        anthropic.Anthropic(max_retries=0).messages.create(
+            model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+    except anthropic.PermissionDeniedError as exc:
+        seen["anthropic"] = {"text": str(exc), "type": None, "body": exc.body}
+    print(json.dumps(seen))
+"""
+
+
+def test_sdks_surface_the_brokers_refusal_message_in_their_exceptions(world: World) -> None:
+    world.write_profile("acme", SDK_PROFILE)
+    world.set_keyrings([("acme", "openai", world.canaries["acme"]), ("acme", "anthropic", world.canaries["acme"])])
+    result = world.run_loop(SDK_REFUSAL_LOOP)
+    assert result.code == 0, result.combined
+    seen = json.loads(result.out)
+    openai_error, anthropic_error = seen["openai"], seen["anthropic"]
+    assert "POST /embeddings is not allowed for 'openai' (no allow rule matches)" in openai_error["text"]
+    assert openai_error["type"] == "denied"
+    assert openai_error["body"]["reason"] == "no_matching_rule"
+    assert "POST /v1/messages is not allowed for 'anthropic' (denied by rule 'POST /v1/messages')" \
+        in anthropic_error["text"]
+    assert world.upstream.requests == []
+    world.assert_no_canary(result.out, result.err)
+
+
+def test_refusal_names_its_reason_in_a_header_and_the_nested_error_body(world: World) -> None:
+    loop = """
+        import json, os, urllib.request, urllib.error
+        request = urllib.request.Request(os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", method="POST",
+                                         headers={"x-api-key": os.environ["OUTLOOP_TOKEN"]})
+        try:
+            urllib.request.urlopen(request, timeout=10)
+        except urllib.error.HTTPError as exc:
+            print(json.dumps({"status": exc.code, "decision": exc.headers["Outloop-Decision"],
+                              "reason": exc.headers["Outloop-Reason"], "body": json.loads(exc.read())}))
+    """
+    world.write_profile("acme", SDK_PROFILE)
+    world.set_keyrings([("acme", "openai", world.canaries["acme"]), ("acme", "anthropic", world.canaries["acme"])])
+    result = world.run_loop(loop)
+    assert result.code == 0, result.combined
+    assert json.loads(result.out) == {
+        "status": 403, "decision": "deny", "reason": "denied_by_rule",
+        "body": {"error": {"type": "denied", "reason": "denied_by_rule",
+                           "message": "POST /v1/messages is not allowed for 'anthropic' "
+                                      "(denied by rule 'POST /v1/messages')",
+                           "credential": "anthropic", "rule": "POST /v1/messages"}}}

@@ -20,10 +20,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from operator_support import wait_for
 
 from outloop_cli.client import Outloop, OutloopClientError, main
 
-DENY = {"error": "denied", "message": "no rule allows DELETE", "credential": "crm", "rule": None}
+DENY = {"type": "denied", "reason": "no_matching_rule", "message": "no rule allows DELETE", "credential": "crm",
+        "rule": None}
 # Edge cases of the SSE format, cut mid-line so the parser must buffer across reads.
 TRICKY_SSE = [
     b": keep-alive comment\n\nevent: delta\nid: 7\nda",
@@ -37,6 +39,7 @@ class Seen:
     targets: list[str] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     connections: int = 0
+    closed: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -76,7 +79,7 @@ class FakeBroker(http.server.BaseHTTPRequestHandler):
         elif route == "/v1/secret/open":
             self.reply(200, b"s3cret value", content_type="text/plain; charset=utf-8")
         elif route.startswith(("/v1/http/crm/deny", "/v1/secret/")):
-            self.reply(403, json.dumps(DENY).encode(), deny=True)
+            self.reply(403, json.dumps({"error": DENY}).encode(), deny=True)
         elif route == "/v1/http/llm/stream":
             interval = float(parse_qs(urlsplit(self.path).query)["interval"][0])
             self.chunked([b'data: {"i": %d}\n\n' % k for k in range(5)], interval)
@@ -115,7 +118,14 @@ class FakeBroker(http.server.BaseHTTPRequestHandler):
 
 class Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    request_queue_size = 64  # socketserver's 5 overflows when 8 client threads connect at once (EAGAIN)
     block_on_close = False
+    seen: Seen
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        with self.seen.lock:
+            self.seen.closed += 1
 
 
 @pytest.fixture
@@ -125,6 +135,7 @@ def broker() -> Iterator[tuple[str, Seen]]:
     path = str(Path(tmp) / "broker.sock")
     seen = Seen()
     server = Server(path, type("Handler", (FakeBroker,), {"seen": seen}))
+    server.seen = seen
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield path, seen
@@ -236,7 +247,7 @@ def test_reconnects_when_the_broker_closed_an_idle_connection(
     client: Outloop, broker: tuple[str, Seen]
 ) -> None:
     assert client.request("crm", "GET", "/then-drop").status == 200
-    time.sleep(0.05)
+    wait_for(lambda: broker[1].closed == 1)  # the broker has hung up before the next request goes out
     assert client.request("crm", "POST", "/next", body=b"x").status == 200
     assert broker[1].targets == ["/v1/http/crm/then-drop", "/v1/http/crm/next"]
     assert broker[1].connections == 2
@@ -280,4 +291,4 @@ def test_cli_prints_body_and_exits_by_status(
     assert capsysbinary.readouterr().out == b'{"ok": true}'
     assert broker[1].requests[-1] == {"method": "POST", "body": b"hi", "content_type": "text/plain"}
     assert main(["DELETE", "crm", "/deny/1"]) == 1
-    assert b"denied: no rule allows DELETE (HTTP 403)" in capsysbinary.readouterr().err
+    assert b"denied (no_matching_rule): no rule allows DELETE (HTTP 403)" in capsysbinary.readouterr().err

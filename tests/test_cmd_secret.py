@@ -38,18 +38,30 @@ def keyring_value(world: World, workspace: str, credential: str) -> str | None:
 
 def test_set_from_stdin_stores_service_outloop_workspace_user_credential(world: World) -> None:
     world.write_profile("initech", INITECH)
-    result = world.outloop("secret", "set", "initech", "crm", "--stdin", stdin="s3cr3t-value\n")
+    result = world.outloop("secret", "set", "--allow-plaintext", "initech", "crm", "--stdin", stdin="s3cr3t-value\n")
     assert result.code == 0 and "stored initech/crm" in result.out
     assert keyring_value(world, "initech", "crm") == "s3cr3t-value"
     assert "s3cr3t-value" not in result.combined
-    crlf = world.outloop("secret", "set", "initech", "crm", "--stdin", stdin="other\r\n")
+    crlf = world.outloop("secret", "set", "--allow-plaintext", "initech", "crm", "--stdin", stdin="other\r\n")
     assert crlf.code == 0 and keyring_value(world, "initech", "crm") == "other"
+
+
+def test_set_refuses_a_plaintext_backend_unless_allowed_and_then_warns(world: World) -> None:
+    world.write_profile("initech", INITECH)
+    refused = world.outloop("secret", "set", "initech", "crm", "--stdin", stdin="s3cr3t-value\n")
+    assert refused.code == 125
+    assert "stores secrets unencrypted" in refused.err and "nothing was stored" in refused.err
+    assert "--allow-plaintext" in refused.err and "cmd:" in refused.err
+    assert keyring_value(world, "initech", "crm") is None
+    allowed = world.outloop("secret", "set", "--allow-plaintext", "initech", "crm", "--stdin", stdin="v\n")
+    assert allowed.code == 0 and "UNENCRYPTED" in allowed.err and "keyring_pass.cfg" in allowed.err
+    assert keyring_value(world, "initech", "crm") == "v"
 
 
 def test_stdin_must_hold_exactly_one_non_empty_line(world: World) -> None:
     world.write_profile("initech", INITECH)
     for value, message in (("a\nb\n", "expected one line"), ("a\n\n", "expected one line"), ("\n", "empty")):
-        result = world.outloop("secret", "set", "initech", "crm", "--stdin", stdin=value)
+        result = world.outloop("secret", "set", "--allow-plaintext", "initech", "crm", "--stdin", stdin=value)
         assert result.code == 2 and message in result.err, value
     assert keyring_value(world, "initech", "crm") is None
 
@@ -59,13 +71,13 @@ def test_set_refuses_credentials_whose_secret_is_not_read_from_this_keyring_entr
     for credential, message in (("nope", "has no credential 'nope' (it has: crm, llm, viaenv)"),
                                 ("llm", "inherited from 'agency'"),
                                 ("viaenv", "reads its secret from env:INITECH_TOKEN, not the keyring")):
-        result = world.outloop("secret", "set", "initech", credential, "--stdin", stdin="value\n")
+        result = world.outloop("secret", "set", "--allow-plaintext", "initech", credential, "--stdin", stdin="value\n")
         assert result.code == 2 and message in result.err, credential
         assert "Traceback" not in result.err
 
 
 def test_without_a_terminal_the_prompt_is_refused_rather_than_echoing(world: World) -> None:
-    result = world.outloop("secret", "set", "acme", "crm", stdin="typed\n")
+    result = world.outloop("secret", "set", "--allow-plaintext", "acme", "crm", stdin="typed\n")
     assert result.code == 2 and "no terminal to prompt on; pipe the value in with --stdin" in result.err
 
 
@@ -75,8 +87,9 @@ def test_the_prompt_hides_the_value_and_asks_twice(world: World) -> None:
     def session(first: str, second: str) -> tuple[int, bytes]:
         controller, terminal = pty.openpty()
         process = subprocess.Popen(
-            [OUTLOOP, "secret", "set", "initech", "crm"], stdin=terminal, stdout=terminal, stderr=terminal,
-            env=world.env, start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+            [OUTLOOP, "secret", "set", "--allow-plaintext", "initech", "crm"], stdin=terminal, stdout=terminal,
+            stderr=terminal, env=world.env, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
         os.close(terminal)
         seen = b""
         for answer in (first, second):
@@ -129,6 +142,24 @@ def test_list_and_check_show_presence_and_rm_removes(world: World) -> None:
 
 def test_no_usable_keyring_is_explained_with_ways_out(world: World) -> None:
     env = {**world.env, "PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
-    result = world.outloop("secret", "set", "acme", "crm", "--stdin", env=env, stdin="value\n")
+    result = world.outloop("secret", "set", "--allow-plaintext", "acme", "crm", "--stdin", env=env, stdin="value\n")
     assert result.code != 0 and "no usable keyring backend" in result.err and "Ways out" in result.err
     assert "Traceback" not in result.err
+
+
+def test_a_file_secret_others_may_read_is_an_insecure_mode_not_a_missing_secret(world: World) -> None:
+    secret_file = world.work / "token"
+    secret_file.write_text("file-secret\n")
+    secret_file.chmod(0o644)
+    world.write_profile("initech", INITECH.replace('"env:INITECH_TOKEN"', f'"file:{secret_file}"'))
+    listed = {s["credential"]: s for s in json.loads(world.outloop("secret", "list", "initech", "--json").out)}
+    assert listed["viaenv"]["state"] == "insecure mode"
+    assert "chmod 600" in listed["viaenv"]["problem"]
+    check = world.outloop("secret", "check", "initech")
+    (viaenv_line,) = [line for line in check.out.splitlines() if line.startswith("viaenv")]
+    assert check.code == 1 and viaenv_line.endswith("insecure mode")
+    workspace_check = world.outloop("workspace", "check", "initech")
+    assert workspace_check.code == 1 and "insecure mode: " in workspace_check.out
+    secret_file.chmod(0o600)
+    listed = {s["credential"]: s for s in json.loads(world.outloop("secret", "list", "initech", "--json").out)}
+    assert listed["viaenv"]["state"] == "present"

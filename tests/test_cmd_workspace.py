@@ -45,7 +45,8 @@ def test_show_resolves_extends_and_gives_secrets_only_as_present_or_missing(worl
     assert credentials["crm"]["allow"][0] == "GET /crm/v3/objects/contacts"
     assert shown["sources"] == [str(world.profiles / f"{n}.toml") for n in ("initech", "acme", "agency")]
     plain = world.outloop("workspace", "show", "initech")
-    assert plain.code == 0 and "[credentials.llm] (from agency)" in plain.out and "keyring (missing" in plain.out
+    assert plain.code == 0 and "[credentials.llm]  # from agency" in plain.out
+    assert 'secret = "keyring"  # missing' in plain.out
     world.assert_no_canary()
 
 
@@ -131,3 +132,16 @@ def test_check_flags_a_profile_others_can_write_and_a_current_workspace_with_no_
     assert result.code == 1
     assert "acme.toml is writable by group or others" in result.out
     assert "the current workspace 'gone'" in result.out
+
+
+def test_check_warns_when_two_workspaces_declare_overlapping_guard_identifiers(world: World) -> None:
+    for name, identifiers in (("acme", '["acme.example", "ACME-"]'), ("globex", '["globex.example", "acme-corp"]')):
+        path = world.profiles / f"{name}.toml"
+        path.write_text(path.read_text() + f"\n[guard]\nidentifiers = {identifiers}\n")
+    result = world.outloop("workspace", "check")
+    assert result.code == 0, result.combined  # a warning, not a problem
+    warning = ("warning: guard identifiers overlap: acme: guard.identifiers[1] and globex: guard.identifiers[1] "
+               "(one contains the other, ignoring case)")
+    assert result.out.count(warning) == 2, result.out
+    checked = json.loads(world.outloop("workspace", "check", "--json").out)
+    assert [len(w["warnings"]) for w in checked["workspaces"]] == [1, 0, 1]

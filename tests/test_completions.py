@@ -6,13 +6,12 @@ scripts were generated completes too.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from conftest import OUTLOOP, World
+from sandbox_support import require_program
 
 REPO = Path(__file__).resolve().parents[1]
 COMPLETIONS = REPO / "completions"
@@ -40,8 +39,9 @@ def test_committed_scripts_match_the_commands(tmp_path: Path) -> None:
 
 
 def test_bash_completes_commands_options_and_fixed_choices(world: World) -> None:
-    assert bash_complete(world, "") == ["audit", "doctor", "run", "secret", "workspace"]
-    assert bash_complete(world, "audit", "") == ["events", "export", "prune", "show", "tail", "verify"]
+    assert bash_complete(world, "") == ["audit", "doctor", "policy", "run", "secret", "workspace"]
+    assert bash_complete(world, "audit", "") == ["central", "events", "export", "prune", "ship", "show", "tail",
+                                                 "verify"]
     assert bash_complete(world, "audit", "events", "--d") == ["--decision"]
     assert bash_complete(world, "audit", "events", "--decision", "") == ["allow", "deny"]
     assert bash_complete(world, "audit", "events", "--decision", "=", "d") == ["deny"]
@@ -67,10 +67,11 @@ def test_the_name_callback_prints_nothing_when_names_cannot_be_known(world: Worl
     assert world.outloop("__complete", "workspaces").out == "acme\nagency\nglobex\n"
 
 
-@pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
 def test_fish_completes_through_the_same_names(world: World) -> None:
+    fish = require_program("fish")
+
     def complete(line: str) -> list[str]:
-        out = subprocess.run(["fish", "-c", f"source {COMPLETIONS / 'outloop.fish'}; complete -C '{line}'"],
+        out = subprocess.run([fish, "-c", f"source {COMPLETIONS / 'outloop.fish'}; complete -C '{line}'"],
                              env=shell_env(world), capture_output=True, text=True, timeout=30, cwd=world.work)
         return [entry.split("\t")[0] for entry in out.stdout.splitlines()]
 
@@ -98,10 +99,11 @@ zpty -d z
 """
 
 
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_zsh_autoloads_the_function_from_fpath_and_completes(world: World) -> None:
+    zsh = require_program("zsh")
+
     def complete(line: str) -> set[str]:
-        out = subprocess.run(["zsh", "-c", ZSH_CAPTURE, "_", str(COMPLETIONS), line], env=shell_env(world),
+        out = subprocess.run([zsh, "-c", ZSH_CAPTURE, "_", str(COMPLETIONS), line], env=shell_env(world),
                              capture_output=True, text=True, timeout=30, cwd=world.work).stdout
         found, inside = set(), False
         for raw in out.replace("\r", "").splitlines():
@@ -114,3 +116,12 @@ def test_zsh_autoloads_the_function_from_fpath_and_completes(world: World) -> No
         return found
 
     assert complete("outloop secret set globex ") == {"billing", "crm", "llm"}
+
+
+def test_bash_completes_each_selections_and_policy_subcommands(world: World) -> None:
+    path = world.profiles / "acme.toml"
+    path.write_text(path.read_text().replace('extends = "agency"', 'extends = "agency"\ntags = ["crm", "nightly"]'))
+    assert bash_complete(world, "run", "--each", "") == ["all", "acme", "agency", "globex", "@crm", "@nightly"]
+    assert bash_complete(world, "run", "--each", "@n") == ["@nightly"]
+    assert bash_complete(world, "policy", "") == ["lint", "replay", "suggest", "test"]
+    assert bash_complete(world, "policy", "suggest", "g") == ["globex"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from outloop_cli.broker.admission import Admission, Admitted, Denial
+from outloop_cli.broker.admission import Denial, admit, admit_credential
 from outloop_cli.broker.connect import BadConnect, parse_connect, raw_response
 from outloop_cli.broker.egress import (
     Authority,
@@ -25,12 +25,9 @@ from outloop_cli.broker.egress import (
     parse_authority,
     parse_egress_rule,
 )
-from outloop_cli.broker.forward import Injector
-from outloop_cli.broker.intercept import Mismatch, Routed, route_intercepted
-from outloop_cli.broker.limits import Limits
+from outloop_cli.broker.intercept import Routed, ToBroker, route_absolute, route_intercepted
 from outloop_cli.errors import ProfileError
 from outloop_cli.profiles import Profile, load_profile
-from outloop_cli.secrets import Secret
 
 POLICY = EgressPolicy(
     credential_hosts({"github": "https://api.github.com", "llm": "https://llm.example.com/v1",
@@ -153,25 +150,45 @@ TARGET = Authority("llm.example.com", 443, False)
 LLM = POLICY.decide(TARGET)
 
 
-@pytest.mark.parametrize(("path", "hosts", "expected"), [
-    ("/v1/chat", ["llm.example.com"], Routed("llm", "/chat")),
-    ("/v1/admin/keys", ["llm.example.com:443"], Routed("llm-admin", "/keys")),  # the longest base path wins
-    ("/v1", ["llm.example.com"], Routed("llm", "/")),
-    ("/v2/chat", ["llm.example.com"], Mismatch(403, "outside_base_url", "")),
-    ("/v1x/chat", ["llm.example.com"], Mismatch(403, "outside_base_url", "")),
-    ("/v1/chat", ["other.example"], Mismatch(400, "host_mismatch", "")),
-    ("/v1/chat", ["llm.example.com:8443"], Mismatch(400, "host_mismatch", "")),
-    ("/v1/chat", ["llm.example.com", "llm.example.com"], Mismatch(400, "host_mismatch", "")),
-    ("/v1/chat", [], Mismatch(400, "host_mismatch", "")),
-    ("https://other.example/v1/chat", ["llm.example.com"], Mismatch(400, "not_origin_form", "")),
-    ("*", ["llm.example.com"], Mismatch(400, "not_origin_form", "")),
+@pytest.mark.parametrize(("target", "hosts", "expected"), [
+    ("/v1/chat?stream=1", ["llm.example.com"], Routed("llm", "/chat", "stream=1")),
+    ("/v1/admin/keys", ["llm.example.com:443"], Routed("llm-admin", "/keys", "")),  # the longest base path wins
+    ("/v1", ["llm.example.com"], Routed("llm", "/", "")),
+    ("/v2/chat", ["llm.example.com"], (403, "outside_base_url")),
+    ("/v1x/chat", ["llm.example.com"], (403, "outside_base_url")),
+    ("/v1/chat", ["other.example"], (400, "host_mismatch")),
+    ("/v1/chat", ["llm.example.com:8443"], (400, "host_mismatch")),
+    ("/v1/chat", ["llm.example.com", "llm.example.com"], (400, "host_mismatch")),
+    ("/v1/chat", [], (400, "host_mismatch")),
+    ("https://other.example/v1/chat", ["llm.example.com"], (400, "not_origin_form")),
+    ("*", ["llm.example.com"], (400, "not_origin_form")),
 ])
 def test_requests_inside_an_intercepted_connection_are_routed_by_the_connect_target(
-        path: str, hosts: list[str], expected: Routed | Mismatch) -> None:
+        target: str, hosts: list[str], expected: Routed | tuple[int, str]) -> None:
     assert isinstance(LLM, Intercept)
-    routed = route_intercepted(path, hosts, LLM, TARGET)
-    if isinstance(expected, Mismatch):
-        assert isinstance(routed, Mismatch) and (routed.status, routed.reason) == (expected.status, expected.reason)
+    routed = route_intercepted(target, hosts, LLM, TARGET)
+    if isinstance(expected, tuple):
+        assert isinstance(routed, Denial) and (routed.status, routed.reason) == expected
+    else:
+        assert routed == expected
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("http://localhost:8080/x?y=1", Routed("local", "/x", "y=1")),
+    ("http://localhost/x", Routed("local", "/x", "")),  # no port: whichever port the credential's base_url names
+    ("http://api.github.com/repos/acme", Routed("github", "/repos/acme", "")),  # judged, sent over https
+    ("http://127.0.0.1:9999/v1/run", ToBroker("/v1/run")),  # OUTLOOP_URL through the proxy: the broker itself
+    ("http://localhost:8081/x", (403, "egress_denied")),
+    ("http://pypi.org/simple/", (403, "egress_denied")),  # egress hosts are tunnels (CONNECT), never plain http
+    ("http://llm.example.com/v2/x", (403, "egress_denied")),  # the host's credentials cover only /v1
+    ("http://user@api.github.com/", (400, "not_absolute_form")),
+    ("/v1/http/github/x", (400, "not_absolute_form")),
+])
+def test_absolute_form_requests_are_routed_by_their_own_host(target: str, expected: Routed | ToBroker | tuple[int, str]
+                                                              ) -> None:
+    routed = route_absolute(target, POLICY, ("127.0.0.1", 9999))
+    if isinstance(expected, tuple):
+        assert isinstance(routed, Denial) and (routed.status, routed.reason) == expected
     else:
         assert routed == expected
 
@@ -198,54 +215,38 @@ def test_absolute_form_targets(raw: str, parsed: tuple[str, int | None, str, str
     assert parse_absolute_http(raw) == parsed
 
 
-# ----- admission: the one chain both routes use ------------------------------------------------------------
+# ----- admission: the one chain every route uses -----------------------------------------------------------
 
 
 ADMISSION_PROFILE = """
 version = 1
-[run]
-max_requests = 100
 [credentials.crm]
 secret = "env:CRM"
 base_url = "https://crm.example.com/api"
 inject = { query = "key" }
 allow = ["GET /contacts/**", "POST /contacts"]
 deny = ["* /contacts/*/merge"]
-max_requests = 2
 """
 
 
-@pytest.fixture
-def admission(tmp_path: Path) -> Admission:
+@pytest.mark.parametrize(("method", "path", "query", "status", "reason"), [
+    ("GET", "/contacts/1", "limit=5", 200, "allowed"),
+    ("GET", "/contacts/../admin", "", 400, "dot_segment"),
+    ("GET", "/contacts/a%2Fb", "", 400, "encoded_slash"),
+    ("GET", "/contacts/1", "a b", 400, "bad_query"),
+    ("DELETE", "/contacts/1", "", 403, "no_matching_rule"),
+    ("POST", "/contacts/1/merge", "", 403, "denied_by_rule"),
+])
+def test_the_proxy_s_requests_and_v1_http_get_one_verdict(tmp_path: Path, method: str, path: str, query: str,
+                                                         status: int, reason: str) -> None:
+    """The proxy routes a request to (credential, path, query); `admit_credential` is what /v1/http/ runs too."""
     (tmp_path / "acme.toml").write_text(ADMISSION_PROFILE)
     profile: Profile = load_profile("acme", [tmp_path])
-    injectors = {name: Injector.for_credential(cred, Secret("s3cret")) for name, cred in profile.credentials.items()}
-    limits = Limits(profile.run.max_requests, {name: (cred.rate, cred.max_requests)
-                                               for name, cred in profile.credentials.items()})
-    return Admission(profile.credentials, injectors, "outloop-token", limits)
-
-
-@pytest.mark.parametrize(("method", "name", "path", "query", "length", "status", "reason"), [
-    ("GET", "nope", "/contacts/1", "", None, 404, "unknown_credential"),
-    ("GET", "crm", "/contacts/../admin", "", None, 400, "dot_segment"),
-    ("GET", "crm", "/contacts/a%2Fb", "", None, 400, "encoded_slash"),
-    ("GET", "crm", "/contacts/1", "a b", None, 400, "bad_query"),
-    ("DELETE", "crm", "/contacts/1", "", None, 403, "no_matching_rule"),
-    ("POST", "crm", "/contacts/1/merge", "", None, 403, "denied_by_rule"),
-    ("POST", "crm", "/contacts", "", 300 * 1024 * 1024, 413, "body_too_large"),
-])
-def test_each_refusal_of_the_admission_chain(admission: Admission, method: str, name: str, path: str, query: str,
-                                             length: int | None, status: int, reason: str) -> None:
-    verdict = admission.admit(method, name, path, query, length)
-    assert isinstance(verdict, Denial), verdict
-    assert (verdict.status, verdict.reason) == (status, reason)
-    assert admission.limits.credential_budgets["crm"].remaining == 2  # a refusal spends no budget
-
-
-def test_admitted_requests_get_the_injected_query_and_spend_budget_until_it_is_gone(admission: Admission) -> None:
-    first = admission.admit("GET", "crm", "/contacts/1", "key=child&limit=5", None)
-    assert isinstance(first, Admitted)
-    assert (first.path, first.query, first.rule) == ("/contacts/1", "limit=5&key=s3cret", "GET /contacts/**")
-    assert isinstance(admission.admit("GET", "crm", "/contacts/2", "", None), Admitted)
-    third = admission.admit("GET", "crm", "/contacts/3", "", None)
-    assert isinstance(third, Denial) and (third.status, third.reason) == (429, "budget_exhausted")
+    proxied = admit_credential(method, "crm", path, query, profile)
+    direct = admit(method, f"/v1/http/crm{path}" + (f"?{query}" if query else ""), profile)
+    assert proxied == direct
+    if isinstance(proxied, Denial):
+        assert (proxied.status, proxied.reason) == (status, reason)
+    else:
+        assert status == 200 and proxied.path == path and proxied.raw_query == query
+    assert admit_credential(method, "nope", path, query, profile) == admit(method, f"/v1/http/nope{path}", profile)

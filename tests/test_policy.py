@@ -191,6 +191,7 @@ def test_percent_encoding_case_does_not_change_the_decoded_segment() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # parse_rule
 
+CUSTOM = ("M-SEARCH", "VERSION_CONTROL")
 PARSED: list[tuple[str, str, tuple[str, ...]]] = [
     ("GET /crm/v3/objects/contacts/**", "GET", ("crm", "v3", "objects", "contacts", "**")),
     ("POST /crm/v3/objects/contacts", "POST", ("crm", "v3", "objects", "contacts")),
@@ -213,13 +214,13 @@ PARSED: list[tuple[str, str, tuple[str, ...]]] = [
 def test_parse_rule_splits_method_and_glob_segments(
     text: str, method: str, segments: tuple[str, ...]
 ) -> None:
-    rule = parse_rule(text)
+    rule = parse_rule(text, custom_methods=CUSTOM)
     assert (rule.method, rule.segments) == (method, segments)
 
 
 @pytest.mark.parametrize("text", [text for text, _, _ in PARSED])
 def test_parse_rule_keeps_the_text_without_surrounding_whitespace(text: str) -> None:
-    assert parse_rule(text).text == text.strip()
+    assert parse_rule(text, custom_methods=CUSTOM).text == text.strip()
 
 
 RULE_ERRORS: list[tuple[str, str]] = [
@@ -236,6 +237,12 @@ RULE_ERRORS: list[tuple[str, str]] = [
     ("Post /a", "write POST, not Post"),
     ("/a GET", "write 'GET /a', not '/a GET'"),
     ("GET1 /a", "not valid"),
+    ("DELET /items/*", "'DELET' is not a standard HTTP method"),
+    ("DELET /items/*", "did you mean DELETE?"),
+    ("PTACH /a", "did you mean PATCH?"),
+    ("GETS /a", "did you mean GET?"),
+    ("PROPFIND /a", "custom_methods = [\"PROPFIND\"]"),
+    ("M-SEARCH /x", "custom_methods"),
     ("G.T /a", "not valid"),
     ("** /a", "not valid"),
     ("ÄRGER /a", "not valid"),
@@ -456,7 +463,7 @@ def test_star_deny_catches_lowercase_methods(method: str) -> None:
 
 
 def test_custom_verb_needs_its_own_rule() -> None:
-    assert _decide("PURGE", "/a", [parse_rule("PURGE /a")], []).allowed is True
+    assert _decide("PURGE", "/a", [parse_rule("PURGE /a", custom_methods=["PURGE"])], []).allowed is True
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from outloop_cli.profiles import (
     check_workspace_name,
     find_profile,
     load_profile,
+    runnable_workspaces,
 )
 from outloop_cli.units import Rate
 
@@ -180,7 +181,8 @@ def test_errors_are_profile_errors_with_outloops_failure_exit_code(pdir: Path) -
     ("version = 1\nextend = 'agency'", "extend", "did you mean `extends`?"),
     ("version = 1\n[credential.crm]\nsecret = 'keyring'", "credential", "did you mean `credentials`?"),
     ("version = 1\n[runs]\ntimeout = '1h'", "runs", "did you mean `run`?"),
-    ("version = 1\nzzz = 1", "zzz", "allowed keys: version, description, extends, run, credentials"),
+    ("version = 1\nzzz = 1", "zzz", "allowed keys: version, description, extends, abstract, run, notify, credentials, "
+                                     "tags, guard"),
     (with_run("timout = '1h'"), "run.timout", "did you mean `timeout`?"),
     (with_run("max_request = 5"), "run.max_requests".replace("requests", "request"), "did you mean `max_requests`?"),
     (with_run("env_kep = []"), "run.env_kep", "did you mean `env_keep`?"),
@@ -269,6 +271,8 @@ def test_missing_required_credential_keys_say_what_to_add(pdir: Path, text: str,
     (["GET /a?b=1"], 0, "never the query"),
     (["GET /items/{id}"], 0, "URL template placeholder"),
     (["GET /ok", "GET /a*b"], 1, "mixes '*' with other characters"),
+    (["DELET /items/*"], 0, "did you mean DELETE?"),
+    (["PROPFIND /dav/*"], 0, "list it in this credential's custom_methods"),
 ])
 @pytest.mark.parametrize("list_key", ["allow", "deny"])
 def test_bad_rules_are_named_by_list_and_index_with_the_reason(pdir: Path, rules: list[str], index: int,
@@ -277,6 +281,22 @@ def test_bad_rules_are_named_by_list_and_index_with_the_reason(pdir: Path, rules
     message = error(pdir, with_credential(f"{list_key} = [{quoted}]"))
     assert message.startswith(f"{pdir / 'acme.toml'}: credentials.crm.{list_key}[{index}]: bad rule "
                               f"{rules[index]!r}: ")
+    assert fragment in message
+
+
+def test_custom_methods_let_rules_name_a_custom_verb(pdir: Path) -> None:
+    profile = load(pdir, with_credential('custom_methods = ["PROPFIND"]\nallow = ["PROPFIND /dav/*", "GET /dav/*"]'))
+    assert [rule.method for rule in profile.credentials["crm"].allow] == ["PROPFIND", "GET"]
+
+
+@pytest.mark.parametrize(("methods", "fragment"), [
+    ('["GET"]', "GET is a standard method already"),
+    ('["propfind"]', "is not a method name"),
+    ('"PROPFIND"', "expected a list of strings"),
+])
+def test_custom_methods_must_be_custom_upper_case_verbs(pdir: Path, methods: str, fragment: str) -> None:
+    message = error(pdir, with_credential(f"custom_methods = {methods}"))
+    assert message.startswith(f"{pdir / 'acme.toml'}: credentials.crm.custom_methods: ")
     assert fragment in message
 
 
@@ -785,6 +805,13 @@ def test_repo_example_profiles_load(workspace: str) -> None:
 
 def test_repo_examples_are_the_workspaces_available() -> None:
     assert {"agency", "acme", "globex"} <= set(available_workspaces([REPO_PROFILES]))
+
+
+def test_repo_agency_is_a_base_that_never_runs_and_its_clients_run() -> None:
+    assert load_profile("agency", [REPO_PROFILES]).abstract is True
+    assert set(runnable_workspaces([REPO_PROFILES])) >= {"acme", "globex"}
+    assert "agency" not in runnable_workspaces([REPO_PROFILES])
+    assert load_profile("acme", [REPO_PROFILES]).abstract is False
 
 
 def test_repo_acme_and_globex_share_the_crm_host_with_different_rules() -> None:

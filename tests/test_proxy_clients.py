@@ -94,6 +94,86 @@ def test_a_denied_path_gets_the_brokers_403_and_reaches_nothing(pw: ProxyWorld) 
         ("POST", "/crm/42/merge", "denied_by_rule", "* /crm/*/merge")]
 
 
+ANSWERS = """
+import json, requests, sys
+answers = []
+for method, url, body in json.load(open(sys.argv[1])):
+    r = requests.request(method, url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    error = r.json().get("error") if r.headers.get("Outloop-Decision") == "deny" else None
+    answers.append([r.status_code, r.headers.get("Outloop-Reason"), error])
+print(json.dumps(answers))
+"""
+
+
+def _answers(pw: ProxyWorld, calls: list[tuple[str, str, str | None]]) -> list[list[object]]:
+    """Each call's status, Outloop-Reason and nested error body; the calls travel in a file, not in argv (which
+    the audit records)."""
+    (pw.world.work / "calls.json").write_text(json.dumps(calls))
+    (pw.world.work / "answers.py").write_text(ANSWERS)
+    code, out, err = _python(pw, "import runpy, sys; sys.argv[1:] = ['calls.json']; runpy.run_path('answers.py')")
+    assert code == 0, err
+    return list(json.loads(out.strip().splitlines()[-1]))
+
+
+def test_the_proxys_refusals_are_the_brokers_nested_errors(pw: ProxyWorld) -> None:
+    """What an SDK behind the proxy reads is what it reads from /v1/http/: the nested error and Outloop-Reason."""
+    answers = _answers(pw, [("POST", pw.url("/crm/42/merge"), None), ("GET", pw.url("/other"), None),
+                            ("GET", pw.url("/crm/a%2Fb"), None)])
+    assert answers == [
+        [403, "denied_by_rule", {"type": "denied", "reason": "denied_by_rule", "credential": "api",
+                                 "rule": "* /crm/*/merge", "message": "POST /crm/42/merge is not allowed for 'api' "
+                                                                      "(denied by rule '* /crm/*/merge')"}],
+        [403, "no_matching_rule", {"type": "denied", "reason": "no_matching_rule", "credential": "api", "rule": None,
+                                   "message": "GET /other is not allowed for 'api' (no allow rule matches)"}],
+        [400, "encoded_slash", answers[2][2]]]
+    assert isinstance(answers[2][2], dict) and answers[2][2]["type"] == "bad_request"
+    assert pw.api.requests == []
+
+
+def test_a_refused_connect_answers_with_the_nested_error_too(pw: ProxyWorld) -> None:
+    source = f"""
+import json, os, socket
+sock = socket.create_connection(("127.0.0.1", int(os.environ["HTTPS_PROXY"].rsplit(":", 1)[1])))
+sock.sendall(b"CONNECT localhost:{pw.third.port} HTTP/1.1\\r\\nHost: localhost:{pw.third.port}\\r\\n\\r\\n")
+data = b""
+while chunk := sock.recv(65536):
+    data += chunk
+head, _, body = data.partition(b"\\r\\n\\r\\n")
+print(json.dumps([head.decode().split("\\r\\n"), json.loads(body)]))
+"""
+    code, out, err = _python(pw, source)
+    assert code == 0, err
+    head, body = json.loads(out)
+    assert head[0] == "HTTP/1.1 403 Forbidden"
+    assert "Outloop-Reason: egress_denied" in head and "Outloop-Decision: deny" in head
+    assert body["error"]["type"] == "denied" and body["error"]["reason"] == "egress_denied"
+    assert f"localhost:{pw.third.port}" in body["error"]["message"]
+    pw.assert_third_untouched()
+
+
+GLOBEX_GUARD = '\n[guard]\nidentifiers = ["globex.example", "GLX-"]\n'
+
+
+def test_the_wrong_client_guard_judges_intercepted_requests_as_it_does_v1_http(pw: ProxyWorld) -> None:
+    globex = pw.world.profiles / "globex.toml"
+    original = globex.read_text()
+    globex.write_text(original + GLOBEX_GUARD)
+    try:
+        answers = _answers(pw, [("POST", pw.url("/crm/v3/contacts"), '{"email": "jane@acme.example"}'),
+                                ("POST", pw.url("/crm/v3/contacts"), '{"email": "bob@GLOBEX.example"}'),
+                                ("GET", pw.url("/crm/v3/contacts/glx-7"), None)])
+    finally:
+        globex.write_text(original)
+    assert [answer[:2] for answer in answers] == [[200, None], [403, "foreign_identifier"],
+                                                  [403, "foreign_identifier"]]
+    assert all(isinstance(answer[2], dict) and answer[2]["rule"] is None for answer in answers[1:])  # not globex
+    assert [r.body for r in pw.api.requests] == [b'{"email": "jane@acme.example"}']  # only acme's own lead
+    denied = [e for e in pw.world.events(pw.world.last_run_id()) if e["decision"] == "deny"]
+    assert [(e["reason"], e["rule"]) for e in denied] == [("foreign_identifier", "globex: guard.identifiers[0]"),
+                                                          ("foreign_identifier", "globex: guard.identifiers[1]")]
+    assert b"glx-7" not in pw.world.audit_bytes().lower()
+
+
 def test_a_secret_echoed_by_the_upstream_comes_back_masked(pw: ProxyWorld) -> None:
     result = pw.world.run("curl", "-sS", "-i", "--fail", pw.url("/echo-auth-in-header"))
     assert result.code == 0, result.err

@@ -195,10 +195,12 @@ def test_double_forked_strays_do_not_outlive_the_run(world: World) -> None:
         if os.fork() == 0:
             if os.fork() == 0:
                 os.setsid()
-                open({str(pid_file)!r}, "w").write(str(os.getpid()))
+                open({str(pid_file)!r} + ".part", "w").write(str(os.getpid()))
+                os.rename({str(pid_file)!r} + ".part", {str(pid_file)!r})
                 time.sleep(300)
             os._exit(0)
-        time.sleep(0.5)
+        while not os.path.exists({str(pid_file)!r}):  # the stray is running on its own before the loop exits
+            time.sleep(0.01)
     """, flags=["--summary-json", str(world.work / "summary.json")])
     assert result.code == 0
     assert pid_file.exists()  # the stray ran; its pid is one of the loop's own PID namespace
@@ -255,3 +257,10 @@ def test_quiet_run_prints_nothing_of_its_own(world: World, network: str) -> None
     """, flags=["-q", "--network", network])
     assert (quick.code, quick.out, quick.err) == (0, "", "")
     assert (busy.code, busy.out, busy.err) == (0, "200\n", "")
+
+
+def test_a_summary_json_in_a_missing_directory_fails_before_the_loop_runs(world: World) -> None:
+    marker = world.work / "ran"
+    result = world.run("touch", str(marker), flags=["--summary-json", str(world.work / "missing" / "summary.json")])
+    assert result.code == 125 and "--summary-json: cannot write" in result.err, result.err
+    assert not marker.exists()

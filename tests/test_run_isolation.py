@@ -13,7 +13,7 @@ HOSTILE_LOOP = """
     attempts = json.loads(sys.argv[1])
     for credential, method, path in attempts:
         response = client.request(credential, method, path)
-        print(json.dumps({"status": response.status, "error": (response.error or {}).get("error"),
+        print(json.dumps({"status": response.status, "error": (response.error or {}).get("type"),
                           "decision": response.headers.get("outloop-decision")}))
 """
 
@@ -81,7 +81,7 @@ def test_redirect_to_another_host_is_refused_and_not_followed(world: World) -> N
     result = world.run_loop(f"""
         from outloop_cli.client import Outloop
         response = Outloop().request("crm", "GET", "/redirect?to={world.other.base_url}/steal")
-        print(response.status, response.error["error"])
+        print(response.status, response.error["type"])
     """)
     assert result.out.split() == ["403", "denied"]
     assert world.other.requests == []

@@ -72,8 +72,7 @@ def test_kill_9_of_outloop_loses_no_event_whose_response_the_child_received(worl
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=10)
-    time.sleep(1.0)  # the orphaned child notices the dead socket and exits
-    _kill_leftovers(script)
+    _kill_leftovers(script)  # the orphaned child, if it has not noticed the dead socket yet
     got = set(received.read_text().split())
     assert len(got) >= 300
     audited = {str(event["path"]).rsplit("/", 1)[1] for event in world.events(kind="request")}
@@ -89,6 +88,8 @@ def test_kill_9_of_outloop_loses_no_event_whose_response_the_child_received(worl
 def _kill_leftovers(script: object) -> None:
     import psutil
 
-    for process in psutil.process_iter(["cmdline"]):
-        if str(script) in " ".join(process.info["cmdline"] or []):
-            process.kill()
+    leftovers = [process for process in psutil.process_iter(["cmdline"])
+                 if str(script) in " ".join(process.info["cmdline"] or [])]
+    for process in leftovers:
+        process.kill()
+    psutil.wait_procs(leftovers, timeout=10)  # gone, so nothing writes what the test reads next

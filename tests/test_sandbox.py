@@ -159,7 +159,7 @@ def test_outside_process_connecting_to_the_socket_gets_401_and_is_audited(world:
     probe = subprocess.run([PYTHON, "-c", (
         "import sys; from outloop_cli.client import Outloop; "
         "r = Outloop(sys.argv[1]).request('crm', 'GET', '/crm/v3/objects/contacts'); "
-        "print(r.status, r.error['error'])"), path], capture_output=True, text=True, timeout=20)
+        "print(r.status, r.error['type'])"), path], capture_output=True, text=True, timeout=20)
     release.touch()
     runner.join(timeout=30)
     assert probe.stdout.split() == ["401", "unauthenticated"], probe.stderr

@@ -118,7 +118,7 @@ def test_a_cron_like_run_from_home_gets_125_then_works_from_the_loops_dir(world:
     home.mkdir()
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "OUTLOOP_HOME": str(world.home),
            "OUTLOOP_SANDBOX": backend, "PYTHON_KEYRING_BACKEND": world.env["PYTHON_KEYRING_BACKEND"],
-           "XDG_DATA_HOME": world.env["XDG_DATA_HOME"]}
+           "PYTHONPATH": world.env["PYTHONPATH"], "XDG_DATA_HOME": world.env["XDG_DATA_HOME"]}
     argv = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), OUTLOOP, "run", "-w", "acme", "--profiles",
             str(world.profiles), "--", "sh", "-c", "pwd; echo ok > made-by-the-loop"]
     refused = subprocess.run(argv, cwd=home, capture_output=True, text=True, timeout=60)

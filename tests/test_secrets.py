@@ -14,9 +14,10 @@ from pathlib import Path
 import keyring
 import keyring.core
 import pytest
+from conftest import KEYRING_BACKEND, KEYRING_DIR
 from keyring.backend import KeyringBackend
 from keyring.backends import fail
-from keyrings.alt.file import PlaintextKeyring
+from outloop_test_keyring import PlaintextFileKeyring
 
 from outloop_cli import secrets
 from outloop_cli.errors import SecretError
@@ -351,9 +352,9 @@ def use_keyring(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture
-def file_keyring(tmp_path: Path, use_keyring: None) -> PlaintextKeyring:
-    backend = PlaintextKeyring()
-    backend.file_path = str(tmp_path / "keyring" / "keyring_pass.cfg")  # type: ignore[misc]
+def file_keyring(tmp_path: Path, use_keyring: None, monkeypatch: pytest.MonkeyPatch) -> PlaintextFileKeyring:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    backend = PlaintextFileKeyring()
     keyring.set_keyring(backend)
     return backend
 
@@ -377,21 +378,21 @@ def test_keyring_service_is_outloop_slash_workspace() -> None:
     assert keyring_service("acme") == "outloop/acme"
 
 
-def test_keyring_source_reads_service_outloop_workspace_user_credential(file_keyring: PlaintextKeyring) -> None:
+def test_keyring_source_reads_service_outloop_workspace_user_credential(file_keyring: PlaintextFileKeyring) -> None:
     file_keyring.set_password("outloop/acme", "crm", CANARY)
     file_keyring.set_password("outloop/globex", "crm", "globex-value")
     assert resolve("keyring") == CANARY
     assert resolve_secret("globex", "crm", "keyring", {}).reveal() == "globex-value"
 
 
-def test_keyring_source_missing_entry_says_how_to_store_it(file_keyring: PlaintextKeyring) -> None:
+def test_keyring_source_missing_entry_says_how_to_store_it(file_keyring: PlaintextFileKeyring) -> None:
     file_keyring.set_password("outloop/globex", "crm", CANARY)
     message = failure("keyring")
     assert "no secret in the keyring (service 'outloop/acme', user 'crm')" in message
     assert "`outloop secret set acme crm`" in message
 
 
-def test_keyring_source_refuses_a_value_with_a_line_break(file_keyring: PlaintextKeyring) -> None:
+def test_keyring_source_refuses_a_value_with_a_line_break(file_keyring: PlaintextFileKeyring) -> None:
     file_keyring.set_password("outloop/acme", "crm", CANARY + "\nX-Injected: 1")
     assert "line break or NUL" in failure("keyring")
 
@@ -416,7 +417,7 @@ def test_keyring_file_backend_configured_by_environment_works_in_a_fresh_process
     """The documented way out for headless machines: PYTHON_KEYRING_BACKEND plus a data dir."""
     import subprocess
 
-    env = {**os.environ, "PYTHON_KEYRING_BACKEND": "keyrings.alt.file.PlaintextKeyring",
+    env = {**os.environ, "PYTHON_KEYRING_BACKEND": KEYRING_BACKEND, "PYTHONPATH": str(KEYRING_DIR),
            "XDG_DATA_HOME": str(tmp_path / "data")}
     code = ("import keyring, sys; from outloop_cli.secrets import resolve_secret; "
             "keyring.set_password('outloop/acme', 'crm', sys.argv[1]); "

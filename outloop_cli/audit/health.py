@@ -1,6 +1,7 @@
-"""Inspect audit.db for `outloop doctor` without changing it: schema version, integrity, WAL, permissions.
+"""Inspect audit.db for `outloop doctor` without changing its content: owner, schema version, integrity, WAL.
 
 Opened read-only and never migrated, so a doctor run on a machine with a newer or broken database is harmless.
+Like every command, it tightens a too-open mode on the operator's own file and refuses anyone else's.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from outloop_cli.audit.schema import SCHEMA_VERSION
+from outloop_cli.audit.schema import SCHEMA_VERSION, SQLITE_COMPANIONS
+from outloop_cli.errors import StateDirError
+from outloop_cli.private_fs import check_private_file
 
 
 @dataclass
 class DatabaseHealth:
-    """What doctor reports about audit.db; `problems` and `warnings` are (what, fix) pairs, the first stop runs."""
+    """What doctor reports about audit.db; `problems` are (what, fix) pairs that stop runs."""
 
     path: Path
     exists: bool
@@ -27,18 +30,18 @@ class DatabaseHealth:
     quick_check: str | None = None
     runs: int | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
 def inspect_database(path: Path) -> DatabaseHealth:
-    if not path.exists():
+    try:
+        exists = check_private_file(path, companions=SQLITE_COMPANIONS)
+    except StateDirError as exc:  # another user's file, or a link: reported, never opened
+        return DatabaseHealth(path, True, problems=[(exc.message, "see docs/OPERATIONS.md, State directories")])
+    if not exists:
         return DatabaseHealth(path, False, notes=["not created yet; the first `outloop run` creates it"])
     info = path.stat()
     health = DatabaseHealth(path, True, size_bytes=info.st_size, mode=f"{stat.S_IMODE(info.st_mode):04o}")
-    if info.st_mode & 0o077:
-        health.warnings.append((f"{path} is readable by group or others (mode {health.mode})",
-                                f"chmod 600 {path}"))
     try:
         conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5.0)
     except sqlite3.Error as exc:

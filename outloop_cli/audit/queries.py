@@ -6,12 +6,14 @@ killed before it could record its end, and how was it sandboxed.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.store import (
     EventRow,
     Exchange,
@@ -24,6 +26,7 @@ from outloop_cli.audit.store import (
     unique_prefix_length,
 )
 from outloop_cli.errors import EXIT_AMBIGUOUS, UsageError
+from outloop_cli.home import audit_db_path, outloop_home
 from outloop_cli.timespec import iso_time
 
 RunState = Literal["ended", "live", "no end"]
@@ -90,14 +93,14 @@ def view(conn: sqlite3.Connection, run: RunRow) -> RunView:
 
 
 def recent_runs(conn: sqlite3.Connection, *, limit: int, workspace: str | None = None, failed: bool = False,
-                statuses: list[StatusRange] | None = None) -> list[RunView]:
+                statuses: list[StatusRange] | None = None, batch_id: str | None = None) -> list[RunView]:
     """Newest first, each with its state; liveness is probed only for runs without an end record.
 
     ``failed`` keeps runs that exited non-zero, saw failed requests, or were killed before recording their end
-    (a run still live is not failed).
+    (a run still live is not failed). ``batch_id``: only the runs of one `run --each`.
     """
     runs = [view(conn, run) for run in list_runs(conn, limit=limit, workspace=workspace, failed=failed,
-                                                 statuses=statuses or ())]
+                                                 statuses=statuses or (), batch_id=batch_id)]
     return [item for item in runs if item.state != "live"] if failed else runs
 
 
@@ -267,3 +270,13 @@ def live_or_next_run(
                  if run.started_at >= since and run.run_id not in seen]
         if fresh:
             return fresh[-1]  # the oldest of the new ones, so none is skipped when several start at once
+
+
+@contextlib.contextmanager
+def operator_database(*, missing_ok: bool = True) -> Iterator[sqlite3.Connection]:
+    """The audit DB read-only; before the first run it reads as empty, so listings print nothing, not an error."""
+    conn = open_readonly(audit_db_path(outloop_home()), missing_ok=missing_ok)
+    try:
+        yield conn
+    finally:
+        conn.close()

@@ -6,18 +6,21 @@ Everything that knows the database's layout lives here; an older file is upgrade
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
 from outloop_cli.audit.chain import error_sql
+from outloop_cli.audit.shipped import SHIPPED_SCHEMA
 from outloop_cli.errors import AuditError
+from outloop_cli.private_fs import check_private_file
 
 # Long enough to ride out another run's group commit or a checkpoint, short enough that a wedged
 # database turns into refused requests (fail closed) rather than a hung agent loop.
 DEFAULT_BUSY_TIMEOUT: Final = 5.0
+# SQLite opens these by name beside the database, so they get the database's checks.
+SQLITE_COMPANIONS: Final = ("-wal", "-shm")
 
 _SCHEMA_V1: Final = (
     """CREATE TABLE runs (
@@ -103,8 +106,25 @@ def _migrate_to_v2(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_to_v3(conn: sqlite3.Connection) -> None:
+    """Runs of one `run --each` share a batch id; every run names the hash of the policy it ran under.
+
+    Both are also in the run_start event's detail, so the chain covers them; these columns are for lookups.
+    """
+    conn.execute("ALTER TABLE runs ADD COLUMN batch_id TEXT")
+    conn.execute("ALTER TABLE runs ADD COLUMN policy_hash TEXT")
+    conn.execute("CREATE INDEX runs_by_batch ON runs (batch_id, started_at) WHERE batch_id IS NOT NULL")
+
+
+def _migrate_to_shipped(conn: sqlite3.Connection) -> None:
+    for statement in SHIPPED_SCHEMA:
+        conn.execute(statement)
+
+
 # Applied in order from the database's user_version; append, never edit, once released.
-MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migrate_to_v1, _migrate_to_v2)
+MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
+    _migrate_to_v1, _migrate_to_v2, _migrate_to_v3, _migrate_to_shipped,
+)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -146,11 +166,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 def open_rw(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
     """A writable, migrated connection; creates the database (0600, in a 0700 directory) when missing."""
-    try:
-        db_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.close(os.open(db_path, os.O_RDWR | os.O_CREAT, 0o600))
-    except OSError as exc:
-        raise AuditError(f"cannot create the audit database at {db_path}: {exc.strerror}") from None
+    check_private_file(db_path, create=True, companions=SQLITE_COMPANIONS)
     try:
         conn = sqlite3.connect(db_path, timeout=busy_timeout, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as exc:
@@ -188,12 +204,12 @@ def open_readonly(
     see the columns this code expects. With ``missing_ok``, a database not created yet (no run so far) reads
     as an empty one: a listing on a new machine is empty, not an error; nothing is created on disk.
     """
-    if missing_ok and not db_path.exists():
+    if not check_private_file(db_path, companions=SQLITE_COMPANIONS):
+        if not missing_ok:
+            raise AuditError(f"no audit database at {db_path} yet: run `outloop run` first")
         empty = sqlite3.connect(":memory:", isolation_level=None)
         _migrate(empty)
         return empty
-    if not db_path.is_file():
-        raise AuditError(f"no audit database at {db_path} yet: run `outloop run` first")
     try:
         conn = sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True, timeout=busy_timeout)
     except sqlite3.Error as exc:

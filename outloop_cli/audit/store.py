@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Final, TypeAlias
 
 from outloop_cli.audit.chain import EVENT_COLUMNS, error_sql, is_error, now
-from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, describe_error, open_rw
+from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, SQLITE_COMPANIONS, describe_error, open_rw
 from outloop_cli.errors import AuditError
+from outloop_cli.private_fs import check_private_file
 
 _RUN_COLUMNS: Final = (
     "run_id", "workspace", "command", "started_at", "ended_at", "exit_code", "duration", "allowed",
-    "denied", "errors", "sandbox", "head_hash", "event_count",
+    "denied", "errors", "sandbox", "head_hash", "event_count", "batch_id", "policy_hash",
 )  # fmt: skip
 
 
@@ -40,6 +41,8 @@ class RunRow:
     sandbox: object
     head_hash: str | None
     event_count: int | None
+    batch_id: str | None
+    policy_hash: str | None
     incomplete: bool
 
 
@@ -116,14 +119,17 @@ def list_runs(
     workspace: str | None = None,
     failed: bool = False,
     statuses: Sequence[StatusRange] = (),
+    batch_id: str | None = None,
 ) -> list[RunRow]:
     """Newest runs first. ``failed``: runs that exited non-zero, saw failed outcomes, or recorded no end;
-    ``statuses``: runs where some request was answered with one of those statuses (by upstream or broker)."""
+    ``statuses``: runs where some request was answered with one of those statuses (by upstream or broker);
+    ``batch_id``: the runs of one `run --each`."""
     clauses: list[str] = []
     params: list[object] = []
-    if workspace is not None:
-        clauses.append("workspace = ?")
-        params.append(workspace)
+    for column, value in (("workspace", workspace), ("batch_id", batch_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
     if failed:
         clauses.append("(exit_code != 0 OR errors > 0 OR ended_at IS NULL)")
     if statuses:
@@ -347,7 +353,7 @@ def prune(db_path: Path, *, older_than: float, busy_timeout: float = DEFAULT_BUS
     Each leaves a ``pruned`` marker with its count and head hash, so verify can tell pruning from deletion.
     Unfinished runs are kept: they may still be live.
     """
-    if not db_path.is_file():
+    if not check_private_file(db_path, companions=SQLITE_COMPANIONS):
         raise AuditError(f"no audit database at {db_path} yet: run `outloop run` first")
     conn = open_rw(db_path, busy_timeout)
     try:

@@ -57,6 +57,16 @@ class Failure:
     count: int
 
 
+@dataclass(frozen=True)
+class Flag:
+    """Responses delivered but marked (the wrong-client guard's `flag`), by credential, reason and rule."""
+
+    credential: str | None
+    reason: str
+    rule: str | None
+    count: int
+
+
 @dataclass
 class Tally:
     """``credentials`` has every profile credential; requests naming none of them (unknown credential, a caller
@@ -66,6 +76,7 @@ class Tally:
     unattributed: Counts = field(default_factory=Counts)
     denials: list[Denial] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    flags: list[Flag] = field(default_factory=list)
 
     @property
     def total(self) -> Counts:
@@ -81,6 +92,14 @@ _GROUPED = """
     FROM events q LEFT JOIN events r ON r.run_id = q.run_id AND r.request_seq = q.seq AND r.kind = 'response'
     WHERE q.run_id = ? AND q.kind = 'request'
     GROUP BY 1, 2, 3, 4, 5, 6, 7
+"""
+
+
+# A response's reason marks one that was delivered but flagged; denials and failures are the request's business.
+_FLAGGED = """
+    SELECT credential, reason, rule, count(*) FROM events
+    WHERE run_id = ? AND kind = 'response' AND reason IS NOT NULL
+    GROUP BY 1, 2, 3 ORDER BY 4 DESC
 """
 
 
@@ -108,4 +127,5 @@ def run_tally(conn: sqlite3.Connection, run_id: str, credentials: Collection[str
             failures[(credential, status, error)] = failures.get((credential, status, error), 0) + count
     tally.denials = sorted((Denial(*key, count) for key, count in denials.items()), key=lambda d: -d.count)
     tally.failures = sorted((Failure(*key, count) for key, count in failures.items()), key=lambda f: -f.count)
+    tally.flags = [Flag(*row) for row in conn.execute(_FLAGGED, (run_id,))]
     return tally

@@ -46,7 +46,9 @@ def _stop(chain: _Chain, problem: str, seq: int) -> _Chain:
     return chain
 
 
-def _walk(rows: Iterable[tuple[object, ...]]) -> _Chain:
+def walk_chain(rows: Iterable[tuple[object, ...]]) -> _Chain:
+    """Walk one run's events (EVENT_COLUMNS + hash, in seq order) up to the first problem; the central verify
+    walks shipped chains with it too, so both copies are held to one definition of intact."""
     chain = _Chain()
     for row in rows:
         fields = dict(zip((*EVENT_COLUMNS, "hash"), row, strict=True))
@@ -120,6 +122,8 @@ def _compare_run(run: dict[str, object], chain: _Chain) -> tuple[str, int] | Non
     recorded_start = (loads_lenient(run["command"]), loads_lenient(run["sandbox"]))
     if recorded_start != (start_detail.get("command"), start_detail.get("sandbox")):
         return "the runs row's command or sandbox does not match run_start", 0
+    if (run["batch_id"], run["policy_hash"]) != (start_detail.get("batch_id"), start_detail.get("policy_hash")):
+        return "the runs row's batch id or policy hash does not match run_start", 0
     if end is not None:
         end_detail = end["detail"]
         assert isinstance(end_detail, dict)
@@ -130,7 +134,7 @@ def _compare_run(run: dict[str, object], chain: _Chain) -> tuple[str, int] | Non
 
 
 _RUN_FIELDS = ("workspace", "command", "started_at", "ended_at", "exit_code", "duration", "allowed",
-               "denied", "errors", "sandbox", "head_hash", "event_count")  # fmt: skip
+               "denied", "errors", "sandbox", "head_hash", "event_count", "batch_id", "policy_hash")  # fmt: skip
 
 
 def verify_run(conn: sqlite3.Connection, run_id: str) -> RunVerdict:
@@ -141,7 +145,7 @@ def verify_run(conn: sqlite3.Connection, run_id: str) -> RunVerdict:
     with snapshot(conn):
         row = conn.execute(f"SELECT {', '.join(_RUN_FIELDS)} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         marker = conn.execute("SELECT event_count FROM pruned WHERE run_id = ?", (run_id,)).fetchone()
-        chain = _walk(
+        chain = walk_chain(
             conn.execute(
                 f"SELECT {', '.join((*EVENT_COLUMNS, 'hash'))} FROM events WHERE run_id = ? ORDER BY seq",
                 (run_id,),

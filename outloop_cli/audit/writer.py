@@ -65,6 +65,8 @@ class ResponseRecord:
     bytes_in: int
     bytes_out: int
     error: str | None = None
+    reason: str | None = None  # e.g. foreign_identifier_flagged: delivered, but marked
+    rule: str | None = None  # what marked or withheld it (a guard identifier rule), never the data itself
 
 
 _CHECKPOINT_SECONDS = 1.0
@@ -140,8 +142,12 @@ class RunLog:
         command: list[str],
         sandbox: object,
         busy_timeout: float,
+        batch_id: str | None = None,
+        policy_hash: str | None = None,
     ) -> None:
         self.db_path = db_path
+        self.batch_id = batch_id
+        self.policy_hash = policy_hash
         self.run_id = run_id
         self.workspace = workspace
         self._conn = conn
@@ -178,11 +184,12 @@ class RunLog:
     ) -> RunLog:
         """Open the database and commit the run's row and run_start event (seq 0) before returning.
 
-        ``detail`` is stored on run_start (its ``sandbox`` entry also on the runs row); the command is
-        added to it so the runs row can be checked against the chain.
+        ``detail`` is stored on run_start (its ``sandbox``, ``batch_id`` and ``policy_hash`` entries also on the
+        runs row); the command is added to it so the runs row can be checked against the chain.
         """
         start_detail = {**json_object(detail, "run detail"), "command": list(command)}
         conn = open_rw(db_path, busy_timeout)
+        batch_id, policy_hash = start_detail.get("batch_id"), start_detail.get("policy_hash")
         log = cls(
             conn,
             db_path=db_path,
@@ -190,6 +197,8 @@ class RunLog:
             workspace=workspace,
             command=list(command),
             sandbox=start_detail.get("sandbox"),
+            batch_id=batch_id if isinstance(batch_id, str) else None,
+            policy_hash=policy_hash if isinstance(policy_hash, str) else None,
             busy_timeout=busy_timeout,
         )
         started: concurrent.futures.Future[int] = concurrent.futures.Future()
@@ -302,7 +311,7 @@ class RunLog:
     def _response_item(self, rec: ResponseRecord, waiter: _Waiter) -> _Item:
         fields = {
             name: column_value(name, getattr(rec, name))
-            for name in ("request_seq", "status", "latency_ms", "bytes_in", "bytes_out", "error")
+            for name in ("request_seq", "status", "latency_ms", "bytes_in", "bytes_out", "error", "reason", "rule")
         }
         return _Item("response", now(), fields, waiter)
 
@@ -362,8 +371,10 @@ class RunLog:
             try:
                 if saved[0] == 0:
                     self._conn.execute(
-                        "INSERT INTO runs (run_id, workspace, command, started_at, sandbox) VALUES (?, ?, ?, ?, ?)",
-                        (self.run_id, self.workspace, self._command, rows[0]["ts"], self._sandbox),
+                        "INSERT INTO runs (run_id, workspace, command, started_at, sandbox, batch_id, policy_hash) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (self.run_id, self.workspace, self._command, rows[0]["ts"], self._sandbox, self.batch_id,
+                         self.policy_hash),
                     )
                 self._conn.executemany(_INSERT_EVENT, rows)
                 self._conn.execute(

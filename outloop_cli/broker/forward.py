@@ -12,6 +12,8 @@ from urllib.parse import quote, unquote
 
 from multidict import CIMultiDict
 
+from outloop_cli.auth.config import AwsSigV4, child_signing_headers
+from outloop_cli.auth.sigv4 import is_presigned
 from outloop_cli.broker.redact import basic_auth_variant, redact_text
 from outloop_cli.profiles import Credential
 from outloop_cli.secrets import Secret
@@ -43,9 +45,14 @@ class Injector:
 
     header: tuple[str, str] | None
     query: tuple[str, str] | None  # (name, url-encoded secret)
+    drop: frozenset[str] = frozenset()  # more child headers to drop (lower case): an auth scheme's signing headers
+    refuse_presigned: bool = False  # a SigV4 credential: a query carrying its own signature is refused
 
     @classmethod
     def for_credential(cls, credential: Credential, secret: Secret) -> Injector:
+        if credential.auth is not None:  # its scheme authorizes each request (outloop_cli.auth)
+            return cls(header=None, query=None, drop=child_signing_headers(credential.auth),
+                       refuse_presigned=refuses_presigned(credential))
         value = secret.reveal()
         style = credential.inject.style
         if style == "header":
@@ -73,7 +80,7 @@ def upstream_headers(
     injected_name = injector.header[0].lower() if injector.header else None
     for name, value in decoded:
         lower = name.lower()
-        if lower in NEVER_FROM_CHILD or lower in connection_listed or lower == injected_name:
+        if lower in NEVER_FROM_CHILD or lower in connection_listed or lower == injected_name or lower in injector.drop:
             continue
         if lower.startswith("outloop-"):
             continue
@@ -86,10 +93,23 @@ def upstream_headers(
     return headers
 
 
-def upstream_query(raw_query: str, injector: Injector, drop_values_containing: str | None) -> str:
-    """Keep the child's query byte for byte, except a parameter named like the injected one."""
+def refuses_presigned(credential: Credential) -> bool:
+    """A SigV4 credential signs every request itself, so a query carrying its own signature is refused."""
+    return isinstance(credential.auth, AwsSigV4)
+
+
+def check_query(raw_query: str, refuse_presigned: bool) -> None:
+    """The checks the admission chain and the forwarder share, so `policy test` and the broker agree."""
     if not _QUERY_OK.fullmatch(raw_query):
         raise BadQuery("the query string holds characters that must be percent-encoded")
+    if refuse_presigned and is_presigned(raw_query):
+        raise BadQuery("presigned URLs carry their own signature; outloop signs every request for this credential "
+                       "itself: drop the X-Amz-* (or Signature) query parameters")
+
+
+def upstream_query(raw_query: str, injector: Injector, drop_values_containing: str | None) -> str:
+    """Keep the child's query byte for byte, except a parameter named like the injected one."""
+    check_query(raw_query, injector.refuse_presigned)
     pairs = [pair for pair in raw_query.split("&") if pair] if raw_query else []
     if injector.query:
         name = injector.query[0]

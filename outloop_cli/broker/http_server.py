@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -31,14 +31,53 @@ class _BrokerProtocol(RequestHandler):
         return response
 
 
+MAX_LINE_SIZE = 16 * 1024
+MAX_FIELD_SIZE = 16 * 1024
+
+
 class BrokerHTTPServer(web.Server):
     """A `web.Server` whose protocol reports parse failures and handler crashes to `on_error`."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
                  on_error: ErrorHook, **kwargs: Any) -> None:
         super().__init__(handler, access_log=None, logger=_quiet, auto_decompress=False,
-                         max_field_size=16 * 1024, max_line_size=16 * 1024, **kwargs)
+                         max_field_size=MAX_FIELD_SIZE, max_line_size=MAX_LINE_SIZE, **kwargs)
         self.on_error = on_error
 
     def __call__(self) -> RequestHandler:
         return _BrokerProtocol(self, loop=self._loop, **self._kwargs)
+
+
+def parse_request_line(method: str, target: str) -> tuple[str, str] | None:
+    """What the broker's own HTTP parser makes of `METHOD TARGET HTTP/1.1`: (method, raw target), or None where it
+    refuses the line (the broker answers those 400 `malformed_http`).
+
+    `outloop policy test` goes through this, so a method or target the parser rejects is judged as a run would.
+    """
+    import asyncio
+
+    from aiohttp.http_exceptions import HttpProcessingError
+    from aiohttp.http_parser import HttpRequestParser
+
+    loop = asyncio.new_event_loop()
+    try:
+        parser = HttpRequestParser(cast(Any, _Unread()), loop, 2 ** 16, max_line_size=MAX_LINE_SIZE,
+                                   max_field_size=MAX_FIELD_SIZE)
+        line = f"{method} {target} HTTP/1.1\r\nHost: broker\r\n\r\n".encode("utf-8", "surrogateescape")
+        messages, _, _ = parser.feed_data(line)
+    except HttpProcessingError:
+        return None
+    finally:
+        loop.close()
+    message = messages[0][0]
+    return str(message.method), str(message.path)
+
+
+class _Unread:
+    """Stands in for the connection: the parser asks it to pause or resume reading a body nobody reads here."""
+
+    def pause_reading(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def resume_reading(self, *args: Any, **kwargs: Any) -> None:
+        pass

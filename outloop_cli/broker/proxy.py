@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # cryptography loads only with a run that intercepts (runner 
 HANDSHAKE_TIMEOUT = 10.0
 TUNNEL_CONNECT_TIMEOUT = 10.0
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-ErrorBody = Callable[[int, str, str], web.Response]  # the broker's error response, to be written raw
+ErrorBody = Callable[[int, str, str, str], web.Response]  # (status, code, reason, message): the broker's error
+# response, to be written raw
 
 
 class EgressProxy:
@@ -118,12 +119,13 @@ class EgressProxy:
         try:
             await self._record(target, "deny", reason, None, status)
         except AuditError:
-            status, code, message = 503, "audit_unavailable", "the audit log cannot be written"
-        self._answer(transport, status, code, message)
+            status, code, reason = 503, "audit_unavailable", "audit_unavailable"
+            message = "the audit log cannot be written"
+        self._answer(transport, status, code, reason, message)
 
-    def _answer(self, transport: asyncio.Transport, status: int, code: str, message: str) -> None:
+    def _answer(self, transport: asyncio.Transport, status: int, code: str, reason: str, message: str) -> None:
         """The broker's error response, written raw (there is no HTTP server on this connection yet), then close."""
-        response = self._error_body(status, code, message)
+        response = self._error_body(status, code, reason, message)
         assert isinstance(response.body, bytes)
         headers = [(name, value) for name, value in response.headers.items() if name.lower() != "content-length"]
         with contextlib.suppress(Exception):
@@ -187,7 +189,7 @@ class EgressProxy:
                 upstream = await connect_first(addresses, target.port, TUNNEL_CONNECT_TIMEOUT)
             except (OSError, TimeoutError):
                 status, error = 502, "upstream_error"
-                self._answer(transport, 502, "upstream_error", f"cannot reach {target}")
+                self._answer(transport, 502, "upstream_error", "upstream_error", f"cannot reach {target}")
                 return
             transport.write(raw_response(200))
             await splice(_streams(transport, rest), upstream, counts)

@@ -14,18 +14,31 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
-from outloop_cli.broker.admission import MAX_REQUEST_BODY, Admission, Denial, short, unknown_credential
-from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, credential_hosts, parse_absolute_http
+from outloop_cli.auth.schemes import IDEMPOTENT_METHODS, AuthContext, AuthFailed, Outgoing, build_scheme, secret_forms
+from outloop_cli.broker.admission import (
+    HTTP_PREFIX,
+    MAX_AUDITED_PATH,
+    RUN_INFO,
+    Admitted,
+    Denial,
+    admit,
+    admit_credential,
+    foreign_identifier,
+    short,
+)
+from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, credential_hosts
 from outloop_cli.broker.forward import (
     DECODABLE_ENCODINGS,
     BodyTooLarge,
@@ -34,24 +47,34 @@ from outloop_cli.broker.forward import (
     counted,
     rewrite_location,
     upstream_headers,
+    upstream_query,
+)
+from outloop_cli.broker.guard import (
+    FLAG_REASON,
+    GUARD_REASON,
+    TOO_LARGE_REASON,
+    UNREADABLE_REASON,
+    StreamScanner,
+    body_texts,
+    held_body,
 )
 from outloop_cli.broker.http_server import BrokerHTTPServer
-from outloop_cli.broker.intercept import Mismatch, route_intercepted
+from outloop_cli.broker.intercept import ToBroker, route_absolute, route_intercepted
 from outloop_cli.broker.limits import Limits
 from outloop_cli.broker.listeners import Listeners
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.proxy import EgressProxy
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
 from outloop_cli.errors import AuditError
+from outloop_cli.guard import Guard, Identifier
 from outloop_cli.profiles import Credential, Profile
+from outloop_cli.secret_admin import write_back_document
 from outloop_cli.secrets import Secret
 
 if TYPE_CHECKING:  # cryptography loads only with a run that intercepts (runner makes the CA)
     from outloop_cli.broker.ca import RunCA
 
-HTTP_PREFIX = "/v1/http/"
-SECRET_PREFIX = "/v1/secret/"
-MAX_AUDITED_PATH = 1024
+MAX_REQUEST_BODY = 256 * 1024 * 1024
 STREAM_CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are answered in one write
 # close() runs once the child's tree is gone, so no one waits for an answer any more: a handler still waiting on
@@ -71,15 +94,17 @@ class Broker:
         audit: RunLog,
         run_token: str | None = None,
         timeout: float | None = None,
+        guard: Guard | None = None,
         ca: RunCA | None = None,
         own_url: str | None = None,
     ) -> None:
         """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it.
 
-        `ca` is the run's CA when the egress proxy intercepts; `own_url` is OUTLOOP_URL as the child sees it, so
-        an SDK sending base-URL requests through the proxy (NO_PROXY is empty) reaches the broker itself.
-        """
+        `guard` holds the other workspaces' identifiers; None when nobody declared any. `ca` is the run's CA when
+        the egress proxy intercepts; `own_url` is OUTLOOP_URL as the child sees it, so an SDK sending base-URL
+        requests through the proxy (NO_PROXY is empty) reaches the broker itself."""
         self.run_id = run_id
+        self.guard = guard
         self.timeout = timeout
         self.profile = profile
         self.audit = audit
@@ -93,11 +118,16 @@ class Broker:
         self._secrets = dict(secrets)
         self._injectors = {name: Injector.for_credential(cred, secrets[name])
                            for name, cred in profile.credentials.items()}
+        self.warnings: list[str] = []  # for the run summary, e.g. a rotated refresh token that could not be stored
+        self._auth_context = AuthContext(audit=audit, learn=self._learn_secret, warn=self.warnings.append,
+                                         write_back=partial(write_back_document,
+                                                            warn=self.warnings.append))
+        self._schemes = {name: build_scheme(cred, secrets[name], self._auth_context)
+                         for name, cred in profile.credentials.items() if cred.auth is not None}
         self._variants = secret_variants(self._all_secret_forms())
         self._timeouts = {name: aiohttp.ClientTimeout(total=None, connect=cred.connect_timeout,
                                                       sock_read=cred.read_timeout)
                           for name, cred in profile.credentials.items()}
-        self._admission = Admission(profile.credentials, self._injectors, run_token, self.limits)
         self._upstream_tls = {name: _upstream_tls(cred) for name, cred in profile.credentials.items()}
         self.ca = ca
         base_urls = {name: cred.base_url for name, cred in profile.credentials.items()}
@@ -112,17 +142,24 @@ class Broker:
     def _all_secret_forms(self) -> list[str]:
         forms = []
         for name, cred in self.profile.credentials.items():
+            if name in self._schemes:  # each field of its document, and every token it minted
+                forms += secret_forms(self._schemes[name])
+                continue
             value = self._secrets[name].reveal()
             forms.append(value)
             if cred.inject.style == "basic":
                 forms.append(basic_auth_variant(cred.inject.name, value))
         return forms
 
+    def _learn_secret(self, value: str) -> None:
+        """A scheme minted a token (or got a rotated one): from now on it is masked in every answer."""
+        self._variants = secret_variants(self._all_secret_forms())
+
     # ----- lifecycle -------------------------------------------------------------------------------------
 
     async def serve(self, listeners: Listeners) -> None:
         """Serve on sockets bound before the child started; connections made meanwhile wait in the backlog."""
-        self._session = self._new_session()
+        self._session = self._auth_context.session = self._new_session()
         await self._serve(listeners.broker, self.handle)
         if listeners.relay is not None:
             await self._serve(listeners.relay, self.handle_relayed)
@@ -133,7 +170,8 @@ class Broker:
                 policy=self.egress, ca=self.ca, audit=self.audit,
                 peer_allowed=self._transport_allowed, intercepted=self._intercepted_handler,
                 plain=BrokerHTTPServer(self.handle_proxied, self._protocol_error), on_error=self._protocol_error,
-                error_body=lambda status, code, message: _error_response(status, code, message, None, None))
+                error_body=lambda status, code, reason, message: _error_response(status, code, message, None, None,
+                                                                                 reason=reason))
             await self._proxy.serve(listeners.proxy)
 
     async def _serve(self, sock: socket.socket, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -167,6 +205,8 @@ class Broker:
             await self._session.close()
         for secret in self._secrets.values():
             secret.wipe()
+        for scheme in self._schemes.values():
+            scheme.wipe()
         self._injectors.clear()
         self._variants = ()
 
@@ -218,22 +258,20 @@ class Broker:
         return any(hmac.compare_digest(candidate, token) for candidate in candidates)
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.raw_path.partition("?")[0]
-        if path.startswith(HTTP_PREFIX):
-            return await self._http(request)
-        if path.startswith(SECRET_PREFIX):
-            return await self._reveal(request, path[len(SECRET_PREFIX):])
-        if path == "/v1/run":
-            if request.method != "GET":
-                return await self._deny(request, None, 400, "bad_request", "bad_method", "use GET /v1/run")
-            try:  # every broker request is an event, this harmless one too, so counts reconcile
-                await self._audit_request(request, None, "/v1/run", "allow", "run_info", None, 200)
-            except AuditError:
-                return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
-            return web.json_response(self.run_info())
-        return await self._deny(request, None, 400, "bad_request", "unknown_route",
-                                "routes: GET /v1/run, ANY /v1/http/<credential>/<path>, "
-                                "GET /v1/secret/<credential>")
+        admitted = admit(request.method, request.raw_path, self.profile, self.guard)
+        if isinstance(admitted, Denial):
+            return await self._refuse(request, admitted)
+        if admitted.route == "http":
+            assert admitted.credential is not None
+            return await self._http(request, admitted, HTTP_PREFIX + admitted.credential.name)
+        if admitted.route == "reveal":
+            assert admitted.credential is not None
+            return await self._reveal(request, admitted.credential)
+        try:  # every broker request is an event, this harmless one too, so counts reconcile
+            await self._audit_request(request, None, RUN_INFO, "allow", "run_info", None, 200)
+        except AuditError:
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
+        return web.json_response(self.run_info())
 
     # ----- /v1/run ---------------------------------------------------------------------------------------
 
@@ -260,16 +298,8 @@ class Broker:
 
     # ----- /v1/secret/<credential> -----------------------------------------------------------------------
 
-    async def _reveal(self, request: web.BaseRequest, name: str) -> web.StreamResponse:
-        credential = self.profile.credentials.get(name)
-        if credential is None:
-            return await self._refuse(request, unknown_credential(name))
-        if request.method != "GET":
-            return await self._deny(request, credential, 400, "bad_request", "bad_method",
-                                    "use GET /v1/secret/<credential>", path=f"/v1/secret/{name}")
-        if not credential.reveal:
-            return await self._deny(request, credential, 403, "denied", "reveal_not_allowed",
-                                    f"credential {name!r} has reveal = false", path=f"/v1/secret/{name}")
+    async def _reveal(self, request: web.BaseRequest, credential: Credential) -> web.StreamResponse:
+        name = credential.name
         try:
             await self._audit_request(request, credential, f"/v1/secret/{name}", "allow", "revealed", None, 200)
         except AuditError:
@@ -280,87 +310,113 @@ class Broker:
 
     # ----- /v1/http/<credential>/<path> ------------------------------------------------------------------
 
-    async def _http(self, request: web.BaseRequest) -> web.StreamResponse:
-        raw_path, _, raw_query = request.raw_path.partition("?")
-        name, slash, rest = raw_path[len(HTTP_PREFIX):].partition("/")
-        return await self._admit_and_forward(request, name, slash + rest if slash else "/", raw_query,
-                                             HTTP_PREFIX + name)
+    async def _http(self, request: web.BaseRequest, admitted: Admitted, location_prefix: str
+                    ) -> web.StreamResponse:
+        """Admitted by policy; what remains needs the live request: body size, the body's guard scan, limits.
 
-    async def _admit_and_forward(self, request: web.BaseRequest, name: str, path: str, raw_query: str,
-                                 location_prefix: str) -> web.StreamResponse:
-        """The one way a request reaches a credential's upstream, whichever route it came in by.
-
-        `location_prefix` is where the child addressed the credential, so an on-host redirect points back there.
-        """
-        verdict = self._admission.admit(request.method, name, path, raw_query, request.content_length)
-        if isinstance(verdict, Denial):
-            return await self._refuse(request, verdict)
-        credential = verdict.credential
+        Every route to a credential's upstream ends here. `location_prefix` is where the child addressed the
+        credential, so an on-host redirect points back there."""
+        credential, upstream_path, decision = admitted.credential, admitted.path, admitted.decision
+        assert credential is not None and decision is not None
+        name = credential.name
+        if request.content_length is not None and request.content_length > MAX_REQUEST_BODY:
+            # Refused before anything goes upstream; a chunked body is cut at the same size while it streams.
+            return await self._deny(request, credential, 413, "bad_request", "body_too_large",
+                                    f"request body larger than {MAX_REQUEST_BODY} bytes", rule=decision.rule,
+                                    path=upstream_path)
+        held: bytes | None = None
+        if self.guard is not None and request.body_exists:
+            scanned = await self._scan_body(request, credential, upstream_path)
+            if isinstance(scanned, Denial):
+                return await self._refuse(request, scanned)
+            held = scanned
+        query = upstream_query(admitted.raw_query, self._injectors[name], self.run_token)
+        verdict = self.limits.admit(name)
+        if not verdict.ok:
+            scope = "this run" if verdict.scope == "run" else f"credential {name!r}"
+            message = (f"rate limit of {credential.rate} reached for {scope}" if verdict.reason == "rate_limited"
+                       else f"max_requests reached for {scope}")
+            headers = {"Retry-After": str(max(1, round(verdict.retry_after)))} if verdict.retry_after else {}
+            return await self._deny(request, credential, 429, verdict.reason, verdict.reason, message,
+                                    rule=decision.rule, headers=headers, path=upstream_path)
         try:
-            seq = await self._audit_request(request, credential, path, "allow", verdict.reason, verdict.rule, None)
+            seq = await self._audit_request(request, credential, upstream_path, "allow", decision.reason,
+                                            decision.rule, None)
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing "
-                                   "to forward (fail closed)", name, verdict.rule)
-        return await self._forward(request, credential, path, verdict.query, seq, location_prefix)
+                                   "to forward (fail closed)", name, decision.rule)
+        return await self._forward(request, credential, upstream_path, query, seq, held, location_prefix)
 
-    async def _refuse(self, request: web.BaseRequest, denial: Denial) -> web.StreamResponse:
-        return await self._deny(request, denial.credential, denial.status, denial.code, denial.reason,
-                                denial.message, rule=denial.rule, asked_for=denial.asked_for,
-                                headers=denial.headers, path=denial.path)
+    async def _scan_body(self, request: web.BaseRequest, credential: Credential, path: str) -> bytes | Denial:
+        """Hold the body back and scan it before anything goes upstream; too large or unreadable is refused."""
+        assert self.guard is not None
+        limit = self.guard.settings.max_body
+        too_large = Denial(413, "bad_request", TOO_LARGE_REASON, f"request body larger than guard.max_body "
+                           f"({limit} bytes): the wrong-client guard must read a body before it goes upstream",
+                           credential, path=path)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            return Denial(400, "bad_request", UNREADABLE_REASON, f"request body with Content-Encoding {encoding!r}: "
+                          "the wrong-client guard reads bodies as sent, so send it uncompressed", credential,
+                          path=path)
+        if request.content_length is not None and request.content_length > limit:
+            return too_large
+        body = await held_body(request.content.iter_chunked(STREAM_CHUNK), limit)
+        if body is None:
+            return too_large
+        found = self.guard.search(body_texts(body))
+        return body if found is None else foreign_identifier(credential, found, path)
 
     # ----- the egress proxy's requests -------------------------------------------------------------------
 
     def _intercepted_handler(self, intercept: Intercept, target: Authority
                              ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
-        async def handle(request: web.BaseRequest) -> web.StreamResponse:
-            return await self.handle_intercepted(request, intercept, target)
-        return handle
+        return partial(self.handle_intercepted, intercept=intercept, target=target)
 
-    async def handle_intercepted(self, request: web.BaseRequest, intercept: Intercept, target: Authority
+    async def handle_intercepted(self, request: web.BaseRequest, *, intercept: Intercept, target: Authority
                                  ) -> web.StreamResponse:
         """A request inside TLS the proxy terminated for `target` (the peer was checked at CONNECT)."""
-        raw_path, _, raw_query = request.raw_path.partition("?")
-        routed = route_intercepted(raw_path, request.headers.getall("Host", []), intercept, target)
-        if isinstance(routed, Mismatch):
-            return await self._deny(request, None, routed.status, "bad_request" if routed.status == 400 else "denied",
-                                    routed.reason, routed.message, path=raw_path)
-        base_url = self.profile.credentials[routed.credential].base_url
-        return await self._admit_and_forward(request, routed.credential, routed.path, raw_query, base_url)
+        routed = route_intercepted(request.raw_path, request.headers.getall("Host", []), intercept, target)
+        if isinstance(routed, Denial):
+            return await self._refuse(request, routed)
+        return await self._admit_routed(request, routed.credential, routed.path, routed.query)
 
     async def handle_proxied(self, request: web.BaseRequest) -> web.StreamResponse:
-        """An absolute-form request to the proxy (`GET http://host/path`): a credential's host is judged like
-        /v1/http/, OUTLOOP_URL is the broker itself; anything else is refused and never reaches the host."""
+        """An absolute-form request to the proxy (`GET http://host/path`)."""
         if not self._peer_allowed(request):
             return await self._deny(request, None, 401, "unauthenticated", "peer_not_in_run",
                                     "only the run's command and its descendants may use this proxy")
-        target = parse_absolute_http(request.raw_path)
-        if target is None:
-            return await self._deny(request, None, 400, "bad_request", "not_absolute_form",
-                                    "a request to the proxy names its target as http://host/path")
-        host, port, path, query = target
-        if self._own_authority is not None and (host, port or 80) == self._own_authority:
-            return await self.handle_loopback(request.clone(rel_url=URL(path + query, encoded=True)))
-        intercept = self.egress.plain_http(host, port)
-        routed = intercept.route(path) if intercept is not None else None
-        if routed is None:
-            return await self._deny(request, None, 403, "denied", "egress_denied",
-                                    f"http://{host}{f':{port}' if port else ''} is not a credential's host; "
-                                    "outloop forwards plain http only to those", path=path)
-        entry, relative = routed
-        return await self._admit_and_forward(request, entry.name, relative, query.removeprefix("?"),
-                                             self.profile.credentials[entry.name].base_url)
+        routed = route_absolute(request.raw_path, self.egress, self._own_authority)
+        if isinstance(routed, Denial):
+            return await self._refuse(request, routed)
+        if isinstance(routed, ToBroker):
+            return await self.handle_loopback(request.clone(rel_url=URL(routed.target, encoded=True)))
+        return await self._admit_routed(request, routed.credential, routed.path, routed.query)
+
+    async def _admit_routed(self, request: web.BaseRequest, name: str, path: str, raw_query: str
+                            ) -> web.StreamResponse:
+        """The proxy's request, judged by the same chain as /v1/http/<credential>/; on-host redirects point at
+        the upstream itself, which the child reaches through the proxy again."""
+        admitted = admit_credential(request.method, name, path, raw_query, self.profile, self.guard)
+        if isinstance(admitted, Denial):
+            return await self._refuse(request, admitted)
+        return await self._http(request, admitted, self.profile.credentials[name].base_url)
 
     async def _forward(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                       seq: int, location_prefix: str) -> web.StreamResponse:
-        """Stream the request up and the answer back; the outcome is audited whatever happens."""
+                       seq: int, held: bytes | None, location_prefix: str) -> web.StreamResponse:
+        """Stream the request up and the answer back; the outcome is audited whatever happens.
+
+        `held` is the body when the guard already read it; otherwise the body streams."""
         outcome = _Outcome(started=time.perf_counter())
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
         try:
-            return await self._exchange(request, credential, path, query, outcome, location_prefix)
+            return await self._exchange(request, credential, path, query, outcome, held, location_prefix)
         except BodyTooLarge as exc:
             return outcome.fail(413, "bad_request", str(exc), credential, request)
+        except AuthFailed as exc:  # the token endpoint or signing failed; nothing went upstream
+            return outcome.fail(exc.status, exc.code, exc.message, credential, request, reason=exc.reason)
         except TimeoutError:
             return outcome.fail(504, "upstream_timeout", f"{credential.host} did not answer in time", credential,
                                 request)
@@ -378,22 +434,24 @@ class Broker:
             self.audit.record_response(ResponseRecord(
                 request_seq=seq, status=outcome.status,
                 latency_ms=(time.perf_counter() - outcome.started) * 1000,
-                bytes_in=outcome.received[0], bytes_out=outcome.sent, error=outcome.error))
+                bytes_in=outcome.received[0], bytes_out=outcome.sent, error=outcome.error,
+                reason=FLAG_REASON if outcome.flagged is not None else None, rule=outcome.rule))
 
     async def _exchange(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                        outcome: _Outcome, location_prefix: str) -> web.StreamResponse:
+                        outcome: _Outcome, held: bytes | None, location_prefix: str) -> web.StreamResponse:
         assert self._session is not None
         name = credential.name
         url = URL(credential.base_url + path + (f"?{query}" if query else ""), encoded=True)
         headers = upstream_headers(request.raw_headers, self._injectors[name], self.run_token)
-        body = None
-        if request.body_exists:
+        body: AsyncIterator[bytes] | bytes | None = None
+        if held is not None:
+            body, outcome.received[0] = held, len(held)
+            headers["Content-Length"] = str(len(held))
+        elif request.body_exists:
             body = counted(request.content.iter_chunked(STREAM_CHUNK), outcome.received, MAX_REQUEST_BODY)
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
-        async with self._session.request(request.method, url, headers=headers, data=body,
-                                         allow_redirects=False, timeout=self._timeouts[name],
-                                         ssl=self._upstream_tls[name]) as upstream:
+        async with await self._send(request, credential, url, headers, body) as upstream:
             outcome.status = upstream.status
             # One coding at most: with several (or the header twice) aiohttp decodes one of them, so the body the
             # redactor sees, and the length the child is told, would not be what the upstream meant.
@@ -412,21 +470,40 @@ class Broker:
                                         reason="redirect_off_host")
             reason = redact_text(upstream.reason, self._variants) if upstream.reason else None  # may echo a key
             child_headers = child_response_headers(upstream.raw_headers, self._variants, location)
+            guarding = self.guard is not None and request.method != "HEAD"
+            if guarding and self.guard is not None and self.guard.settings.responses == "deny":
+                # Held back whole and scanned before the child sees a byte of it.
+                data = await held_body(upstream.content.iter_any(), self.guard.settings.max_body)
+                if data is None:
+                    return outcome.fail(502, "upstream_error", "the response is larger than guard.max_body, so "
+                                        "the wrong-client guard cannot check it", credential,
+                                        reason=TOO_LARGE_REASON)
+                found = self.guard.search(body_texts(data))
+                if found is not None:
+                    outcome.rule = found.rule
+                    return outcome.fail(403, "denied", "the response carries an identifier that another workspace "
+                                        "declared in its [guard]; outloop withheld it", credential,
+                                        reason=GUARD_REASON)
+                return self._answer(upstream.status, reason, child_headers, data, outcome)
             if (encoding in ("", "identity") and upstream.content_length is not None
                     and upstream.content_length <= SMALL_BODY and request.method != "HEAD"
                     and upstream.status not in (204, 304)):
                 # Small and complete: read it, mask it once, answer in one write instead of three.
-                redactor = StreamRedactor(self._variants)
-                data = redactor.feed(await upstream.read()) + redactor.flush()
-                outcome.sent = len(data)
-                return web.Response(status=upstream.status, reason=reason, headers=child_headers, body=data)
+                data = await upstream.read()
+                if guarding and self.guard is not None:
+                    outcome.flag(self.guard.search(body_texts(data)))
+                return self._answer(upstream.status, reason, child_headers, data, outcome)
             response = web.StreamResponse(status=upstream.status, reason=reason, headers=child_headers)
             if encoding in ("", "identity") and upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)
             outcome.prepared = response
             redactor = StreamRedactor(self._variants)
+            scanner = StreamScanner(self.guard) if guarding and self.guard is not None else None
             async for chunk in upstream.content.iter_any():
+                if scanner is not None:
+                    scanner.feed(chunk)
+                    outcome.flag(scanner.found)
                 out = redactor.feed(chunk)
                 if out:
                     await response.write(out)
@@ -437,6 +514,38 @@ class Broker:
                 outcome.sent += len(tail)
             await response.write_eof()
             return response
+
+    def _answer(self, status: int, reason: str | None, headers: CIMultiDict[str], data: bytes,
+                outcome: _Outcome) -> web.Response:
+        """A whole body, masked once and answered in one write."""
+        redactor = StreamRedactor(self._variants)
+        masked = redactor.feed(data) + redactor.flush()
+        outcome.sent = len(masked)
+        return web.Response(status=status, reason=reason, headers=headers, body=masked)
+
+    async def _send(self, request: web.BaseRequest, credential: Credential, url: URL, headers: CIMultiDict[str],
+                    body: AsyncIterator[bytes] | bytes | None) -> aiohttp.ClientResponse:
+        """Send upstream; an `auth` credential authorizes the request first and, after a 401 to a replayable
+        idempotent request, gets one chance to refresh and retry."""
+        scheme = self._schemes.get(credential.name)
+        out = Outgoing(method=request.method, url=url, headers=headers, body=body,
+                       length=len(body) if isinstance(body, bytes) else request.content_length)
+        if scheme is not None:
+            await scheme.authorize(out)
+        response = await self._request(out, credential)
+        if (response.status == 401 and scheme is not None and scheme.refreshable and out.replayable
+                and out.method in IDEMPOTENT_METHODS):
+            response.release()
+            await scheme.refresh_after_401()
+            await scheme.authorize(out)
+            response = await self._request(out, credential)
+        return response
+
+    async def _request(self, out: Outgoing, credential: Credential) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        return await self._session.request(out.method, out.url, headers=out.headers, data=out.body,
+                                           allow_redirects=False, timeout=self._timeouts[credential.name],
+                                           ssl=self._upstream_tls[credential.name])
 
     def _protocol_error(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
         """A request aiohttp could not parse (or a broker bug): answer in the broker's format, audit it."""
@@ -452,23 +561,31 @@ class Broker:
             self.audit.record_request(record)  # blocking but rare; the answer must not precede the audit row
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
-        return _error_response(status, code, message, None, None)
+        return _error_response(status, code, message, None, None, reason=reason)
 
     # ----- denials ---------------------------------------------------------------------------------------
 
+    async def _refuse(self, request: web.BaseRequest, denial: Denial) -> web.Response:
+        return await self._deny(request, denial.credential, denial.status, denial.code, denial.reason,
+                                denial.message, rule=denial.rule, asked_for=denial.asked_for,
+                                headers=denial.headers, path=denial.path, rule_to_child=denial.identifier is None)
+
     async def _deny(self, request: web.BaseRequest, credential: Credential | None, status: int, code: str,
                     reason: str, message: str, *, rule: str | None = None, asked_for: str | None = None,
-                    headers: Mapping[str, str] | None = None, path: str | None = None) -> web.Response:
+                    headers: Mapping[str, str] | None = None, path: str | None = None,
+                    rule_to_child: bool = True) -> web.Response:
         """Audit the refusal (committed first), count it, answer it. `path` is the upstream path when known, so
-        a request is recorded under the same spelling whether it was allowed or denied."""
+        a request is recorded under the same spelling whether it was allowed or denied. `rule_to_child` is False
+        where the rule names another client (the guard's identifier rules)."""
         name = credential.name if credential else asked_for
         path = path if path is not None else request.raw_path.partition("?")[0]
         try:
             await self._audit_request(request, credential, path, "deny", reason, rule, status,
                                       credential_name=name)
         except AuditError:
-            return _error_response(503, "audit_unavailable", "the audit log cannot be written", name, rule)
-        return _error_response(status, code, message, name, rule, headers)
+            return _error_response(503, "audit_unavailable", "the audit log cannot be written", name,
+                                   rule if rule_to_child else None)
+        return _error_response(status, code, message, name, rule if rule_to_child else None, headers, reason=reason)
 
     async def _audit_request(self, request: web.BaseRequest, credential: Credential | None, path: str,
                              decision: str, reason: str, rule: str | None, status: int | None,
@@ -488,8 +605,14 @@ class _Outcome:
     status: int = 0
     sent: int = 0
     error: str | None = None
+    rule: str | None = None  # the guard's identifier rule, when it withheld or flagged the response
+    flagged: Identifier | None = None
     prepared: web.StreamResponse | None = None
     received: list[int] = field(default_factory=lambda: [0])
+
+    def flag(self, found: Identifier | None) -> None:
+        if found is not None and self.flagged is None:
+            self.flagged, self.rule = found, found.rule
 
     def fail(self, status: int, code: str, message: str, credential: Credential,
              request: web.BaseRequest | None = None, reason: str | None = None) -> web.StreamResponse:
@@ -501,7 +624,7 @@ class _Outcome:
                 request.transport.close()
             return self.prepared
         self.status = status
-        return _error_response(status, code, message, credential.name, None)
+        return _error_response(status, code, message, credential.name, None, reason=self.error)
 
 
 def _method_of(request: web.BaseRequest) -> str:
@@ -516,7 +639,6 @@ def _path_of(request: web.BaseRequest) -> str:
         return request.raw_path.partition("?")[0]
     except Exception:
         return "?"
-
 
 
 def _upstream_tls(credential: Credential) -> ssl.SSLContext | bool:
@@ -534,8 +656,11 @@ def _authority_of(url: str) -> tuple[str, int]:
 
 
 def _error_response(status: int, code: str, message: str, credential: str | None, rule: str | None,
-                    headers: Mapping[str, str] | None = None) -> web.Response:
-    body = {"error": code, "message": message, "credential": credential, "rule": rule}
+                    headers: Mapping[str, str] | None = None, *, reason: str | None = None) -> web.Response:
+    """The nested `{"error": {...}}` shape is the one OpenAI- and Anthropic-style SDKs read `message` from, so an
+    agent behind an unmodified SDK learns why it was refused, not just the status. `reason` defaults to `code`."""
+    reason = reason or code
+    body = {"error": {"type": code, "reason": reason, "message": message, "credential": credential, "rule": rule}}
     return web.Response(
         status=status, body=json.dumps(body).encode(), content_type="application/json",
-        headers={"Outloop-Decision": "deny", **(headers or {})})
+        headers={"Outloop-Decision": "deny", "Outloop-Reason": reason, **(headers or {})})

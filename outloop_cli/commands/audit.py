@@ -5,11 +5,8 @@ Every subcommand opens audit.db read-only (except `prune`) and prints; the queri
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 import sys
-from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated
 
@@ -25,12 +22,12 @@ from outloop_cli.audit.queries import (
     find_run,
     follow,
     live_or_next_run,
+    operator_database,
     recent_runs,
     resolve_run_id,
     run_record,
     short_ids,
 )
-from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.store import (
     EventRow,
     Exchange,
@@ -101,18 +98,20 @@ class ExportFormat(StrEnum):
     csv = FORMATS[1]
 
 
+CentralFlag = Annotated[bool, typer.Option("--central", help="Query the central audit database ([audit.central] "
+                                           "in config.toml) across every host that ships to it.")]
+
+
 def register(root: typer.Typer) -> None:
+    from outloop_cli.commands import audit_central
+
+    audit_central.register(app)
     root.add_typer(app, name="audit")
 
 
-@contextlib.contextmanager
-def _database(*, missing_ok: bool = True) -> Iterator[sqlite3.Connection]:
-    """The audit DB read-only; before the first run it reads as empty, so listings print nothing, not an error."""
-    conn = open_readonly(audit_db_path(outloop_home()), missing_ok=missing_ok)
-    try:
-        yield conn
-    finally:
-        conn.close()
+def _central_refuses(failed: bool, statuses: list[StatusRange]) -> None:
+    if failed or statuses:
+        raise UsageError("--failed and --status read the local audit only; drop them, or leave out --central")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,28 +125,46 @@ def recent(
     workspace: WorkspaceFilter = None,
     failed: FailedRunsFlag = False,
     status: RunStatusOption = None,
+    central: CentralFlag = False,
+    batch: Annotated[str | None, typer.Option("--batch", metavar="ID", help="Only the runs of this `run --each` "
+                                              "batch (its id is in the batch summary).", show_default=False)]
+    = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Recent runs, newest first; NO END marks a run that never recorded its end (killed, e.g. kill -9)."""
     if ctx.invoked_subcommand is not None:
         return
     statuses = parse_statuses(status)
-    with _database() as conn:
-        runs = recent_runs(conn, limit=limit, workspace=workspace, failed=failed, statuses=statuses)
+    if central:
+        from outloop_cli.commands import audit_central
+
+        _central_refuses(failed, statuses)
+        audit_central.recent(limit, workspace, as_json)
+        return
+    with operator_database() as conn:
+        runs = recent_runs(conn, limit=limit, workspace=workspace, failed=failed, statuses=statuses, batch_id=batch)
         shown = short_ids(conn, [item.run.run_id for item in runs])
     if as_json:
         print_json([run_record(item) for item in runs])
         return
     if not runs:
-        filtered = " matching" if failed or statuses else ""
+        filtered = " matching" if failed or statuses or batch else ""
         note(f"no{filtered} runs recorded yet" + (f" for workspace {workspace!r}" if workspace else "")
+             + (f" in batch {batch!r}" if batch else "")
              + ("" if filtered else "; `outloop run -w WORKSPACE -- COMMAND` records one"))
         return
+    print_runs(runs, shown)
+
+
+def print_runs(runs: list[RunView], shown: dict[str, str], hosts: list[str] | None = None) -> None:
+    """The runs table; ``hosts`` adds a first column (the central listing, one host per run)."""
     columns = [f"started {zone_name()}", "run", "workspace", "exit", "took", "allow", "err", "deny", "state"]
     with_sandbox = any(item.sandbox != "ok" for item in runs)  # shown only when some run was less contained
     columns += ["sandbox", "command"] if with_sandbox else ["command"]
-    print_table(columns, [_run_cells(item, shown[item.run.run_id], with_sandbox) for item in runs],
-                right=("exit", "took", "allow", "err", "deny"), whole=(columns[0], "run", "state"))
+    rows = [_run_cells(item, shown[item.run.run_id], with_sandbox) for item in runs]
+    if hosts is not None:
+        columns, rows = ["host", *columns], [[host, *row] for host, row in zip(hosts, rows, strict=True)]
+    print_table(columns, rows, right=("exit", "took", "allow", "err", "deny"), whole=(columns[0], "run", "state"))
 
 
 def _run_cells(item: RunView, run_id: str, with_sandbox: bool) -> list[object]:
@@ -172,10 +189,18 @@ def show(
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most the first N events.")] = 200,
     workspace: Annotated[str | None, typer.Option("--workspace", "-w", help="With `last`: the newest run of this "
                                                   "workspace.", show_default=False)] = None,
+    central: CentralFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """One run: why it failed (if it did), its header, then its events in order, each request with its outcome."""
-    with _database() as conn:
+    if central:
+        from outloop_cli.commands import audit_central
+
+        if workspace is not None:
+            raise UsageError("--workspace reads the local audit only; with --central give the run id")
+        audit_central.show(run_id, limit, as_json)
+        return
+    with operator_database() as conn:
         item = find_run(conn, run_id, workspace=workspace)
         exchanges = run_exchanges(conn, item.run.run_id, limit=limit)
         total = count_events(conn, item.run.run_id)
@@ -184,8 +209,15 @@ def show(
         print_json({**run_record(item), "failure": reasons, "events_total": total,
                     "events": [exchange_record(e) for e in exchanges]})
         return
+    print_run(item, exchanges, total, reasons)
+
+
+def print_run(item: RunView, exchanges: list[Exchange], total: int, reasons: list[str],
+              host: str | None = None) -> None:
+    """`audit show`'s text: failure reasons, the header (with the host, for the central copy), the events."""
     run = item.run
     pairs: list[tuple[str, object]] = [("FAILED", reason) for reason in reasons]
+    pairs += [("host", host)] if host is not None else []
     pairs += [
         ("run", run.run_id), ("workspace", run.workspace), ("command", " ".join(run.command)),
         ("started", format_time(run.started_at)), ("ended", format_time(run.ended_at)),
@@ -195,6 +227,7 @@ def show(
         ("sandbox", ", ".join(f"{k}: {v}" for k, v in run.sandbox.items()) if isinstance(run.sandbox, dict)
          else run.sandbox),
         ("events", f"{total}, head {(run.head_hash or '')[:16]}"),
+        ("policy", run.policy_hash), ("batch", run.batch_id),
     ]
     print_pairs(pairs)
     sys.stdout.write("\n")
@@ -248,6 +281,7 @@ def events(
     since: SinceOption = None,
     until: UntilOption = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="Show at most N events.")] = 50,
+    central: CentralFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Requests across runs, newest first, each with its outcome (status, latency, bytes); filtered by workspace,
@@ -255,7 +289,15 @@ def events(
     since_ts = parse_point("--since", since) if since else None
     until_ts = parse_point("--until", until) if until else None
     statuses = parse_statuses(status)
-    with _database() as conn:
+    if central:
+        from outloop_cli.commands import audit_central
+
+        _central_refuses(failed, statuses)
+        audit_central.events(workspace=workspace, credential=credential,
+                             decision=decision.value if decision else None, since=since_ts, until=until_ts,
+                             limit=limit, as_json=as_json)
+        return
+    with operator_database() as conn:
         found = query_exchanges(conn, workspace=workspace, credential=credential,
                                 decision=decision.value if decision else None, since=since_ts, until=until_ts,
                                 failed=failed, statuses=statuses, limit=limit)
@@ -266,9 +308,17 @@ def events(
     if not found:
         note("no matching requests")
         return
-    print_table((f"time {zone_name()}", "run", "request", "result", "status", "ms", "sent", "recv", "credential",
-                 "reason", "workspace"), [_exchange_cells(e, shown[e.event.run_id]) for e in found],
-                right=("status", "ms", "sent", "recv"), whole=(f"time {zone_name()}", "run", "result"))
+    print_exchanges(found, shown, limit)
+
+
+def print_exchanges(found: list[Exchange], shown: dict[str, str], limit: int, hosts: list[str] | None = None) -> None:
+    """The `audit events` table; ``hosts`` adds a first column (the central listing)."""
+    columns = [f"time {zone_name()}", "run", "request", "result", "status", "ms", "sent", "recv", "credential",
+               "reason", "workspace"]
+    rows = [_exchange_cells(e, shown[e.event.run_id]) for e in found]
+    if hosts is not None:
+        columns, rows = ["host", *columns], [[host, *row] for host, row in zip(hosts, rows, strict=True)]
+    print_table(columns, rows, right=("status", "ms", "sent", "recv"), whole=(columns[0], "run", "result"))
     if len(found) == limit:
         note(f"showing the newest {limit}; narrow with --since/--until or raise --limit")
 
@@ -287,7 +337,7 @@ def tail(
     as_json: JsonFlag = False,
 ) -> None:
     """Follow a run's events as they are recorded; ends when the run ends (or is found killed)."""
-    with _database(missing_ok=False) as conn:
+    with operator_database(missing_ok=False) as conn:
         if run_id is not None:
             run = find_run(conn, run_id, workspace=workspace).run
         else:
@@ -336,30 +386,48 @@ def tail_line(event: EventRow) -> str:
 def verify(
     run_id: Annotated[str | None, typer.Argument(help="Check only this run (or `last`); default: every run.",
                                                  show_default=False)] = None,
+    central: Annotated[bool, typer.Option("--central", help="Recompute every chain shipped to the central audit "
+                                                           "database, from every host.")] = False,
+    against_central: Annotated[bool, typer.Option("--against-central", help="Compare this host's chains with "
+                                                  "what it shipped: catches a local rewrite after shipping.")]
+    = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Recompute hash chains and counts; exit 1 naming the run and first broken event on any break.
 
     A run with no end record whose chain holds is reported as incomplete (killed or still live), not broken.
     """
-    with _database() as conn:
+    if central or against_central:
+        from outloop_cli.commands import audit_central
+
+        if run_id is not None or (central and against_central):
+            raise UsageError("--central and --against-central check every run: give one of them, and no RUN_ID")
+        audit_central.verify(against=against_central, as_json=as_json)
+        return
+    with operator_database() as conn:
         verdicts = [verify_run(conn, resolve_run_id(conn, run_id))] if run_id else verify_all(conn)
-    counts = {status: sum(1 for v in verdicts if v.status == status)
-              for status in ("ok", "incomplete", "pruned", "broken")}
-    if as_json:
-        print_json({"runs": len(verdicts), **counts, "verdicts": [_verdict_record(v) for v in verdicts]})
-    else:
-        for verdict in verdicts:
-            if verdict.status != "ok":
-                sys.stdout.write(_verdict_line(verdict) + "\n")
-        sys.stdout.write(f"{plural(len(verdicts), 'run')}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-                         + "\n")
-    if counts["broken"]:
+    if not report_verdicts([(None, verdict) for verdict in verdicts], as_json):
         raise typer.Exit(EXIT_PROBLEMS_FOUND)
 
 
-def _verdict_record(verdict: RunVerdict) -> dict[str, object]:
-    return {"run_id": verdict.run_id, "status": verdict.status, "events": verdict.events,
+def report_verdicts(verdicts: list[tuple[str | None, RunVerdict]], as_json: bool) -> bool:
+    """Print the verdicts (each with its host, for central checks); False when any is broken."""
+    counts = {status: sum(1 for _, v in verdicts if v.status == status)
+              for status in ("ok", "incomplete", "pruned", "broken")}
+    if as_json:
+        print_json({"runs": len(verdicts), **counts, "verdicts": [_verdict_record(v, host) for host, v in verdicts]})
+    else:
+        for host, verdict in verdicts:
+            if verdict.status != "ok":
+                sys.stdout.write(("" if host is None else f"host {host}: ") + _verdict_line(verdict) + "\n")
+        sys.stdout.write(f"{plural(len(verdicts), 'run')}: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+                         + "\n")
+    return not counts["broken"]
+
+
+def _verdict_record(verdict: RunVerdict, host: str | None = None) -> dict[str, object]:
+    record: dict[str, object] = {} if host is None else {"host_id": host}
+    return {**record, "run_id": verdict.run_id, "status": verdict.status, "events": verdict.events,
             "first_bad_seq": verdict.first_bad_seq, "problem": verdict.problem}
 
 
@@ -391,7 +459,7 @@ def export(
     """Write every event (all kinds, oldest first) to stdout; redirect it to a file."""
     since_ts = parse_point("--since", since) if since else None
     until_ts = parse_point("--until", until) if until else None
-    with _database() as conn:
+    with operator_database() as conn:
         only = resolve_run_id(conn, run_id, workspace=workspace) if run_id else None
         count = write_events(iter_events(conn, workspace=workspace, since=since_ts, until=until_ts, run_id=only),
                              sys.stdout, fmt.value)

@@ -20,7 +20,7 @@ def register(root: typer.Typer) -> None:
 
 
 def complete(
-    kind: Annotated[str, typer.Argument(help="workspaces | credentials | runs")],
+    kind: Annotated[str, typer.Argument(help="workspaces | credentials | runs | selections")],
     args: Annotated[list[str] | None, typer.Argument(help="For credentials: the workspace.")] = None,
 ) -> None:
     """Print completion candidates, one per line."""

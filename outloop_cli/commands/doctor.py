@@ -6,11 +6,11 @@ Exit 0 when runs can work here (warnings allowed), 1 when something listed as PR
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from outloop_cli.commands.options import JsonFlag
+from outloop_cli.commands.options import JsonFlag, ProfilesOption
 from outloop_cli.commands.output import console, print_json
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND
 from outloop_cli.units import plural
@@ -26,11 +26,21 @@ def register(root: typer.Typer) -> None:
     root.command("doctor")(doctor)
 
 
-def doctor(as_json: JsonFlag = False) -> None:
+def doctor(
+    workspace: Annotated[list[str] | None, typer.Option(
+        "-w", "--workspace", metavar="WORKSPACE",
+        help="Also do a no-op run of WORKSPACE (repeatable): its secrets from their real sources and its "
+             "sandbox, with `true` as the child and no upstream call; exit 1 naming what it lacks. Run it from "
+             "cron before the nightly window.", show_default=False)] = None,
+    profiles: ProfilesOption = None,
+    as_json: JsonFlag = False,
+) -> None:
     """Check the keyring backend (headless too), sandbox layers, paths, the audit database and versions."""
-    from outloop_cli.doctor import diagnose  # probes and metadata load only for `doctor`, not every command
+    from outloop_cli.doctor import diagnose, preflight  # probes and metadata load only for `doctor`
 
     report = diagnose(os.environ)
+    for name in workspace or []:  # `workspace`, not `workspaces`: the completion generator knows that name
+        report.findings.extend(preflight(name, profiles, os.environ))
     if as_json:
         print_json({"usable": not report.problems, "problems": len(report.problems),
                     "findings": [vars(f) for f in report.findings], "versions": report.versions})

@@ -10,6 +10,16 @@ from typing import Annotated
 
 import typer
 
+from outloop_cli.units import parse_duration
+
+
+def duration(text: str) -> float:
+    """`parse_duration` as a Typer parser; its message (the accepted forms) becomes the usage error's."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 ProfilesOption = Annotated[
     Path | None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,3 +31,17 @@ def console(stderr: bool = False) -> Console:
 def print_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
+
+
+def render_to_stderr(plain: Callable[[], str], rich: Callable[[], None]) -> None:
+    """A summary on stderr: plain when it is not a terminal (or NO_COLOR), rich otherwise, plain if rich fails.
+
+    A rendering problem must never cost cron the exit code that follows the summary.
+    """
+    if wants_plain(sys.stderr):
+        sys.stderr.write(plain())
+        return
+    try:
+        rich()
+    except Exception:
+        sys.stderr.write(plain())

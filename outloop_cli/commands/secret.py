@@ -22,11 +22,13 @@ from outloop_cli.secret_admin import (
     SecretStatus,
     delete_secret,
     keyring_credential,
+    keyring_document,
     one_line,
     profile_secrets,
     store_secret,
+    storing_keyring,
 )
-from outloop_cli.secrets import keyring_service
+from outloop_cli.secrets import keyring_service, stores_plaintext
 
 app = typer.Typer(help="Store, list, remove and check secrets (keyring service outloop/<workspace>, user "
                        "<credential>); values are never printed.", no_args_is_help=True, rich_markup_mode=None)
@@ -41,22 +43,38 @@ def set_command(
     workspace: WorkspaceArgument,
     credential: CredentialArgument,
     stdin: Annotated[bool, typer.Option("--stdin", help="Read the value from stdin (one line; one trailing "
-                                                        "newline is dropped) instead of prompting.")] = False,
+                                                        "newline is dropped; for an `auth` credential, its whole "
+                                                        "TOML or JSON document) instead of prompting.")] = False,
+    allow_plaintext: Annotated[bool, typer.Option(
+        "--allow-plaintext", help="Store it even when the keyring backend keeps values unencrypted in a file "
+                                  "(e.g. keyrings.alt's PlaintextKeyring); refused without this flag.")] = False,
     profiles: ProfilesOption = None,
 ) -> None:
     """Store CREDENTIAL's secret for WORKSPACE in the keyring; only for `secret = "keyring"` credentials."""
     profile = load_profile(workspace, profile_dirs(profiles))
-    keyring_credential(profile, credential)
-    value = _read_stdin() if stdin else _prompt(workspace, credential)
-    backend = store_secret(workspace, credential, value)
-    sys.stdout.write(f"stored {workspace}/{credential} in the keyring ({backend}, service "
+    cred = keyring_credential(profile, credential)
+    if cred.auth is not None and not stdin:
+        raise UsageError(f"credential {credential!r} uses auth {cred.auth.scheme}: its secret is a TOML or JSON "
+                         f"document; pipe it in, e.g. `outloop secret set {workspace} {credential} --stdin < "
+                         "secret.toml`")
+    backend = storing_keyring(allow_plaintext=allow_plaintext)
+    if cred.auth is not None:
+        value = keyring_document(cred, _read_stdin(whole=True))
+    else:
+        value = _read_stdin() if stdin else _prompt(workspace, credential)
+    store_secret(backend, workspace, credential, value)
+    sys.stdout.write(f"stored {workspace}/{credential} in the keyring ({type(backend).__name__}, service "
                      f"{keyring_service(workspace)!r})\n")
+    if stores_plaintext(backend):
+        note(f"warning: {type(backend).__name__} keeps this secret UNENCRYPTED"
+             + (f" in {backend.file_path}" if hasattr(backend, "file_path") else ""))
 
 
-def _read_stdin() -> str:
+def _read_stdin(*, whole: bool = False) -> str:
     if sys.stdin.isatty():  # typing it there would echo it: the hidden prompt is for terminals
         raise UsageError("--stdin reads a pipe or a file; on a terminal leave out --stdin to get a hidden prompt")
-    return one_line(sys.stdin.read())
+    text = sys.stdin.read()
+    return text if whole else one_line(text)
 
 
 def _prompt(workspace: str, credential: str) -> str:

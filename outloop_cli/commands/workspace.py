@@ -13,9 +13,10 @@ import typer
 
 from outloop_cli.commands.options import JsonFlag, ProfilesOption, WorkspaceArgument
 from outloop_cli.commands.output import print_json
-from outloop_cli.commands.tables import note, print_pairs, print_table
+from outloop_cli.commands.tables import note, print_table
 from outloop_cli.errors import EXIT_PROBLEMS_FOUND, OutloopError
 from outloop_cli.home import outloop_home, profile_dirs
+from outloop_cli.profile_toml import render_profile
 from outloop_cli.profiles import load_profile
 from outloop_cli.secret_admin import SecretStatus, profile_secrets
 from outloop_cli.units import plural
@@ -39,47 +40,40 @@ def register(root: typer.Typer) -> None:
 
 
 @app.command("list")
-def list_command(profiles: ProfilesOption = None, as_json: JsonFlag = False) -> None:
-    """Every workspace along the profile path: description, credentials, file; * marks the current one."""
+def list_command(
+    profiles: ProfilesOption = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Also list bases (abstract = true), which never run.")]
+    = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Every runnable workspace along the profile path: description, credentials, file; * marks the current one."""
     choice = current_choice(outloop_home(), os.environ)
-    entries = list_workspaces(profile_dirs(profiles), choice.workspace if choice else None)
+    entries = [e for e in list_workspaces(profile_dirs(profiles), choice.workspace if choice else None)
+               if show_all or not e.abstract]
     if as_json:
         print_json([{"name": e.name, "current": e.current, "description": e.description, "extends": e.extends,
-                     "credentials": list(e.credentials), "path": str(e.path), "error": e.error} for e in entries])
+                     "abstract": e.abstract, "credentials": list(e.credentials), "path": str(e.path),
+                     "error": e.error} for e in entries])
         return
     if not entries:
         searched = ", ".join(str(d) for d in profile_dirs(profiles))
         note(f"no profiles in {searched}; create one with `outloop workspace new NAME`")
         return
     print_table(("", "workspace", "description", "credentials", "file"), [
-        ["*" if e.current else "", e.name, e.description if e.error is None else f"BROKEN: {e.error}",
+        ["*" if e.current else "", e.name + (" (base)" if e.abstract else ""),
+         e.description if e.error is None else f"BROKEN: {e.error}",
          ", ".join(e.credentials), e.path] for e in entries])
 
 
 @app.command("show")
 def show(workspace: WorkspaceArgument, profiles: ProfilesOption = None, as_json: JsonFlag = False) -> None:
-    """The profile after `extends` is applied; each secret only as present or missing."""
+    """The profile after `extends`, as TOML (`# from BASE` marks inherited keys); secrets only as present/missing."""
     profile = load_profile(workspace, profile_dirs(profiles))
-    data = resolved_profile(profile, profile_secrets(profile, os.environ, run_commands=False))
+    statuses = profile_secrets(profile, os.environ, run_commands=False)
     if as_json:
-        print_json(data)
+        print_json(resolved_profile(profile, statuses))
         return
-    run = data["run"]
-    assert isinstance(run, dict)
-    print_pairs([("workspace", profile.workspace), ("description", profile.description),
-                 ("file", profile.path), ("extends", " -> ".join(str(p) for p in profile.sources[1:]) or None),
-                 *((f"run.{key}", value) for key, value in run.items() if value not in (None, [], {}))])
-    credentials = data["credentials"]
-    assert isinstance(credentials, dict)
-    for name, cred in credentials.items():
-        owner = "" if cred["owner"] == profile.workspace else f" (from {cred['owner']})"
-        sys.stdout.write(f"\n[credentials.{name}]{owner}\n")
-        problem = cred["secret_problem"]
-        state = f"{cred['secret_state']}: {problem}" if problem else cred["secret_state"]
-        print_pairs([("secret", f"{cred['secret']} ({state})"),
-                     *((key, value) for key, value in cred.items()
-                       if key not in ("owner", "secret", "secret_state", "secret_problem")
-                       and value not in (None, [], {}, ""))], indent=2)
+    sys.stdout.write(render_profile(profile, statuses))
 
 
 @app.command("use")
@@ -147,14 +141,16 @@ def _status_record(status: SecretStatus) -> dict[str, object]:
 
 def _check_record(result: WorkspaceCheck) -> dict[str, object]:
     return {"workspace": result.name, "path": str(result.path) if result.path else None,
-            "ok": not result.problems, "problems": result.problems,
+            "ok": not result.problems, "problems": result.problems, "warnings": result.warnings,
             "secrets": [_status_record(s) for s in result.secrets]}
 
 
 def _print_check(result: WorkspaceCheck) -> None:
     if not result.problems:
         sys.stdout.write(f"ok       {result.name}: {plural(len(result.secrets), 'secret')} present\n")
-        return
-    sys.stdout.write(f"PROBLEM  {result.name}\n")
+    else:
+        sys.stdout.write(f"PROBLEM  {result.name}\n")
     for problem in result.problems:
         sys.stdout.write(f"  - {problem}\n")
+    for warning in result.warnings:
+        sys.stdout.write(f"  warning: {warning}\n")

@@ -56,7 +56,7 @@ RELAY_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, s
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
-PROC_READ_ONLY = ("sys", "sysrq-trigger")
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # what bubblewrap's --proc covers too
 EXIT_SANDBOX_FAILED = 125
 
 _libc = ctypes.CDLL(None, use_errno=True)  # libc is already loaded; find_library would spawn ldconfig
@@ -180,7 +180,8 @@ class ViewBuilder:
     def _proc(self, dest: str, _source: str) -> None:
         self._mountpoint(dest, directory=True)
         _check(_libc.mount(b"proc", dest.encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "/proc")
-        for name in PROC_READ_ONLY:  # host-wide settings, which a held root would pass the owner check of
+        for name in PROC_READ_ONLY:  # host-wide settings (IRQ affinity, PCI config space), which a held root
+            # would pass the owner check of
             path = f"{dest}/{name}"
             if os.path.exists(path):
                 _check(_libc.mount(path.encode(), path.encode(), None, MS_BIND | MS_REC, None), path)

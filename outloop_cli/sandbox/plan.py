@@ -149,7 +149,8 @@ def build_view(profile: Profile, target: Target) -> view.View:
     """The workspace (or host) view for this profile, run and machine."""
     environ = target.environ
     home_dir = user_home(environ)
-    secrets = secret_files(profile, [*target.profile_dirs, target.home / "profiles"], home_dir)
+    # target.home: config.toml's [audit.central] password may be a file: secret too.
+    secrets = secret_files(profile, [*target.profile_dirs, target.home / "profiles", target.home], home_dir)
     runtime = environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
     masks = [str(target.home), *view.home_masks(home_dir, runtime), *secrets]
     if environ.get("XDG_DATA_HOME"):
@@ -161,13 +162,18 @@ def build_view(profile: Profile, target: Target) -> view.View:
         keep.append(str(_ensure_workspace_home(target.home, profile.workspace)))
     lookup = [str(d) for d in target.profile_dirs]
     own = outloop_dirs()
+    keyring_config = os.path.join(environ.get("XDG_CONFIG_HOME") or os.path.join(home_dir, ".config"),
+                                  "python_keyring")
+    if mode == view.HOST:  # made to exist, so it can be bound read-only (view.build protects only what exists)
+        os.makedirs(keyring_config, mode=0o700, exist_ok=True)
     request = view.ViewRequest(
         mode=mode, cwd=os.getcwd(), user_home=home_dir, outloop_home=str(target.home), keep=tuple(keep),
         installation=(*command_dirs(target.executable, target.search_path), *own, *system_links()),
         read=tuple(expand(p, home_dir) for p in profile.run.read),
         write=tuple(expand(p, home_dir) for p in profile.run.write),
         masks=tuple(masks), secret_files=tuple(secrets),
-        protected=(*lookup, str(target.home), *own), lookup_dirs=tuple(lookup),
+        # keyring's keyringrc.cfg names a backend module and a path to import it from: the broker would run it
+        protected=(*lookup, str(target.home), *own, keyring_config), lookup_dirs=tuple(lookup),
     )
     return view.build(request)
 
@@ -204,8 +210,7 @@ def secret_files(profile: Profile, dirs: Iterable[Path], home_dir: str) -> list[
 
 
 def _ensure_workspace_home(home: Path, workspace: str) -> Path:
-    ensure_private_dir(home / HOMES_DIR)
-    return ensure_private_dir(workspace_home(home, workspace))
+    return ensure_private_dir(workspace_home(home, workspace), within=home)
 
 
 def _limits(profile: Profile) -> tuple[list[str], str] | None:

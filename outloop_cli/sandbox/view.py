@@ -28,7 +28,12 @@ HOME_CREDENTIALS = (
     ".pgpass", ".my.cnf", ".s3cfg", ".config/rclone", ".password-store", ".local/share/keyrings",
     ".local/share/kwalletd", ".local/share/python_keyring", ".config/op", ".op",
 )
-SYSTEM_CREDENTIALS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-")
+# Only root may read these, and a root loop keeps uid 0: password hashes, TLS and VPN keys, Kerberos keytabs.
+SYSTEM_CREDENTIALS = (
+    "/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/security/opasswd", "/etc/ssl/private",
+    "/etc/pki/tls/private", "/etc/letsencrypt", "/etc/krb5.keytab", "/etc/wireguard", "/etc/ipsec.secrets",
+    "/etc/ppp/chap-secrets", "/etc/ppp/pap-secrets", "/etc/NetworkManager/system-connections", "/etc/openvpn",
+)
 SYSTEM_CREDENTIAL_GLOBS = (("/etc/ssh", "ssh_host_", "_key"),)  # (dir, prefix, suffix)
 RUNTIME_CREDENTIALS = ("bus", "keyring", "gnupg")  # secret-service / gpg-agent sockets in XDG_RUNTIME_DIR
 

@@ -37,7 +37,8 @@ class Answer:
             parsed = json.loads(self.body)
         except ValueError:
             return "unparsable-error-body"
-        return str(parsed.get("error")) if isinstance(parsed, dict) else "unparsable-error-body"
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        return str(error.get("type")) if isinstance(error, dict) else "unparsable-error-body"
 
     def summary(self) -> dict[str, object]:
         return {"status": self.status, "error": self.error(), "decision": self.header("outloop-decision")}

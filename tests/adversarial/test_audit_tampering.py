@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from conftest import World
+from operator_support import rewrite_consistently
 
 from adversarial.conftest import run_hostile
-from outloop_cli.audit.chain import EVENT_COLUMNS, GENESIS_HASH, event_hash
 
 FORGING_LOOP = """
     import json
@@ -85,27 +85,7 @@ def test_a_consistent_rewrite_passes_verify_but_not_the_summary_head(finished_ru
     home = world.home.parent / "rewritten"
     home.mkdir(mode=0o700)
     shutil.copyfile(world.audit_db, home / "audit.db")
-    conn = sqlite3.connect(home / "audit.db")
-    columns = ", ".join((*EVENT_COLUMNS, "hash"))
-    rows = [dict(zip((*EVENT_COLUMNS, "hash"), row, strict=True))
-            for row in conn.execute(f"SELECT {columns} FROM events ORDER BY seq")]
-    denied_seq = next(row["seq"] for row in rows if row["decision"] == "deny")
-    head = GENESIS_HASH
-    for row in rows:
-        if row["seq"] == denied_seq:
-            row["decision"], row["reason"], row["status"] = "allow", "allowed", None
-        if row["kind"] == "run_end":
-            detail = json.loads(str(row["detail"]))
-            detail.update(head_hash=head, allowed=detail["allowed"] + 1, denied=detail["denied"] - 1)
-            row["detail"] = json.dumps(detail, sort_keys=True, separators=(",", ":"))
-        row["prev_hash"] = head
-        row["hash"] = head = event_hash(row)
-        conn.execute("UPDATE events SET decision = ?, reason = ?, status = ?, detail = ?, prev_hash = ?, hash = ? "
-                     "WHERE seq = ?", (row["decision"], row["reason"], row["status"], row["detail"],
-                                       row["prev_hash"], row["hash"], row["seq"]))
-    conn.execute("UPDATE runs SET head_hash = ?, allowed = allowed + 1, denied = denied - 1", (head,))
-    conn.commit()
-    conn.close()
+    head = rewrite_consistently(home / "audit.db", world.last_run_id())
     result = world.outloop("audit", "verify", "--json", env={**world.env, "OUTLOOP_HOME": str(home)})
     assert result.code == 0 and json.loads(result.out)["broken"] == 0  # verify alone cannot tell
     assert head != printed_head  # the head printed when the run ended can

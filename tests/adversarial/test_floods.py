@@ -46,7 +46,7 @@ FLOOD_LOOP = """
             barrier.wait()  # all at once
             response = client.request(credential, "GET", f"{path}/{n}")
             bodies.append(response.body)  # for the session's canary collector
-            return [response.status, (response.error or {}).get("error"), response.headers.get("retry-after")]
+            return [response.status, (response.error or {}).get("type"), response.headers.get("retry-after")]
         started = time.monotonic()
         with ThreadPoolExecutor(count) as pool:
             answers = list(pool.map(one, range(count)))

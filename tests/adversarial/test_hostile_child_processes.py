@@ -256,6 +256,52 @@ def test_an_fd_inherited_by_outloop_does_not_reach_the_loop(world: World, backen
     assert unguarded.stdout.strip() == "found", unguarded.stderr
 
 
+# The operator's login (pam_keyinit) gives its session a keyring; tokens put there with `keyctl padd ... @s`
+# are a real store. This stands in for that login: a named session keyring holding a key, then exec.
+KEYRING_LOGIN = """
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    KEYCTL, ADD_KEY, JOIN_SESSION_KEYRING, SESSION = {"x86_64": (250, 248), "aarch64": (219, 217)}[
+        os.uname().machine] + (1, -3)
+    assert libc.syscall(KEYCTL, JOIN_SESSION_KEYRING, b"operator-login") > 0, ctypes.get_errno()
+    value = sys.argv[1].encode()
+    assert libc.syscall(ADD_KEY, b"user", b"outloop-test-token", value, len(value), SESSION) > 0
+    os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+KEYRING_LOOP = """
+    import ctypes, os
+    libc = ctypes.CDLL(None, use_errno=True)
+    KEYCTL = {"x86_64": 250, "aarch64": 219}[os.uname().machine]
+    SEARCH, READ, SESSION, USER = 10, 11, -3, -4
+    found = []
+    for ring in (SESSION, USER):
+        key = libc.syscall(KEYCTL, SEARCH, ring, b"user", b"outloop-test-token", 0)
+        buffer = ctypes.create_string_buffer(256)
+        if key > 0 and libc.syscall(KEYCTL, READ, key, buffer, 256) > 0 and b"cnry-" in buffer.value:
+            found.append(ring)
+    print("found" if found else "nothing")
+"""
+
+
+@pytest.mark.parametrize("who", OPERATORS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_loop_cannot_read_the_operators_session_keyring(world: World, backend: str, who: str) -> None:
+    use_backend(world, backend)
+    op = operator(world, who)
+    login, script = world.work / "login.py", world.work / "keys.py"
+    login.write_text(textwrap.dedent(KEYRING_LOGIN))
+    script.write_text(textwrap.dedent(KEYRING_LOOP))
+    op.give(login, script)
+    token = world.canaries["globex"]
+    outloop = [op.outloop, "run", "-w", "acme", "--profiles", str(world.profiles), "--", op.python, str(script)]
+    guarded = op.run([op.python, str(login), token, *outloop])
+    unguarded = op.run([op.python, str(login), token, op.python, str(script)])
+    assert guarded.returncode == 0, guarded.stderr
+    assert guarded.stdout.strip() == "nothing"
+    assert unguarded.stdout.strip() == "found", unguarded.stderr
+
+
 IPC_LOOP = """
     import ctypes, json, os, sys
     libc = ctypes.CDLL(None, use_errno=True)

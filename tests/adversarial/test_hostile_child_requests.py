@@ -173,7 +173,7 @@ PROPERTY_LOOP = """
             normalise_path(raw)
         except PathRejected as rejected:
             expected = (400, "bad_request", f"request path refused: {REJECTION_REASONS[rejected.reason]}")
-            got = (answer.status, answer.error(), body.get("message"))
+            got = (answer.status, answer.error(), (body.get("error") or {}).get("message"))
             outcomes.append(["refused", raw, got == expected, got])
             return
         decision = props._reference_decide(method, raw, allow, deny)

@@ -8,6 +8,7 @@ positive control, which must succeed at every attempt the kernel allows that use
 from __future__ import annotations
 
 import json
+import os
 import socket
 import textwrap
 import threading
@@ -87,7 +88,9 @@ READS = {"globex_file_secret": None, "ssh_key": ".ssh/id_ed25519", "netrc": ".ne
          "gh_hosts": ".config/gh/hosts.yml", "docker_config": ".docker/config.json", "kube_config": ".kube/config",
          "git_credentials": ".git-credentials"}
 PERSISTENCE = {"bashrc": ".bashrc", "profile": ".profile", "gitconfig": ".gitconfig"}
-ROOT_ONLY = ("core_pattern", "domainname", "base_interpreter", "usr_bin")
+# Root-only stores of system secrets (TLS keys, old password hashes, VPN and Kerberos keys).
+SYSTEM_SECRETS = ("/etc/ssl/private", "/etc/security/opasswd", "/etc/krb5.keytab", "/etc/wireguard")
+ROOT_ONLY = ("core_pattern", "domainname", "irq_affinity", "base_interpreter", "usr_bin")
 
 
 class HostSocket:
@@ -149,16 +152,24 @@ def _hostile_host(world: World, op: Operator) -> tuple[dict[str, object], Path]:
         "create": {"systemd_unit": str(op.home / ".config/systemd/user/evil.service"),
                    "git_hook": str(world.work / ".git/hooks/pre-commit"),
                    "parent_git_hook": str(base / ".git/hooks/pre-commit"),
-                   "planted_profile": str(lookup / "planted.toml")},
+                   "planted_profile": str(lookup / "planted.toml"),
+                   "keyring_config": str(_keyring_config(op))},
         "create_and_remove": {"base_interpreter": f"{{stdlib}}/outloop-canary-{tag}.pth",
                               "usr_bin": f"/usr/bin/outloop-canary-{tag}"},
-        "rewrite": {"core_pattern": "/proc/sys/kernel/core_pattern", "domainname": "/proc/sys/kernel/domainname"},
+        # Host-wide outside /proc/sys too: IRQ affinity (and PCI config space under /proc/bus, not written here).
+        "rewrite": {"core_pattern": "/proc/sys/kernel/core_pattern", "domainname": "/proc/sys/kernel/domainname",
+                    "irq_affinity": "/proc/irq/default_smp_affinity"},
         "rename": {"lookup_dir": [str(lookup), str(world.work / "profiles-aside")],
                    "lookup_ancestor": [str(world.work / "conf"), str(world.work / "conf-aside")]},
         "connect": {"host_socket": str(base / "agent.sock")},
         "audit_db": str(world.audit_db),
     }
     return spec, lookup
+
+
+def _keyring_config(op: Operator) -> Path:
+    """keyring's config file, which outloop's own keyring lookup reads (and imports the backend it names)."""
+    return Path(op.env.get("XDG_CONFIG_HOME") or op.home / ".config") / "python_keyring" / "keyringrc.cfg"
 
 
 def _use_host_view(profile: Path) -> None:
@@ -204,6 +215,7 @@ def test_the_loop_cannot_read_credentials_plant_persistence_or_change_the_next_r
     assert {p: p.read_bytes() for p in before} == before
     assert not (world.work / "conf-aside").exists() and not (lookup / "planted.toml").exists()
     assert not (op.home / ".config/systemd/user/evil.service").exists()
+    assert not _keyring_config(op).exists()
     for name, canary in world.canaries.items():
         assert canary not in result.stdout + result.stderr, name
 
@@ -212,3 +224,34 @@ def test_the_loop_cannot_read_credentials_plant_persistence_or_change_the_next_r
     unguarded = json.loads(control.stdout)
     must_work = set(seen) - (set() if who == "root" else set(ROOT_ONLY))
     assert sorted(label for label in must_work if unguarded[label] != "OK") == [], unguarded
+
+
+SYSTEM_SECRETS_LOOP = """
+    import json, os, sys
+    seen = {}
+    for path, (dev, ino) in json.load(open(sys.argv[1])).items():
+        try:
+            st = os.stat(path)
+            seen[path] = "host" if (st.st_dev, st.st_ino) == (dev, ino) else "masked"
+        except OSError as exc:
+            seen[path] = exc.strerror
+    print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_root_loop_does_not_see_the_systems_private_keys_and_password_stores(world: World, backend: str) -> None:
+    """Only root may read these, and a root loop keeps uid 0: what it sees of them must be a mask, not the host's
+    file (compared by inode, since on a test machine they may be empty)."""
+    use_backend(world, backend)
+    op = operator(world, "root")
+    present = {path: [os.stat(path).st_dev, os.stat(path).st_ino] for path in SYSTEM_SECRETS if os.path.exists(path)}
+    assert present, "none of the system secret stores exists on this machine"
+    script = world.work / "system_secrets.py"
+    script.write_text(textwrap.dedent(SYSTEM_SECRETS_LOOP))
+    (world.work / "present.json").write_text(json.dumps(present))
+    guarded = op.outloop_run(op.python, str(script), str(world.work / "present.json"))
+    assert guarded.returncode == 0, guarded.stderr
+    assert json.loads(guarded.stdout) == dict.fromkeys(present, "masked")
+    unguarded = op.run([op.python, str(script), str(world.work / "present.json")])
+    assert json.loads(unguarded.stdout) == dict.fromkeys(present, "host"), unguarded.stderr

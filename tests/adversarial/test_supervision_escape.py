@@ -10,10 +10,12 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 
 from conftest import World
+from operator_support import wait_for
 
 from adversarial.conftest import run_hostile
 
@@ -56,7 +58,8 @@ HOPPER_LOOP = """
                     handle.write(str(generation))
             if os.fork():
                 os._exit(0)
-    time.sleep(0.5)
+    while not os.path.exists(sys.argv[1]):  # the hopper is on its own before the loop exits
+        time.sleep(0.01)
 """
 
 
@@ -68,11 +71,10 @@ def test_a_fork_and_exit_loop_does_not_outlive_the_run(world: World) -> None:
                              flags=["--summary-json", str(world.work / "summary.json")])
         assert result.code == 0, result.err
         assert progress.exists(), "the hopper never ran"
-        time.sleep(0.3)
-        before = progress.read_text()
-        time.sleep(0.5)
-        assert progress.read_text() == before, "the hopper is still forking after the run ended"
-        assert _processes_running(marker) == []
+        for _ in range(5):  # a /proc scan can miss a process forked behind it; its progress mark cannot hide
+            before = progress.read_text()
+            assert _processes_running(marker) == []
+            assert progress.read_text() == before, "the hopper is still forking after the run ended"
         # The hoppers died with the loop's PID namespace; outloop's own sweep had nothing left to count.
         assert "dies with outloop" in json.loads((world.work / "summary.json").read_text())["sandbox"]["processes"]
     finally:
@@ -80,17 +82,24 @@ def test_a_fork_and_exit_loop_does_not_outlive_the_run(world: World) -> None:
 
 
 IN_FLIGHT_LOOP = """
-    import os, threading, time
+    import os, sys, threading, time
     from outloop_cli.client import Outloop
     threading.Thread(target=lambda: Outloop().request("crm", "GET", "/hang?seconds=120"), daemon=True).start()
-    time.sleep(0.5)  # the request is on its way to an upstream that will not answer for two minutes
+    while not os.path.exists(sys.argv[1]):  # until the test saw it reach an upstream that waits two minutes
+        time.sleep(0.01)
     os._exit(3)
 """
 
 
 def test_a_request_left_in_flight_does_not_hold_the_run_open(world: World) -> None:
+    go, results = world.work / "go", []
     started = time.monotonic()
-    result = run_hostile(world, IN_FLIGHT_LOOP)
+    runner = threading.Thread(target=lambda: results.append(run_hostile(world, IN_FLIGHT_LOOP, str(go))))
+    runner.start()
+    wait_for(lambda: any(request.path.startswith("/hang") for request in world.upstream.requests))
+    go.touch()
+    runner.join(timeout=60)
+    result = results[0]
     assert result.code == 3
     assert time.monotonic() - started < 10  # not the 60 s aiohttp would wait for the handler by default
     request, response = (e for e in world.events(kind=None) if e["kind"] in ("request", "response"))
