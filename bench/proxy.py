@@ -7,7 +7,12 @@ upstream (`upstream.py --tls`, certificate from a test CA made with `cryptograph
   outloop, the credential injected by the broker (the upstream answers 401 without it, so a 200 proves it).
 "Added" is the difference of the medians. Each request is timed by the client.
 
-    .venv/bin/python bench/proxy.py [--requests N] [--connections N]
+`--startup` instead times what the proxy adds to a run's start-up: `outloop run -- true` with the network
+isolated, `[run] proxy = false` against the default (proxy on: the relay listens for it), and with an https
+credential (the run's CA is minted too). The variants run interleaved, round by round, and each round's
+difference to "proxy off" is taken, so load that comes and goes hits both sides of a pair alike.
+
+    .venv/bin/python bench/proxy.py [--requests N] [--connections N] [--startup RUNS]
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import BENCH_DIR, OUTLOOP, PYTHON, SECRET, SECRET_ENV, fmt, short_tmpdir
+from common import BENCH_DIR, OUTLOOP, PYTHON, SECRET, SECRET_ENV, fmt, median, short_tmpdir
 from proxy_support import make_test_ca
 
 CLIENT = r'''
@@ -135,6 +141,75 @@ def run(requests: int = 2000, connections: int = 200, log: Any = print) -> dict[
             "added_new_p50": proxied["new_p50"] - direct["new_p50"]}
 
 
+STARTUP_VARIANTS = {
+    "proxy off (`[run] proxy = false`)": ("http://127.0.0.1:9", "proxy = false"),
+    "proxy on (default)": ("http://127.0.0.1:9", ""),
+    "proxy on, https credential (run CA minted)": ("https://api.example.com", ""),
+}
+
+
+def startup(runs: int = 30, log: Any = print) -> dict[str, Any]:
+    """Median wall time of `outloop run -- true` per variant, and the median of each round's difference to
+    proxy off (paired: the rounds interleave the variants)."""
+    tmp = short_tmpdir("ol-bench-pstart-")
+    try:
+        profiles = tmp / "home" / "profiles"
+        profiles.mkdir(parents=True)
+        names = {}
+        for index, (label, (base_url, run_line)) in enumerate(STARTUP_VARIANTS.items()):
+            names[label] = f"v{index}"
+            (profiles / f"v{index}.toml").write_text(textwrap.dedent(f"""\
+                version = 1
+                [run]
+                network = "broker-only"
+                {run_line}
+                [credentials.api]
+                secret = "env:{SECRET_ENV}"
+                base_url = "{base_url}"
+                allow = ["GET /v1/**"]
+            """))
+        env = {key: value for key, value in os.environ.items() if not key.startswith("OUTLOOP_")}
+        env.update({"OUTLOOP_HOME": str(tmp / "home"), SECRET_ENV: SECRET, "NO_COLOR": "1"})
+        true = shutil.which("true") or "/bin/true"
+        labels = list(STARTUP_VARIANTS)
+        samples: dict[str, list[float]] = {label: [] for label in labels}
+
+        def once(label: str) -> float:
+            argv = [OUTLOOP, "run", "-w", names[label], "--profiles", str(profiles), "--quiet", "--", true]
+            # A blocking wait: one with a timeout polls with sleeps, which would round the figures up.
+            started = time.perf_counter()
+            code = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL).wait()
+            elapsed = time.perf_counter() - started
+            if code != 0:
+                again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+                raise RuntimeError(f"{label}: exit {code}: {again.stderr[-800:]}")
+            return elapsed
+
+        for label in labels:  # warm the page cache, create audit.db
+            once(label)
+        log(f"proxy start-up bench: {runs} rounds of {len(labels)} runs")
+        for index in range(runs):
+            for label in labels[index % len(labels):] + labels[:index % len(labels)]:
+                samples[label].append(once(label))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    off = samples[labels[0]]
+    return {"runs": runs, "rows": [
+        {"label": label, "median_ms": median(samples[label]) * 1000,
+         "paired_added_ms": median([on - base for on, base in zip(samples[label], off, strict=True)]) * 1000}
+        for label in labels]}
+
+
+def render_startup(result: dict[str, Any]) -> str:
+    lines = [f"`outloop run -- true`, network isolated, {result['runs']} interleaved rounds; \"added\" is the median "
+             "of each round's difference to proxy off.", "",
+             "| variant | median ms | added ms (paired) |", "|---|---:|---:|"]
+    lines += [f"| {row['label']} | {fmt(row['median_ms'], 1)} | {fmt(row['paired_added_ms'], 1)} |"
+              for row in result["rows"]]
+    return "\n".join(lines)
+
+
 def _json(completed: subprocess.CompletedProcess[str]) -> dict[str, float]:
     lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
     if completed.returncode != 0 or not lines:
@@ -167,7 +242,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=200)
+    parser.add_argument("--startup", type=int, metavar="RUNS", help="time start-up instead, RUNS rounds")
     args = parser.parse_args()
+    if args.startup:
+        print(render_startup(startup(args.startup, log=lambda message: print(message, file=sys.stderr))))
+        return
     result = run(args.requests, args.connections, log=lambda message: print(message, file=sys.stderr))
     print(render(result))
 

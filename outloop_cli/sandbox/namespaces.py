@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import outloop_cli
 from outloop_cli.sandbox.view import HOST, View
 
 STAGE_NAME = ".root"  # the new root is built under the run dir, where no source of the view can lie
@@ -32,5 +33,10 @@ def relay_arguments(relays: Sequence[tuple[int, Path]]) -> list[str]:
 
 
 def relay_command(relays: Sequence[tuple[int, Path]]) -> list[str]:
-    """The relay alone, started inside bubblewrap's namespaces."""
-    return [sys.executable, "-m", "outloop_cli.sandbox.init", *relay_arguments(relays), "--"]
+    """The relay alone, started inside bubblewrap's namespaces, ahead of the loop: so without `site` (-S) and
+    without the environment (-I, which also keeps the child's PYTHONPATH out of it); outloop's own package
+    directory goes last on its path (relay_start.py)."""
+    root = str(Path(outloop_cli.__file__).resolve().parent.parent)
+    bootstrap = (f"import sys; sys.path.append({root!r}); from outloop_cli.sandbox.relay_start import main; "
+                 "main(sys.argv[1:])")
+    return [sys.executable, "-I", "-S", "-c", bootstrap, *relay_arguments(relays), "--"]
