@@ -23,8 +23,8 @@ from outloop_cli import __version__
 from outloop_cli.audit.central_config import load_central
 from outloop_cli.audit.health import inspect_database
 from outloop_cli.audit.shipped import backlog_readonly
-from outloop_cli.errors import OutloopError, ProfileError
-from outloop_cli.home import audit_db_path, outloop_home, profile_dirs
+from outloop_cli.errors import OutloopError, ProfileError, StateDirError
+from outloop_cli.home import audit_db_path, check_home, outloop_home, profile_dirs
 from outloop_cli.profiles import Profile, available_workspaces, load_profile
 from outloop_cli.sandbox.probe import capabilities
 from outloop_cli.secrets import KEYRING_WAYS_OUT, source_kind
@@ -59,6 +59,15 @@ class Report:
 
 def diagnose(environ: Mapping[str, str]) -> Report:
     home = outloop_home(environ)
+    try:
+        check_home(home)
+    except StateDirError as exc:
+        # Every other command refuses such a home (125); doctor names it as the problem and still explains the
+        # rest of the machine, reading nothing inside it: no profile, config, audit or central backlog.
+        refused = Finding("paths", "OUTLOOP_HOME", "problem", f"{exc.message} (nothing in it was read, so the "
+                          "profiles, audit and central sections are left out)")
+        return Report([refused, *_keyring(uses_keyring=False), *_sandbox(needs_isolation=[], host_view=[])],
+                      versions())
     dirs = profile_dirs(None, environ)
     profiles, broken = _load_all(dirs)
     findings = [

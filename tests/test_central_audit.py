@@ -83,6 +83,7 @@ def test_two_hosts_ship_and_the_central_queries_show_both(postgres: Postgres,  #
     shown = as_json(ci, "audit", "show", "--central", cron.last_run_id()[:20])
     assert shown["host_id"] == "cron-01" and shown["state"] == "ended"
     assert (shown["events_total"], shown["events"]) == (local["events_total"], local["events"])  # outcomes joined
+    assert as_json(cron, "audit", "--central", "--batch", "01NOBATCH") == []  # filtered, not ignored
     table = cron.outloop("audit", "--central")
     assert table.code == 0 and "host" in table.out.splitlines()[0] and "ci-runner" in table.out
 
@@ -96,6 +97,50 @@ def test_two_hosts_ship_and_the_central_queries_show_both(postgres: Postgres,  #
     for host in (cron, ci):
         host.assert_no_canary(postgres.password)
         assert all(postgres.password not in text for text in host.seen_output)
+
+
+# Allowed requests the upstream fails (503, 404), one it answers, one the broker denies: every filter has rows.
+FAILING_LOOP = """
+    from outloop_cli.client import Outloop
+    client = Outloop()
+    assert client.request("billing", "GET", "/status/503").status == 503
+    assert client.request("billing", "GET", "/status/404").status == 404
+    assert client.request("crm", "GET", "/crm/v3/objects/contacts/1").status == 200
+    assert client.request("billing", "DELETE", "/invoices/1").denied
+"""
+
+
+def listed(world: World, *args: str) -> list[dict[str, object]]:
+    records = as_json(world, *args)
+    assert isinstance(records, list)
+    return records
+
+
+def _by_key(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    return sorted(({k: v for k, v in r.items() if k != "host_id"} for r in records),
+                  key=lambda r: (str(r["run_id"]), int(r.get("seq") or 0)))
+
+
+@pytest.mark.parametrize(("filters", "runs"), [
+    (["--failed"], 3), (["--status", "5xx"], 2), (["--status", "403,404"], 4),
+    (["--status", "200", "--workspace", "acme"], 1), (["--failed", "--workspace", "globex"], 3)])
+def test_failed_and_status_filters_answer_centrally_what_each_host_answers_locally(
+        fleet: tuple[World, World, str], filters: list[str], runs: int) -> None:
+    """The central copy filters as the union of the hosts' local audits does: the same requests and runs."""
+    cron, ci, _ = fleet
+    assert cron.run_loop(ACME_LOOP).code == 0
+    assert cron.run_loop(FAILING_LOOP, workspace="globex").code == 0
+    assert ci.run_loop(GLOBEX_LOOP, workspace="globex").code == 3
+    assert ci.run_loop(FAILING_LOOP, workspace="globex").code == 0
+    local = [record for host in (cron, ci) for record in listed(host, "audit", "events", *filters)]
+    central = listed(cron, "audit", "events", "--central", *filters)
+    assert _by_key(central) == _by_key(local), filters
+    # Every filter here matches something, so an ignored filter would show as extra rows, never as a pass.
+    assert 0 < len(central) < len(listed(cron, "audit", "events", "--central"))
+
+    local_runs = {r["run_id"] for host in (cron, ci) for r in listed(host, "audit", *filters)}
+    central_runs = {r["run_id"] for r in listed(cron, "audit", "--central", *filters)}
+    assert central_runs == local_runs and len(central_runs) == runs, (filters, central_runs)
 
 
 def test_an_edited_or_deleted_central_row_is_detected(postgres: Postgres,  # noqa: F811

@@ -6,6 +6,7 @@ whose end has not arrived is shown with what its shipped events say so far.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -14,7 +15,15 @@ import psycopg
 from outloop_cli.audit.central_db import CHAIN_COLUMNS, EVENTS
 from outloop_cli.audit.chain import error_sql
 from outloop_cli.audit.queries import RunState, RunView, sandbox_status
-from outloop_cli.audit.store import EventRow, Exchange, RunRow, _event_filter, loads_lenient
+from outloop_cli.audit.store import (
+    EventRow,
+    Exchange,
+    RunRow,
+    StatusRange,
+    _event_filter,
+    _status_clause,
+    loads_lenient,
+)
 from outloop_cli.errors import UsageError
 
 
@@ -37,6 +46,8 @@ _EXCHANGE_SELECT: Final = (
     "ON q.kind = 'request' AND r.host_id = q.host_id AND r.run_id = q.run_id AND r.request_seq = q.seq "
     "AND r.kind = 'response'"
 )
+# Runs read per round trip while `--failed` judges them (most runs end well, so a page rarely fills the limit).
+_RUN_PAGE: Final = 500
 # For a run without its run_end, the counts the runs row would hold, from its shipped events.
 _RUN_SELECT: Final = f"""
     SELECT s.host_id, s.run_id, s.workspace, s.ts, s.detail, e.ts, e.detail, e.hash,
@@ -51,12 +62,49 @@ _RUN_SELECT: Final = f"""
     WHERE s.kind = 'run_start'"""
 
 
-def recent_runs(central: psycopg.Connection, *, limit: int, workspace: str | None = None) -> list[HostRun]:
-    """Newest first across hosts; a run without a shipped end is "no end" (live or killed on its host)."""
-    where, params = (" AND s.workspace = %s", [workspace]) if workspace is not None else ("", [])
-    rows = central.execute(f"{_RUN_SELECT}{where} ORDER BY s.ts DESC, s.run_id DESC LIMIT %s",
-                           [*params, limit]).fetchall()
-    return [_host_run(row) for row in rows]
+def recent_runs(central: psycopg.Connection, *, limit: int, workspace: str | None = None, failed: bool = False,
+                statuses: Sequence[StatusRange] = (), batch_id: str | None = None) -> list[HostRun]:
+    """Newest first across hosts; a run without a shipped end is "no end" (live or killed on its host).
+
+    ``statuses``: runs where some request was answered with one of those statuses, as locally. ``failed``: runs
+    that exited non-zero, saw failed requests, or have no shipped end; ``batch_id``: the runs of one `run --each`.
+    The exit code, counts and batch live in the run events' JSON, so those two are judged here, page by page,
+    rather than by casting text in SQL (a tampered detail would then fail the whole listing instead of showing
+    as unparsable).
+    """
+    clauses: list[str] = ["TRUE"]
+    params: list[object] = []
+    if workspace is not None:
+        clauses.append("s.workspace = %s")
+        params.append(workspace)
+    if statuses:
+        match, bounds = _placeholders(*_status_clause("x.status", statuses))
+        clauses.append(f"EXISTS (SELECT 1 FROM {EVENTS} x WHERE x.host_id = s.host_id AND x.run_id = s.run_id "
+                       f"AND x.kind IN ('request', 'response') AND {match})")
+        params.extend(bounds)
+    query = f"{_RUN_SELECT} AND {' AND '.join(clauses)} ORDER BY s.ts DESC, s.run_id DESC LIMIT %s OFFSET %s"
+    judged = failed or batch_id is not None
+    found: list[HostRun] = []
+    page = max(limit, _RUN_PAGE) if judged else limit
+    offset = 0
+    while len(found) < limit:
+        rows = central.execute(query, [*params, page, offset]).fetchall()
+        found.extend(run for run in map(_host_run, rows)
+                     if (not failed or _run_failed(run.view)) and batch_id in (None, run.view.run.batch_id))
+        if len(rows) < page:
+            break
+        offset += page
+    return found[:limit]
+
+
+def _run_failed(item: RunView) -> bool:
+    run = item.run
+    return run.incomplete or run.exit_code != 0 or run.errors > 0
+
+
+def _placeholders(clause: str, params: list[object]) -> tuple[str, list[object]]:
+    """A local (SQLite) condition for psycopg: the conditions hold column names and placeholders only."""
+    return clause.replace("?", "%s"), params
 
 
 def find_run(central: psycopg.Connection, run_id: str) -> HostRun:
@@ -95,12 +143,25 @@ def query_exchanges(
     decision: str | None = None,
     since: float | None = None,
     until: float | None = None,
+    failed: bool = False,
+    statuses: Sequence[StatusRange] = (),
     limit: int = 100,
 ) -> list[HostExchange]:
-    """Requests across hosts and runs with their outcomes, newest first; the local `audit events` filters."""
-    # The local conditions, so both copies filter alike; they hold column names and placeholders only.
-    clause, params = _event_filter(workspace, credential, decision, since, until, ("request",), table="q.")
-    rows = central.execute(f"{_EXCHANGE_SELECT} WHERE {clause.replace('?', '%s')} "
+    """Requests across hosts and runs with their outcomes, newest first; the local `audit events` filters.
+
+    ``failed``: allowed requests whose outcome failed; ``statuses``: requests answered with one of those
+    statuses, by the upstream (the response event) or by the broker (the request event of a denial).
+    """
+    clause, params = _placeholders(*_event_filter(workspace, credential, decision, since, until, ("request",),
+                                                  table="q."))
+    clauses = [clause]
+    if failed:
+        clauses.append(f"q.decision = 'allow' AND r.run_id IS NOT NULL AND {error_sql('r.')}")
+    if statuses:
+        match, bounds = _placeholders(*_status_clause("COALESCE(r.status, q.status)", statuses))
+        clauses.append(match)
+        params.extend(bounds)
+    rows = central.execute(f"{_EXCHANGE_SELECT} WHERE {' AND '.join(clauses)} "
                            "ORDER BY q.ts DESC, q.host_id, q.run_id, q.seq DESC LIMIT %s", [*params, limit]).fetchall()
     return [HostExchange(str(row[0]), _exchange(row[1:])) for row in rows]
 

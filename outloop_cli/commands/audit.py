@@ -109,11 +109,6 @@ def register(root: typer.Typer) -> None:
     root.add_typer(app, name="audit")
 
 
-def _central_refuses(failed: bool, statuses: list[StatusRange]) -> None:
-    if failed or statuses:
-        raise UsageError("--failed and --status read the local audit only; drop them, or leave out --central")
-
-
 # --------------------------------------------------------------------------------------------------
 # audit (recent runs)
 
@@ -138,8 +133,7 @@ def recent(
     if central:
         from outloop_cli.commands import audit_central
 
-        _central_refuses(failed, statuses)
-        audit_central.recent(limit, workspace, as_json)
+        audit_central.recent(limit, workspace, failed, statuses, batch, as_json)
         return
     with operator_database() as conn:
         runs = recent_runs(conn, limit=limit, workspace=workspace, failed=failed, statuses=statuses, batch_id=batch)
@@ -292,10 +286,9 @@ def events(
     if central:
         from outloop_cli.commands import audit_central
 
-        _central_refuses(failed, statuses)
         audit_central.events(workspace=workspace, credential=credential,
                              decision=decision.value if decision else None, since=since_ts, until=until_ts,
-                             limit=limit, as_json=as_json)
+                             failed=failed, statuses=statuses, limit=limit, as_json=as_json)
         return
     with operator_database() as conn:
         found = query_exchanges(conn, workspace=workspace, credential=credential,

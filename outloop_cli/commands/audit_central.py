@@ -24,6 +24,7 @@ from outloop_cli.home import audit_db_path, config_path, outloop_home
 if TYPE_CHECKING:
     import psycopg
 
+    from outloop_cli.audit.store import StatusRange
     from outloop_cli.audit.verify import RunVerdict
 
 central_app = typer.Typer(help="The central PostgreSQL that every host ships its audit to ([audit.central] in "
@@ -114,18 +115,21 @@ def ship_command(
 # The --central forms, called by commands.audit
 
 
-def recent(limit: int, workspace: str | None, as_json: bool) -> None:
+def recent(limit: int, workspace: str | None, failed: bool, statuses: list[StatusRange], batch: str | None,
+           as_json: bool) -> None:
     from outloop_cli.audit.central_queries import recent_runs
     from outloop_cli.audit.queries import run_record
     from outloop_cli.commands.audit import print_runs
 
     with _central() as (_, conn):
-        runs = recent_runs(conn, limit=limit, workspace=workspace)
+        runs = recent_runs(conn, limit=limit, workspace=workspace, failed=failed, statuses=statuses,
+                           batch_id=batch)
     if as_json:
         print_json([{"host_id": item.host_id, **run_record(item.view)} for item in runs])
         return
     if not runs:
-        note("no runs shipped yet" + (f" for workspace {workspace!r}" if workspace else ""))
+        note(f"no{' matching' if failed or statuses or batch else ''} runs shipped yet"
+             + (f" for workspace {workspace!r}" if workspace else "") + (f" in batch {batch!r}" if batch else ""))
         return
     # Whole ids: a prefix unique on one host may not be across the fleet.
     print_runs([item.view for item in runs], {item.view.run.run_id: item.view.run.run_id for item in runs},
@@ -133,14 +137,14 @@ def recent(limit: int, workspace: str | None, as_json: bool) -> None:
 
 
 def events(*, workspace: str | None, credential: str | None, decision: str | None, since: float | None,
-           until: float | None, limit: int, as_json: bool) -> None:
+           until: float | None, failed: bool, statuses: list[StatusRange], limit: int, as_json: bool) -> None:
     from outloop_cli.audit.central_queries import query_exchanges
     from outloop_cli.audit.queries import exchange_record
     from outloop_cli.commands.audit import print_exchanges
 
     with _central() as (_, conn):
         found = query_exchanges(conn, workspace=workspace, credential=credential, decision=decision, since=since,
-                                until=until, limit=limit)
+                                until=until, failed=failed, statuses=statuses, limit=limit)
     if as_json:
         print_json([{"host_id": item.host_id, **exchange_record(item.exchange)} for item in found])
         return
