@@ -105,6 +105,9 @@ def _acceptor(selector: selectors.BaseSelector, listener: socket.socket, broker_
                 return
             except OSError:  # out of descriptors: the child sees its connection refused, the relay goes on
                 return
+            # As asyncio's transports do: a response the broker wrote in two pieces must not wait for the
+            # child's delayed ACK (Nagle) before its second piece leaves.
+            child.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             broker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 broker.connect(broker_socket)  # a Unix socket: it connects at once, or waits in the backlog
