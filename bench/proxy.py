@@ -109,7 +109,9 @@ def run(requests: int = 2000, connections: int = 200, log: Any = print) -> dict[
         try:
             assert upstream.stdout is not None
             port = json.loads(upstream.stdout.readline())["port"]
-            client = tmp / "client.py"
+            work = tmp / "work"  # the loop's working dir: the workspace view shows it (and not outloop's home)
+            work.mkdir()
+            client = work / "client.py"
             client.write_text(CLIENT)
             argv = [PYTHON, str(client), "localhost", str(port), str(requests), str(connections), str(ca.ca_pem)]
             log("proxy bench: direct")
@@ -131,7 +133,8 @@ def run(requests: int = 2000, connections: int = 200, log: Any = print) -> dict[
             env = {key: value for key, value in os.environ.items() if not key.startswith("OUTLOOP_")}
             env.update({"OUTLOOP_HOME": str(home), SECRET_ENV: SECRET})
             proxied = _json(subprocess.run([OUTLOOP, "run", "-w", "bench", "--profiles", str(profiles), "--quiet",
-                                            "--", *argv], capture_output=True, text=True, timeout=600, env=env))
+                                            "--", *argv], capture_output=True, text=True, timeout=600, env=env,
+                                           cwd=work))
         finally:
             upstream.terminate()
             upstream.wait()
