@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,fast]'
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	@# Earlier versions put keyrings.alt (a plaintext keyring) in here; the tests bring their own backend now.
 	@$(BIN)/python -m pip uninstall --quiet --yes keyrings.alt 2>/dev/null || true
 	@touch $(STAMP)

@@ -14,7 +14,6 @@ import json
 import os
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from common import (
     which,
     write_bench_profile,
 )
+from nginx import Nginx, proxy_config
 
 CONCURRENCY = (1, 8, 32)
 UPSTREAM_PATH = "/v1/contacts/51?properties=email,firstname"
@@ -118,86 +118,6 @@ class Child:
         return last
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            time.sleep(0.05)
-    return False
-
-
-class Nginx:
-    """A private nginx: generated config in a temp dir, one worker, no master, logs and pid in temp."""
-
-    def __init__(self, binary: str, workdir: Path, upstream_port: int) -> None:
-        self.workdir = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (workdir / sub).mkdir(exist_ok=True)
-        self.port = free_port()
-        self.version = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False).stderr.strip()
-        conf = workdir / "nginx.conf"
-        conf.write_text(f"""
-daemon off;
-master_process off;
-worker_processes 1;
-pid {workdir}/nginx.pid;
-error_log {workdir}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {workdir}/client_body;
-    proxy_temp_path {workdir}/proxy;
-    fastcgi_temp_path {workdir}/fastcgi;
-    uwsgi_temp_path {workdir}/uwsgi;
-    scgi_temp_path {workdir}/scgi;
-    keepalive_requests 1000000;
-    upstream bench_upstream {{
-        server 127.0.0.1:{upstream_port};
-        keepalive 64;
-        keepalive_requests 1000000;
-    }}
-    server {{
-        listen 127.0.0.1:{self.port} backlog=1024;
-        location / {{
-            proxy_pass http://bench_upstream;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Authorization "Bearer {SECRET}";
-        }}
-    }}
-}}
-""")
-        self.proc = subprocess.Popen([binary, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if not wait_for_port(self.port):
-            self.stop()
-            err = (workdir / "error.log").read_text() if (workdir / "error.log").exists() else ""
-            raise RuntimeError(f"nginx did not start: {err.strip()[-400:]}")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 # --------------------------------------------------------------------------------------------------
 # What is measured
 
@@ -221,7 +141,7 @@ class Cell:
 
     @property
     def errors(self) -> int:
-        return sum(r["requests"] - r["ok"] for r in self.runs) + sum(sum(r["errors"].values()) for r in self.runs)
+        return int(sum(r["requests"] - r["ok"] for r in self.runs) + sum(sum(r["errors"].values()) for r in self.runs))
 
     @property
     def rss_mb(self) -> float:
@@ -237,7 +157,7 @@ def http_request(path: str, host: str, extra: Sequence[str] = ()) -> str:
 
 # name, label, audit, event loop, also measure base-URL TCP, bench-only tweaks (see broker_host.TWEAKS)
 Config = tuple[str, str, str, str, bool, tuple[str, ...]]
-# The run path uses uvloop when the `fast` extra is installed (`make` installs it), else asyncio.
+# The run path uses uvloop where it is installed (a dependency on Linux), else asyncio.
 SHIPPED_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 SHIPPED: Config = ("outloop", f"outloop as shipped (audit on, {SHIPPED_LOOP})", "real", SHIPPED_LOOP, True, ())
 VARIANTS: list[Config] = [
@@ -248,7 +168,7 @@ VARIANTS: list[Config] = [
 ALL_TWEAKS = ("coalesce", "fewer-indexes", "switch-interval")
 EXPERIMENTS: list[Config] = [
     ("x-floor-server", "reference: aiohttp server alone (canned 200)", "noop", "asyncio", False, ("floor-server",)),
-    ("x-floor-proxy", "reference: aiohttp server + client, no outloop logic", "noop", "asyncio", False,
+    ("x-floor-proxy", "reference: aiohttp server + upstream pool, no outloop logic", "noop", "asyncio", False,
      ("floor-proxy",)),
     ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
     ("x-coalesce", "what-if: head+body in one send", "real", "asyncio", False, ("coalesce",)),
@@ -317,8 +237,8 @@ def run(rounds: int = 3, duration: float = 1.5, warmup: float = 0.3, concurrency
             log("SKIP nginx: not installed (apt-get install nginx-light)")
         else:
             try:
-                nginx = Nginx(nginx_bin, tmp / "nginx", up_port)
-                targets.append(Target("nginx", f"nginx reverse proxy ({nginx.version.split('/')[-1]}, 1 worker, "
+                nginx = Nginx(nginx_bin, tmp / "nginx", proxy_config(up_port))
+                targets.append(Target("nginx", f"nginx reverse proxy ({nginx.release}, 1 worker, "
                                       "upstream keepalive)", {"host": "127.0.0.1", "port": nginx.port},
                                       http_request(UPSTREAM_PATH, f"127.0.0.1:{nginx.port}"), nginx.pid, "nginx"))
             except (RuntimeError, OSError) as exc:

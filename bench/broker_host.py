@@ -72,7 +72,7 @@ TWEAKS = {
     "switch-interval": "sys.setswitchinterval(0.0005): faster GIL hand-off to the audit writer thread",
     # References rather than fixes: the same process and server with outloop's handler replaced.
     "floor-server": "reference: aiohttp's low-level server answering a canned 200 (no upstream, no outloop)",
-    "floor-proxy": "reference: aiohttp server + the broker's ClientSession, forwarding with no outloop logic",
+    "floor-proxy": "reference: aiohttp server + the broker's upstream pool, forwarding with no outloop logic",
 }
 
 
@@ -88,16 +88,21 @@ def replace_handler(broker: Broker, tweaks: list[str]) -> None:
 
         broker.handle = canned  # type: ignore[method-assign]
     elif "floor-proxy" in tweaks:
+        from multidict import CIMultiDict
+        from yarl import URL
+
+        from outloop_cli.broker.upstream_pool import Timeouts
+
         credential = next(iter(broker.profile.credentials.values()))
         prefix = f"/v1/http/{credential.name}"
-        auth = {"Authorization": "Bearer " + os.environ[SECRET_ENV]}
+        auth = CIMultiDict({"Authorization": "Bearer " + os.environ[SECRET_ENV]})
+        unlimited = Timeouts(connect=None, read=None)
 
         async def forward(request: web.BaseRequest) -> web.StreamResponse:
-            assert broker._session is not None
-            url = credential.base_url + request.raw_path[len(prefix):]
-            async with broker._session.get(url, headers=auth) as upstream:
+            url = URL(credential.base_url + request.raw_path[len(prefix):], encoded=True)
+            async with await broker._pool.request("GET", url, headers=auth, data=None, timeout=unlimited) as upstream:
                 return web.Response(body=await upstream.read(), status=upstream.status,
-                                    content_type=upstream.content_type)
+                                    content_type=upstream.headers.get("Content-Type", "application/octet-stream"))
 
         broker.handle = forward  # type: ignore[method-assign]
 
@@ -109,7 +114,7 @@ def apply_tweaks(tweaks: list[str], audit: Any, home: Path) -> None:
     if "coalesce" in tweaks:
         from aiohttp import web
 
-        web.StreamResponse._send_headers_immediately = False  # type: ignore[attr-defined]
+        web.StreamResponse._send_headers_immediately = False
     if "switch-interval" in tweaks:
         sys.setswitchinterval(0.0005)
     if not isinstance(audit, RunLog):

@@ -90,7 +90,7 @@ def fresh_central(server: Postgres, base: Path) -> str:
     dbname = server.create_database()
     home = home_for(base, server, dbname, f"init-{dbname}")
     subprocess.run([OUTLOOP, "audit", "central", "init"], env=env_for(home, server), check=True, capture_output=True)
-    return dbname
+    return str(dbname)
 
 
 def shipping(server: Postgres, base: Path, hosts: int, per_host: int, parallel: int) -> None:
@@ -141,7 +141,7 @@ def query(server: Postgres, base: Path, rows: int, repeat: int) -> None:
     began = time.perf_counter()
     with server.connect(dbname) as conn:
         for statement in indexes:
-            conn.execute(f"DROP INDEX outloop.{statement.split()[2]}")  # type: ignore[arg-type]
+            conn.execute(f"DROP INDEX outloop.{statement.split()[2]}")
         # 50 hosts, runs of 500 events, 20 workspaces, one request in five denied, 60 days back from now.
         conn.execute("""
             INSERT INTO outloop.events (host_id, run_id, seq, ts, kind, workspace, credential, method, host, path,
@@ -156,7 +156,7 @@ def query(server: Postgres, base: Path, rows: int, repeat: int) -> None:
             FROM generate_series(0, %s - 1) AS i""", (rows, rows))
         loaded = time.perf_counter() - began
         for statement in indexes:
-            conn.execute(statement)  # type: ignore[arg-type]
+            conn.execute(statement)
         conn.execute("ANALYZE outloop.events")
     print(f"\n3. query: {rows:,} central rows generated in {loaded:.0f}s, indexed and analysed in "
           f"{time.perf_counter() - began - loaded:.0f}s")

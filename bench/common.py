@@ -19,6 +19,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+PYCACHE = REPO / ".bench" / "pycache"
 PYTHON = sys.executable
 OUTLOOP = str(Path(sys.executable).parent / "outloop")
 
@@ -87,10 +88,30 @@ def short_tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def write_bench_profile(profiles: Path, base_url: str) -> Path:
-    """One workspace, one credential injected as `Authorization: Bearer <secret>`, secret from the env."""
+def outloop_env(home: Path) -> dict[str, str]:
+    """The environment benches run `outloop` in: a private OUTLOOP_HOME, the bench secret, bytecode cached.
+
+    As installed by pip, modules come with bytecode. A dev shell may forbid writing it
+    (PYTHONDONTWRITEBYTECODE=1), which would time the compiler instead of outloop, in start-up and in a run's
+    first request alike; the cache stays out of the source tree, under .bench/.
+    """
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("OUTLOOP_") and key != "PYTHONDONTWRITEBYTECODE"}
+    PYCACHE.mkdir(parents=True, exist_ok=True)
+    env.update({"OUTLOOP_HOME": str(home), SECRET_ENV: SECRET, "NO_COLOR": "1", "PYTHONPYCACHEPREFIX": str(PYCACHE)})
+    return env
+
+
+def write_bench_profile(profiles: Path, base_url: str, child_env: dict[str, str] | None = None) -> Path:
+    """One workspace, one credential injected as `Authorization: Bearer <secret>`, secret from the env.
+
+    `child_env` (e.g. `{"UP_URL": "{url}"}`) turns on base-URL mode, as it does for an SDK's profile.
+    """
     profiles.mkdir(parents=True, exist_ok=True)
     path = profiles / f"{WORKSPACE}.toml"
+    extra = ""
+    if child_env:
+        extra = "child_env = { " + ", ".join(f'{key} = "{value}"' for key, value in child_env.items()) + " }\n"
     path.write_text(textwrap.dedent(f"""\
         version = 1
         description = "outloop bench"
@@ -101,7 +122,7 @@ def write_bench_profile(profiles: Path, base_url: str) -> Path:
         inject = {{ header = "Authorization", value = "Bearer {{secret}}" }}
         allow = ["GET /v1/**", "GET /big"]
         deny = ["* /v1/admin/**"]
-    """))
+    """) + extra)
     return path
 
 

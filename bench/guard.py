@@ -45,7 +45,7 @@ def identifiers(count: int, seed: int = 7) -> list[Identifier]:
 def request(size: int, seed: int = 11) -> tuple[str, str, bytes]:
     """A CRM upsert: a path with an id, a short query, a JSON body of about `size` bytes matching nothing."""
     rng = random.Random(seed)
-    leads = []
+    leads: list[dict[str, Any]] = []
     while len(json.dumps(leads)) < size:
         leads.append({"email": f"{rng.randint(1, 10**6)}@acme-lead.example", "name": "Jane Q. Prospect",
                       "notes": "met at the trade fair; wants a demo in spring"})

@@ -215,7 +215,8 @@ async def load(cmd: dict[str, Any]) -> dict[str, Any]:
         if conn.transport is not None:
             conn.transport.close()
     ok = statuses.get(200, 0)
-    cpu_used = (cpu["end"] - cpu["start"]) if cpu.get("start") is not None and cpu.get("end") is not None else None
+    cpu_start, cpu_end = cpu.get("start"), cpu.get("end")
+    cpu_used = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
     return {
         "requests": len(latencies),
         "ok": ok,
@@ -259,6 +260,7 @@ async def stream(cmd: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    loop: asyncio.AbstractEventLoop
     try:
         import uvloop
 

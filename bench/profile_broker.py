@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from broker import BENCH_DIR, PYTHON, Child, broker_targets, start_broker
-from common import REPO, fmt, short_tmpdir
+from broker import Child, broker_targets, start_broker
+from common import BENCH_DIR, PYTHON, REPO, fmt, short_tmpdir
 
 OUT_DIR = REPO / ".bench"
 
@@ -45,10 +45,11 @@ PATHS: list[tuple[str, str]] = [
     ("audit, writer thread: _commit SQL (execute/executemany)", r"^_commit \(outloop_cli/audit/writer"),
     ("audit, writer thread: _chain (hash + canonical_json)", r"^_chain \(outloop_cli/audit/writer"),
     ("audit, writer thread: _notify (call_soon_threadsafe)", r"^_notify \(outloop_cli/audit/writer"),
-    ("client pool: ClientSession._request (all upstream I/O)", r"^_request \(aiohttp/client\.py"),
-    ("client pool: connector.connect (pool checkout)", r"^connect \(aiohttp/connector"),
-    ("client pool: ClientRequest build/send", r"^(__init__|send) \(aiohttp/client_reqrep"),
-    ("client pool: ClientResponse.start (read upstream head)", r"^start \(aiohttp/client_reqrep"),
+    ("upstream pool: request (head out, wait for the answer's head)", r"^request \(outloop_cli/broker/upstream_pool"),
+    ("upstream pool: request head serialised (_serialise)", r"^_serialise \(outloop_cli/broker/upstream_pool"),
+    ("upstream pool: socket send (UpstreamConnection.write)", r"^write \(outloop_cli/broker/upstream_conn"),
+    ("upstream pool: llhttp parse (data_received)", r"^data_received \(outloop_cli/broker/upstream_conn"),
+    ("upstream pool: response body (iter_any/read)", r"^(iter_any|read) \(outloop_cli/broker/upstream_pool"),
     ("response: StreamResponse.prepare / write / write_eof",
      r"^(prepare|write|write_eof|_start|_prepare_headers) \(aiohttp/web_response"),
     ("event loop: select / epoll wait", r"^(select|poll) \((selectors|asyncio)"),

@@ -81,7 +81,9 @@ class Downstream(asyncio.Protocol):
 
     async def pump(self) -> None:
         loop = asyncio.get_running_loop()
-        _, self.upstream = await loop.create_connection(lambda: Upstream(self.transport), self.host, self.port)
+        downstream = self.transport
+        assert downstream is not None  # pump() starts from connection_made()
+        _, self.upstream = await loop.create_connection(lambda: Upstream(downstream), self.host, self.port)
         seq = 0
         while True:
             head = await self.queue.get()

@@ -9,7 +9,6 @@ Each command runs N times, interleaved, from a private OUTLOOP_HOME whose profil
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -22,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUTLOOP, PYTHON, REPO, SECRET, SECRET_ENV, WORKSPACE, fmt, median, short_tmpdir, write_bench_profile
+from common import OUTLOOP, PYTHON, WORKSPACE, fmt, median, outloop_env, short_tmpdir, write_bench_profile
 
 Log = Callable[[str], None]
-PYCACHE = REPO / ".bench" / "pycache"
 _IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \| (\s*)(\S+)")
 
 
@@ -67,8 +65,8 @@ def importtime(statement: str, env: dict[str, str], repeats: int = 3) -> dict[st
         totals.append(total)
     modules = {name: (median([s for s, _ in runs]), median([c for _, c in runs])) for name, runs in per_module.items()}
     by_package: dict[str, float] = defaultdict(float)
-    for name, (self_us, _) in modules.items():
-        by_package[name.split(".")[0]] += self_us
+    for name, (own_us, _) in modules.items():
+        by_package[name.split(".")[0]] += own_us
     return {
         "statement": statement,
         "total_ms": median(totals) / 1000,
@@ -83,13 +81,7 @@ def run(runs: int = 15, log: Log = _stderr) -> dict[str, Any]:
     home = short_tmpdir("ols-")
     try:
         write_bench_profile(home / "profiles", "http://127.0.0.1:9")
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith("OUTLOOP_") and key != "PYTHONDONTWRITEBYTECODE"}
-        # As installed by pip, modules come with bytecode. A dev shell may forbid writing it, which would
-        # time the compiler instead of outloop; keep the cache out of the source tree, under .bench/.
-        PYCACHE.mkdir(parents=True, exist_ok=True)
-        env.update({"OUTLOOP_HOME": str(home), SECRET_ENV: SECRET, "NO_COLOR": "1",
-                    "PYTHONPYCACHEPREFIX": str(PYCACHE)})
+        env = outloop_env(home)
         true = shutil.which("true") or "/bin/true"
         run_cmd = [OUTLOOP, "run", "-w", WORKSPACE, "--quiet"]
         commands: list[tuple[str, list[str]]] = [

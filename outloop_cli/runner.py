@@ -236,7 +236,7 @@ def _refuse_in(values: Mapping[str, str], value: str, profile: Profile, name: st
 
 
 def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    """uvloop when the `fast` extra is installed: it cuts the broker's CPU per request by about a quarter."""
+    """uvloop (a dependency on Linux): it cuts the broker's CPU per request by about a quarter. Elsewhere asyncio's."""
     try:
         import uvloop
     except ImportError:

@@ -106,10 +106,19 @@ def kill_a_run(world: World) -> str:
         time.sleep(60)
     """)
     wait_for(marker.exists)
+    # The outcome is committed with the next decision or within 100 ms: kill once it is, so the run has 3 events.
+    wait_for(lambda: _response_count(world.audit_db) == 1)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     with sqlite3.connect(world.audit_db) as conn:
         return str(conn.execute("SELECT run_id FROM runs WHERE ended_at IS NULL").fetchone()[0])
+
+
+def _response_count(db: Path) -> int:
+    """Response events of unfinished runs (the one run kill_a_run started)."""
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM events WHERE kind = 'response' AND run_id IN "
+                                "(SELECT run_id FROM runs WHERE ended_at IS NULL)").fetchone()[0])
 
 
 def copy_home(world: World, name: str) -> Path:

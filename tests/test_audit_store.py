@@ -444,18 +444,38 @@ def test_async_request_fails_closed_too(db: Path) -> None:
     log.finish(exit_code=0, duration=0.1, detail={})
 
 
-def test_a_lost_fire_and_forget_response_is_counted_in_run_end(db: Path) -> None:
+def test_an_outcome_whose_batch_failed_is_written_with_the_next_batch(db: Path) -> None:
     log = start(db, busy_timeout=0.2)
     seq = log.record_request(allow())
     locker = hold_write_lock(db)
     log.record_response(ResponseRecord(seq, 200, 1.0, 1, 1))
-    with pytest.raises(AuditError, match="locked"):  # queued behind it: by now that batch has failed too
+    with pytest.raises(AuditError, match="locked"):  # the outcome waits to share this decision's commit
         log.record_request(allow())
+    locker.close()
+    assert log.record_request(allow()) == 3  # run_start, request, then the outcome carried over: seq 2
+    log.finish(exit_code=0, duration=0.1, detail={})
+    reader = open_readonly(db)
+    events = run_events(reader, "01RUN")
+    assert [(event.kind, event.request_seq) for event in events[1:4]] == [("request", None), ("response", seq),
+                                                                           ("request", None)]
+    assert events[-1].detail is not None and events[-1].detail["lost_events"] == 0
+    assert verify_run(reader, "01RUN").status == "ok"
+
+
+def test_an_outcome_failing_in_two_batches_is_counted_lost_in_run_end(db: Path) -> None:
+    log = start(db, busy_timeout=0.2)
+    seq = log.record_request(allow())
+    locker = hold_write_lock(db)
+    log.record_response(ResponseRecord(seq, 200, 1.0, 1, 1))
+    for _ in range(2):  # its own batch and the one it was carried into
+        with pytest.raises(AuditError, match="locked"):
+            log.record_request(allow())
     locker.close()
     log.finish(exit_code=0, duration=0.1, detail={})
     reader = open_readonly(db)
-    end = run_events(reader, "01RUN")[-1]
-    assert end.detail is not None and end.detail["lost_events"] == 1
+    events = run_events(reader, "01RUN")
+    assert [event.kind for event in events] == ["run_start", "request", "run_end"]
+    assert events[-1].detail is not None and events[-1].detail["lost_events"] == 1
     assert verify_run(reader, "01RUN").status == "ok"
 
 

@@ -75,6 +75,9 @@ class _TeeReader:
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    # Many brokers open their pooled connections at once under load; the default backlog of 5 would drop SYNs,
+    # and the kernel's retries (1 s, 3 s, 7 s...) would show up as multi-second request latencies.
+    request_queue_size = 128
     # Handler threads are not joined on close: a /hang request must not hold up stop().
     block_on_close = False
 
@@ -93,6 +96,9 @@ class _Server(http.server.ThreadingHTTPServer):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle on, the body waits for the client's delayed ACK
+    # (40 ms), so a sequential client would measure this server instead of the broker.
+    disable_nagle_algorithm = True
     server: _Server
 
     def setup(self) -> None:
@@ -343,6 +349,20 @@ class RecordingUpstream:
                     f"expected {n} upstream requests within {timeout} s, got {len(self.requests)}"
                 )
             return list(self.requests)
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Block until no client connection is open: every request already on the wire has been recorded.
+
+        After a client dies, what it sent before dying is still read and recorded; this waits for that.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._server.sockets_lock:
+                if not self._server.open_sockets:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"upstream connections still open after {timeout} s")
+            self._server.stopping.wait(0.01)
 
     def all_bytes(self) -> bytes:
         """Everything received, for canary scans: the raw wire bytes, then each de-chunked body.

@@ -128,9 +128,14 @@ MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether another connection held the lock (for longer than the busy timeout allowed to wait)."""
+    return str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_BUSY")
+
+
 def describe_error(exc: sqlite3.Error, busy_timeout: float) -> str:
     # SQLite's messages name files, tables and columns, never bound values, so they are safe to show.
-    if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY"):
+    if is_busy(exc):
         return f"database is locked by another process for longer than the {busy_timeout:g} s busy timeout"
     return str(exc)
 

@@ -11,8 +11,9 @@ import functools
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TypeAlias
 
@@ -29,7 +30,7 @@ from outloop_cli.audit.chain import (
     now,
     text_value,
 )
-from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, describe_error, open_rw
+from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, describe_error, is_busy, open_rw
 from outloop_cli.errors import AuditError
 
 if TYPE_CHECKING:
@@ -70,6 +71,10 @@ class ResponseRecord:
 
 
 _CHECKPOINT_SECONDS = 1.0
+# How long one try for the write lock waits inside SQLite (which sleeps 1 ms, then 1 ms) before _begin retries.
+_LOCK_POLL_MS: Final = 2
+# How long an outcome may wait for a decision to share its commit; kill -9 within it loses only outcomes.
+_OUTCOME_DELAY: Final = 0.1
 _Outcome = int | AuditError
 # Who waits for an event's commit: a thread, an asyncio task, or nobody (fire-and-forget).
 _Waiter: TypeAlias = "concurrent.futures.Future[int] | asyncio.Future[int] | None"
@@ -89,6 +94,7 @@ class _Item:
     fields: dict[str, object]
     waiter: _Waiter
     end: _End | None = None
+    retried: bool = False  # an outcome already in one failed batch; lost if a second one fails too
 
 
 def _settle(future: asyncio.Future[int] | concurrent.futures.Future[int], outcome: _Outcome) -> None:
@@ -164,6 +170,9 @@ class RunLog:
         self._denied = 0
         self._errors = 0  # allowed requests whose outcome failed (is_error)
         self._lost = 0  # fire-and-forget events whose batch failed; reported in run_end
+        self._commits = 0  # transactions committed so far
+        self._retry: list[_Item] = []  # outcomes of the last failed batch, written before anything newer
+        self._retry_alone = False
         # seq -> (credential, method, host, path) of allowed requests still awaiting their response.
         self._open_requests: dict[object, tuple[object, object, object, object]] = {}
         self._thread = threading.Thread(target=self._loop, name=f"outloop-audit-{run_id}", daemon=True)
@@ -189,6 +198,7 @@ class RunLog:
         """
         start_detail = {**json_object(detail, "run detail"), "command": list(command)}
         conn = open_rw(db_path, busy_timeout)
+        conn.execute(f"PRAGMA busy_timeout = {_LOCK_POLL_MS}")  # _begin keeps the full deadline
         batch_id, policy_hash = start_detail.get("batch_id"), start_detail.get("policy_hash")
         log = cls(
             conn,
@@ -262,8 +272,9 @@ class RunLog:
     def finish(self, *, exit_code: int, duration: float, detail: Mapping[str, object]) -> tuple[str, int]:
         """Commit run_end after everything queued, close the runs row, and stop the writer.
 
-        run_end's detail gets exit_code, duration, allowed, denied, errors, lost_events and the chain's head hash
-        and event count before it (these win over same-named caller keys). Returns the final head hash and
+        run_end's detail gets exit_code, duration, allowed, denied, errors, lost_events, commits (the transactions
+        that wrote the events before it: group commit's batching, at a glance) and the chain's head hash and event
+        count before it (these win over same-named caller keys). Returns the final head hash and
         the event count including run_end, for the run summary.
         """
         end = _End(int(exit_code), float(duration), json_object(detail, "run end detail"))
@@ -342,32 +353,53 @@ class RunLog:
     def _loop(self) -> None:
         try:
             while True:
-                first = self._queue.get()
-                if first is None:
-                    return
-                batch = [first]
-                stop = False
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                self._commit(batch)
+                batch, stop = self._next_batch()
+                if batch:
+                    self._commit(batch)
                 if stop:
                     return
         finally:
             self._conn.close()
+
+    def _next_batch(self) -> tuple[list[_Item], bool]:
+        """The outcomes a failed batch left over (alone, or followed by whatever is queued), else whatever is
+        queued; True once the queue has ended.
+
+        A batch holding only outcomes (nobody waits for them) is held back until a waited-for event arrives or
+        _OUTCOME_DELAY passes: each outcome then rides on the next decision's commit instead of taking a commit
+        of its own just before it, which at one client halves the commits per request.
+        """
+        batch, self._retry = self._retry, []
+        if batch and self._retry_alone:
+            return batch, False
+        deadline: float | None = None
+        waited = False  # whether somebody waits for this batch (left-over outcomes never do)
+        while len(batch) < _MAX_BATCH:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                if not batch:
+                    item = self._queue.get()  # idle: sleep until there is something to write
+                elif waited:
+                    break  # commit now
+                else:
+                    deadline = deadline or time.monotonic() + _OUTCOME_DELAY
+                    try:
+                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+            if item is None:
+                return batch, True
+            batch.append(item)
+            waited = waited or item.waiter is not None
+        return batch, False
 
     def _commit(self, batch: list[_Item]) -> None:
         """Write a batch as one transaction, then tell every waiter; on failure undo the in-memory chain."""
         saved = (self._seq, self._head, self._allowed, self._denied, self._errors)
         try:
             rows = [self._chain(item) for item in batch]
-            self._conn.execute("BEGIN IMMEDIATE")
+            self._begin()
             try:
                 if saved[0] == 0:
                     self._conn.execute(
@@ -401,9 +433,15 @@ class RunLog:
             else:
                 reason = f"unexpected {type(exc).__name__}"
             message = f"cannot write to the audit database at {self.db_path}: {reason}"
-            self._lost += sum(1 for item in batch if item.waiter is None)
+            # Every waiter is refused: its decision is not on disk, so its request must not go upstream. An outcome
+            # (its request went up long ago) gets one more chance: with the next batch when the database was only
+            # locked, else alone, since the row that broke this batch may have been a neighbour's.
+            self._retry = [replace(item, retried=True) for item in batch if item.waiter is None and not item.retried]
+            self._retry_alone = not (isinstance(exc, sqlite3.Error) and is_busy(exc))
+            self._lost += sum(1 for item in batch if item.waiter is None and item.retried)
             _notify([(item.waiter, AuditError(message)) for item in batch])
             return
+        self._commits += 1
         for seq, item in enumerate(batch, start=saved[0]):
             if item.kind == "response":
                 self._open_requests.pop(item.fields["request_seq"], None)
@@ -411,6 +449,22 @@ class RunLog:
                 f = item.fields
                 self._open_requests[seq] = (f["credential"], f["method"], f["host"], f["path"])
         _notify([(item.waiter, seq) for seq, item in enumerate(batch, start=saved[0])])
+
+    def _begin(self) -> None:
+        """Take the write lock, trying again every millisecond or two until the busy timeout.
+
+        SQLite's own busy handler backs off to a try every 100 ms, so with twenty runs committing a waiter kept
+        missing the moments the lock was free: waits of seconds, close to the busy timeout that refuses
+        requests. The connection waits only _LOCK_POLL_MS per try, and this loop keeps the overall deadline.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or time.monotonic() >= deadline:
+                    raise
 
     def _chain(self, item: _Item) -> dict[str, object]:
         """Give an item its seq and hash, advancing the in-memory chain and counters."""
@@ -436,6 +490,7 @@ class RunLog:
                 "denied": self._denied,
                 "errors": self._errors,
                 "lost_events": self._lost,
+                "commits": self._commits,
                 "head_hash": self._head,
                 "event_count": self._seq,
             }

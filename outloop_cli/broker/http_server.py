@@ -9,7 +9,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestHandler
 
 ErrorHook = Callable[[web.BaseRequest, int, BaseException | None], web.StreamResponse]
@@ -35,14 +36,33 @@ MAX_LINE_SIZE = 16 * 1024
 MAX_FIELD_SIZE = 16 * 1024
 
 
+_SPOKEN_VERSIONS = (HttpVersion10, HttpVersion11)
+
+
 class BrokerHTTPServer(web.Server):
     """A `web.Server` whose protocol reports parse failures and handler crashes to `on_error`."""
 
     def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
                  on_error: ErrorHook, **kwargs: Any) -> None:
-        super().__init__(handler, access_log=None, logger=_quiet, auto_decompress=False,
+        super().__init__(self._spoken_only(handler), access_log=None, logger=_quiet, auto_decompress=False,
                          max_field_size=MAX_FIELD_SIZE, max_line_size=MAX_LINE_SIZE, **kwargs)
         self.on_error = on_error
+
+    def _spoken_only(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+                     ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        """llhttp reads `GET /path` with no version as an HTTP/0.9 request: a request without headers whose
+        answer has no framing. The broker speaks 1.0 and 1.1 only, so anything else is malformed, like a line the
+        parser refuses (whether the next request arrived in the same read decided which of the two it was)."""
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            if request.version in _SPOKEN_VERSIONS:
+                return await handler(request)
+            major, minor = request.version
+            response = self.on_error(request, 400, BadHttpMessage(f"HTTP/{major}.{minor} is not spoken here"))
+            response.force_close()
+            return response
+
+        return handle
 
     def __call__(self) -> RequestHandler:
         return _BrokerProtocol(self, loop=self._loop, **self._kwargs)

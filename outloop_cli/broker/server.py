@@ -65,6 +65,7 @@ from outloop_cli.broker.listeners import Listeners
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.proxy import EgressProxy
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
+from outloop_cli.broker.upstream_pool import Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
 from outloop_cli.errors import AuditError
 from outloop_cli.guard import Guard, Identifier
 from outloop_cli.profiles import Credential, Profile
@@ -125,8 +126,7 @@ class Broker:
         self._schemes = {name: build_scheme(cred, secrets[name], self._auth_context)
                          for name, cred in profile.credentials.items() if cred.auth is not None}
         self._variants = secret_variants(self._all_secret_forms())
-        self._timeouts = {name: aiohttp.ClientTimeout(total=None, connect=cred.connect_timeout,
-                                                      sock_read=cred.read_timeout)
+        self._timeouts = {name: Timeouts(connect=cred.connect_timeout, read=cred.read_timeout)
                           for name, cred in profile.credentials.items()}
         self._upstream_tls = {name: _upstream_tls(cred) for name, cred in profile.credentials.items()}
         self.ca = ca
@@ -135,7 +135,8 @@ class Broker:
         self._own_authority = _authority_of(own_url) if own_url else None
         self._proxy: EgressProxy | None = None
         self._peer_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
-        self._session: aiohttp.ClientSession | None = None
+        self._pool = UpstreamPool()
+        self._session: aiohttp.ClientSession | None = None  # token endpoints of `auth` credentials only
         self._runners: list[web.BaseRunner] = []
         self._in_flight: set[asyncio.Task[Any]] = set()  # forwards under way, so close() can end and audit them
 
@@ -159,7 +160,8 @@ class Broker:
 
     async def serve(self, listeners: Listeners) -> None:
         """Serve on sockets bound before the child started; connections made meanwhile wait in the backlog."""
-        self._session = self._auth_context.session = self._new_session()
+        if self._schemes:
+            self._session = self._auth_context.session = self._new_session()
         await self._serve(listeners.broker, self.handle)
         if listeners.relay is not None:
             await self._serve(listeners.relay, self.handle_relayed)
@@ -201,6 +203,7 @@ class Broker:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        await self._pool.close()
         if self._session is not None:
             await self._session.close()
         for secret in self._secrets.values():
@@ -425,8 +428,10 @@ class Broker:
         except asyncio.CancelledError:
             outcome.error = "run_ended"  # close() cancelled it: the child's tree is gone
             raise
-        except aiohttp.ClientError as exc:
-            return outcome.fail(502, "upstream_error", f"cannot reach {credential.host}: {type(exc).__name__}",
+        except UpstreamError as exc:
+            return outcome.fail(502, "upstream_error", f"{credential.host}: {exc}", credential, request)
+        except aiohttp.ClientError as exc:  # reading the child's body failed while it streamed upstream
+            return outcome.fail(502, "upstream_error", f"cannot forward to {credential.host}: {type(exc).__name__}",
                                 credential, request)
         finally:
             if task is not None:
@@ -439,7 +444,6 @@ class Broker:
 
     async def _exchange(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
                         outcome: _Outcome, held: bytes | None, location_prefix: str) -> web.StreamResponse:
-        assert self._session is not None
         name = credential.name
         url = URL(credential.base_url + path + (f"?{query}" if query else ""), encoded=True)
         headers = upstream_headers(request.raw_headers, self._injectors[name], self.run_token)
@@ -453,8 +457,8 @@ class Broker:
                 headers["Content-Length"] = str(request.content_length)
         async with await self._send(request, credential, url, headers, body) as upstream:
             outcome.status = upstream.status
-            # One coding at most: with several (or the header twice) aiohttp decodes one of them, so the body the
-            # redactor sees, and the length the child is told, would not be what the upstream meant.
+            # One coding at most: with several (or the header twice) the body would reach the redactor still
+            # encoded, and the length the child is told would not be what the upstream meant.
             codings = [token.strip().lower() for value in upstream.headers.getall("Content-Encoding", ())
                        for token in value.split(",")]
             encoding = codings[0] if len(codings) == 1 else ("" if not codings else "multiple")
@@ -473,7 +477,7 @@ class Broker:
             guarding = self.guard is not None and request.method != "HEAD"
             if guarding and self.guard is not None and self.guard.settings.responses == "deny":
                 # Held back whole and scanned before the child sees a byte of it.
-                data = await held_body(upstream.content.iter_any(), self.guard.settings.max_body)
+                data = await held_body(upstream.iter_any(), self.guard.settings.max_body)
                 if data is None:
                     return outcome.fail(502, "upstream_error", "the response is larger than guard.max_body, so "
                                         "the wrong-client guard cannot check it", credential,
@@ -500,7 +504,7 @@ class Broker:
             outcome.prepared = response
             redactor = StreamRedactor(self._variants)
             scanner = StreamScanner(self.guard) if guarding and self.guard is not None else None
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_any():
                 if scanner is not None:
                     scanner.feed(chunk)
                     outcome.flag(scanner.found)
@@ -524,7 +528,7 @@ class Broker:
         return web.Response(status=status, reason=reason, headers=headers, body=masked)
 
     async def _send(self, request: web.BaseRequest, credential: Credential, url: URL, headers: CIMultiDict[str],
-                    body: AsyncIterator[bytes] | bytes | None) -> aiohttp.ClientResponse:
+                    body: AsyncIterator[bytes] | bytes | None) -> UpstreamResponse:
         """Send upstream; an `auth` credential authorizes the request first and, after a 401 to a replayable
         idempotent request, gets one chance to refresh and retry."""
         scheme = self._schemes.get(credential.name)
@@ -541,11 +545,10 @@ class Broker:
             response = await self._request(out, credential)
         return response
 
-    async def _request(self, out: Outgoing, credential: Credential) -> aiohttp.ClientResponse:
-        assert self._session is not None
-        return await self._session.request(out.method, out.url, headers=out.headers, data=out.body,
-                                           allow_redirects=False, timeout=self._timeouts[credential.name],
-                                           ssl=self._upstream_tls[credential.name])
+    async def _request(self, out: Outgoing, credential: Credential) -> UpstreamResponse:
+        return await self._pool.request(out.method, out.url, headers=out.headers, data=out.body,
+                                        timeout=self._timeouts[credential.name],
+                                        ssl=self._upstream_tls[credential.name])
 
     def _protocol_error(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
         """A request aiohttp could not parse (or a broker bug): answer in the broker's format, audit it."""

@@ -124,3 +124,22 @@ def test_a_declared_oversized_body_is_413_before_anything_goes_upstream(world: W
     (event,) = world.events()
     assert (event["decision"], event["reason"], event["status"]) == ("deny", "body_too_large", 413)
     assert world.upstream.requests == []
+
+
+HTTP09_ALONE_LOOP = """
+    import json
+    import rawhttp
+    exchange = rawhttp.exchange(b"GET /v1/http/crm/crm/v3/objects/contacts\\r\\n\\r\\n", sentinel=False, timeout=10)
+    print(json.dumps(exchange.summary()))
+"""
+
+
+def test_an_http_0_9_request_arriving_alone_is_refused_not_forwarded(world: World) -> None:
+    """llhttp parses a version-less line as HTTP/0.9 when nothing follows it in the same read (in the table above
+    the sentinel usually arrives with it and makes the parse fail): that request must be refused the same way."""
+    result = run_hostile(world, HTTP09_ALONE_LOOP)
+    (line,) = json_lines(result.out)
+    assert [(a["status"], a["error"]) for a in line["answers"]] == [(400, "bad_request")] and line["closed"], line
+    assert world.upstream.requests == []
+    (event,) = world.events()
+    assert (event["decision"], event["reason"], event["status"]) == ("deny", "malformed_http", 400)
