@@ -22,6 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import broker as broker_bench
 import guard as guard_bench
+import proxy as proxy_bench
 import startup as startup_bench
 import wrk_loop as wrk_bench
 from common import REPO, fmt, machine, wait_for_quiet
@@ -58,8 +59,9 @@ def _row(rows: list[dict[str, Any]], key: str, clients: int) -> dict[str, Any] |
 
 
 def targets(wrk: dict[str, Any] | None, broker: dict[str, Any] | None,
-            startup: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
-    """(target, goal, measured, verdict): wrk's first, then the second opinion's, the stream's and start-up's."""
+            startup: dict[str, Any] | None, proxy: dict[str, Any] | None = None) -> list[tuple[str, str, str, str]]:
+    """(target, goal, measured, verdict): wrk's first, then the second opinion's, the stream's, start-up's and
+    the egress proxy's."""
     out = wrk_bench.targets(wrk)
 
     def verdict(ok: bool | None) -> str:
@@ -95,13 +97,19 @@ def targets(wrk: dict[str, Any] | None, broker: dict[str, Any] | None,
     if "`outloop --help`" in srows:
         value = srows["`outloop --help`"]["median_ms"]
         out.append(("`outloop --help`", "< 100 ms", f"{fmt(value, 0)} ms", verdict(value < 100)))
+    if proxy:
+        added = proxy["added_kept_p50"]
+        out.append(("egress proxy: added p50, kept-alive intercepted request", "<= 1 ms", f"{fmt(added, 3)} ms",
+                    verdict(added <= 1.0)))
+        out.append(("egress proxy: added p50, new connection (CONNECT + TLS)", "reported",
+                    f"{fmt(proxy['added_new_p50'], 3)} ms", "n/a"))
     return out
 
 
 def render(info: dict[str, str], wrk: dict[str, Any] | None, broker: dict[str, Any] | None,
            startup: dict[str, Any] | None,
            guard: dict[str, Any] | None, profile: str | None, experiments: dict[str, Any] | None,
-           failures: list[str], seconds: float) -> str:
+           failures: list[str], seconds: float, proxy: dict[str, Any] | None = None) -> str:
     lines = [
         "## Machine",
         "",
@@ -118,7 +126,7 @@ def render(info: dict[str, str], wrk: dict[str, Any] | None, broker: dict[str, A
         "",
         "| target | goal | measured | verdict |",
         "|---|---|---:|---|",
-        *[f"| {name} | {goal} | {value} | {ok} |" for name, goal, value, ok in targets(wrk, broker, startup)],
+        *[f"| {name} | {goal} | {value} | {ok} |" for name, goal, value, ok in targets(wrk, broker, startup, proxy)],
         "",
         "## Broker under wrk: the loop is `wrk` under `outloop run`",
         "",
@@ -131,6 +139,10 @@ def render(info: dict[str, str], wrk: dict[str, Any] | None, broker: dict[str, A
         "## Start-up",
         "",
         startup_bench.render(startup) if startup else "Not measured (see failures below).",
+        "",
+        "## Egress proxy",
+        "",
+        proxy_bench.render(proxy) if proxy else "Not measured (see failures below).",
         "",
         "## Wrong-client guard",
         "",
@@ -164,7 +176,7 @@ README_END = "<!-- bench:end -->"
 
 
 def readme_block(info: dict[str, str], wrk: dict[str, Any] | None, broker: dict[str, Any] | None,
-                 startup: dict[str, Any] | None) -> str:
+                 startup: dict[str, Any] | None, proxy: dict[str, Any] | None = None) -> str:
     """The README's short version: where and when, the targets, and what each sandbox layer costs at start-up."""
     busy = info.get("other processes' CPU at start", "")
     lines = [f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores), commit {info['commit']}; "
@@ -172,7 +184,8 @@ def readme_block(info: dict[str, str], wrk: dict[str, Any] | None, broker: dict[
              + (f"; other processes' CPU at start: {busy}" if "BUSY" in busy else "")
              + ". Full tables: [docs/BENCHMARKS.md](docs/BENCHMARKS.md).", "",
              "| target | goal | measured | verdict |", "|---|---|---:|---|",
-             *[f"| {name} | {goal} | {value} | {ok} |" for name, goal, value, ok in targets(wrk, broker, startup)]]
+             *[f"| {name} | {goal} | {value} | {ok} |"
+               for name, goal, value, ok in targets(wrk, broker, startup, proxy)]]
     rows = [r for r in (wrk or {}).get("summary", []) if r["connections"] == 8]
     if rows:
         lines += ["", "| wrk, 8 connections | req/s | vs nginx | p50 ms | p99 ms |", "|---|---:|---:|---:|---:|"]
@@ -234,6 +247,8 @@ def main() -> int:
     broker = section("broker", lambda: broker_bench.run(rounds=args.rounds, duration=args.duration, log=log),
                      failures)
     startup = section("startup", lambda: startup_bench.run(runs=args.runs, log=log), failures)
+    proxy = section("proxy", lambda: proxy_bench.run(requests=500 if args.quick else 2000,
+                                                     connections=50 if args.quick else 200, log=log), failures)
     guard = section("guard", lambda: guard_bench.run(rounds=1 if args.quick else 5, log=log), failures)
     experiments = None
     if args.experiments:
@@ -254,11 +269,12 @@ def main() -> int:
 
         profile = section("profile", do_profile, failures)
     info["load average after (1/5/15 min)"] = load_average()
-    text = render(info, wrk, broker, startup, guard, profile, experiments, failures, time.monotonic() - started)
+    text = render(info, wrk, broker, startup, guard, profile, experiments, failures, time.monotonic() - started,
+                  proxy)
     if not args.no_write:
         try:
             write_doc(text)
-            write_readme(readme_block(info, wrk, broker, startup))
+            write_readme(readme_block(info, wrk, broker, startup, proxy))
             log(f"wrote {DOC} and the README's results block")
         except OSError as exc:
             log(f"could not write the results: {exc}")

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import ssl
 import sys
 from pathlib import Path
 
@@ -104,9 +105,13 @@ class Upstream(asyncio.Protocol):
             self.data_received(b"")
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, tls: str | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(Upstream, "127.0.0.1", port, backlog=1024, reuse_address=True)
+    context = None
+    if tls:  # a PEM holding the certificate and its key: the egress proxy's bench needs an HTTPS upstream
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls)
+    server = await loop.create_server(Upstream, "127.0.0.1", port, backlog=1024, reuse_address=True, ssl=context)
     bound = server.sockets[0].getsockname()[1]
     print(json.dumps({"port": bound}), flush=True)
     async with server:
@@ -117,8 +122,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    parser.add_argument("--tls", metavar="PEM", help="serve HTTPS with this certificate + key")
     args = parser.parse_args()
-    run_loop_choice(serve(args.port), args.loop)
+    run_loop_choice(serve(args.port, args.tls), args.loop)
 
 
 if __name__ == "__main__":

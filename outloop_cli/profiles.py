@@ -18,6 +18,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from outloop_cli.auth.config import AuthConfig, parse_auth
+from outloop_cli.broker.egress import EgressError, EgressRule, parse_egress_rule
 from outloop_cli.errors import ProfileError
 from outloop_cli.modes import NetworkMode
 from outloop_cli.policy import STANDARD_METHODS, Rule, RuleError, parse_rule
@@ -42,10 +43,10 @@ TOP_KEYS = ("version", "description", "extends", "abstract", "run", "notify", "c
 NOTIFY_KEYS = ("on", "command")
 NOTIFY_CONDITIONS = ("failure", "denied", "errors")
 RUN_KEYS = ("timeout", "max_requests", "env_keep", "env_set", "network", "hide", "memory", "processes",
-            "cpu_seconds", "filesystem", "read", "write")
+            "cpu_seconds", "filesystem", "read", "write", "egress", "proxy")
 CREDENTIAL_KEYS = ("secret", "base_url", "inject", "allow", "deny", "rate", "max_requests", "reveal",
                    "child_env", "description", "connect_timeout", "read_timeout", "custom_methods",
-                   "auth")
+                   "auth", "ca_file")
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 120.0  # longest silence between upstream bytes; LLM streams pause while "thinking"
 INJECT_KEYS = ("header", "value", "query", "basic")
@@ -82,6 +83,7 @@ class Credential:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     read_timeout: float = DEFAULT_READ_TIMEOUT
     auth: AuthConfig | None = None  # set: the broker mints or signs each request instead of injecting `secret`
+    ca_file: str | None = None  # extra roots for a private upstream, on top of the system's
 
     @property
     def host(self) -> str:
@@ -102,6 +104,8 @@ class RunSettings:
     filesystem: FilesystemMode = "workspace"
     read: tuple[str, ...] = ()  # extra read-only paths of the workspace view
     write: tuple[str, ...] = ()  # extra read-write paths of the workspace view
+    egress: tuple[EgressRule, ...] = ()
+    proxy: bool | None = None  # None: on when the child's network is isolated
 
 
 @dataclass(frozen=True)
@@ -416,6 +420,10 @@ def _parse_run(reader: _Reader, value: Any, inherited: RunSettings | None, raw_h
     for key in ("read", "write"):
         if key in table:
             updates[key] = (*getattr(base, key), *_view_paths(reader, f"run.{key}", table[key]))
+    if "egress" in table:
+        updates["egress"] = (*base.egress, *_parse_egress(reader, reader.string_list("run.egress", table["egress"])))
+    if "proxy" in table:
+        updates["proxy"] = reader.boolean("run.proxy", table["proxy"])
     return RunSettings(**{**base.__dict__, **updates})
 
 
@@ -447,6 +455,17 @@ def _view_paths(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
             raise reader.fail(key, "\"/\" is the whole host: set run.filesystem = \"host\" instead, if the loop "
                                    "really needs it")
     return paths
+
+
+def _parse_egress(reader: _Reader, entries: Sequence[str]) -> list[EgressRule]:
+    rules = []
+    for index, text in enumerate(entries):
+        try:
+            rules.append(parse_egress_rule(text))
+        except EgressError as exc:
+            raise reader.fail(f"run.egress[{index}]", f"{exc}; write a host name, host:port or "
+                              "*.domain[:port] (no scheme, no path), e.g. \"pypi.org\"") from None
+    return rules
 
 
 def _check_env_secrets_withheld(reader: _Reader, run: RunSettings, credentials: Mapping[str, Credential]) -> None:
@@ -498,11 +517,25 @@ def _parse_credential(reader: _Reader, workspace: str, name: str, value: Any) ->
     description = reader.string(f"{prefix}.description", table.get("description", ""))
     timeouts = {key: reader.converted(f"{prefix}.{key}", table[key], parse_duration)
                 for key in ("connect_timeout", "read_timeout") if key in table}
+    ca_file = _check_ca_file(reader, f"{prefix}.ca_file", table["ca_file"]) if "ca_file" in table else None
     return Credential(
         name=name, owner=workspace, secret_ref=secret_ref, base_url=base_url, inject=inject,
         allow=allow, deny=deny, rate=rate, max_requests=max_requests, reveal=reveal,
-        child_env=child_env, description=description, auth=auth, **timeouts,
+        child_env=child_env, description=description, auth=auth, ca_file=ca_file, **timeouts,
     )
+
+
+def _check_ca_file(reader: _Reader, key: str, value: Any) -> str:
+    """Relative paths are relative to the profile, so a profile and its private CA can travel together."""
+    path = (reader.path.parent / Path(reader.string(key, value)).expanduser()).resolve()
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) else "not a PEM text file"
+        raise reader.fail(key, f"cannot read {path}: {problem}; point it at a PEM file of CA certificates") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise reader.fail(key, f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return str(path)
 
 
 def _check_secret_ref(reader: _Reader, key: str, ref: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from outloop_cli.broker.ca import RunCA
     from outloop_cli.broker.server import Broker
 
 from outloop_cli.audit.central_config import load_central
@@ -28,6 +29,7 @@ from outloop_cli.audit.central_probe import unreachable
 from outloop_cli.audit.schema import open_readonly
 from outloop_cli.audit.tally import Counts, Tally, run_tally
 from outloop_cli.audit.writer import RunLog
+from outloop_cli.broker.egress import EgressPolicy, credential_hosts
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
 from outloop_cli.errors import OutloopError, ProfileError
 from outloop_cli.guard import Guard, load_guard
@@ -38,6 +40,7 @@ from outloop_cli.notify import run_hook, triggers
 from outloop_cli.policy_snapshot import policy_hash
 from outloop_cli.preload import BackgroundImport
 from outloop_cli.profiles import Credential, Profile, check_workspace_name, load_profile, refuse_abstract
+from outloop_cli.proxy_env import proxy_environment
 from outloop_cli.sandbox.plan import Target
 from outloop_cli.sandbox.plan import plan as sandbox_plan
 from outloop_cli.secrets import Secret, resolve_secret
@@ -312,6 +315,8 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         )
     base_url_mode = any(cred.child_env for cred in profile.credentials.values())
     relay_socket = run_dir / "loopback.sock" if base_url_mode else None
+    proxy_socket = run_dir / "proxy.sock"
+    pending_ca = _RunCAInBackground(profile) if profile.run.proxy is not False else None
     run_token = "outloop-" + token_source.token_urlsafe(24)
     outloop_vars = {"OUTLOOP_SOCKET": str(socket_path), "OUTLOOP_RUN_ID": run_id,
                     "OUTLOOP_WORKSPACE": profile.workspace}
@@ -320,18 +325,23 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         executable = resolve_command(request.command, env)
         plan = sandbox_plan(profile, network, Target(executable=executable, search_path=env.get("PATH", os.defpath),
                                                      home=home, run_dir=run_dir, environ=request.environ,
-                                                     profile_dirs=dirs), relay_socket)
+                                                     profile_dirs=dirs), relay_socket, proxy_socket)
     except OutloopError:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    ca = pending_ca.result(run_dir) if pending_ca is not None and plan.proxy_port is not None else None
     if plan.child_home is not None:
         env["HOME"] = plan.child_home  # the workspace's own: caches persist per client, never across clients
     argv = plan.command([executable, *request.command[1:]])
     listeners = _bind(socket_path, relay_socket if plan.relay_port is not None else None,
-                      loopback=base_url_mode and plan.relay_port is None)
+                      loopback=base_url_mode and plan.relay_port is None,
+                      proxy_socket=proxy_socket if plan.proxy_port is not None else None)
+    url = None
     if base_url_mode:
         url = f"http://127.0.0.1:{plan.relay_port or listeners.loopback_port}"
         env.update(_base_url_env(profile, url, run_token))
+    if plan.proxy_port is not None:
+        env.update(proxy_environment(plan.proxy_port, ca[1] if ca else None))
 
     policy = policy_hash(profile)
     try:
@@ -363,7 +373,8 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         if await _before_exit(child, server_module):
             broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
                                                    run_token=run_token if base_url_mode else None,
-                                                   timeout=timeout, guard=guard)
+                                                   timeout=timeout, guard=guard, ca=ca[0] if ca else None,
+                                                   own_url=url)
             broker.child_pid = child_pid
             await broker.serve(listeners)
         else:
@@ -410,6 +421,41 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     return notified
 
 
+class _RunCAInBackground:
+    """The run's CA, made on a thread while the sandbox is probed and planned (importing `cryptography` and
+    signing cost tens of milliseconds that would otherwise add to every proxied run's start-up).
+
+    Only for runs where some credential host can be intercepted; `result` writes the child's bundle (system
+    roots + CA) and returns both, or None when there is nothing to intercept.
+    """
+
+    def __init__(self, profile: Profile) -> None:
+        hosts = credential_hosts({name: cred.base_url for name, cred in profile.credentials.items()})
+        self._names = EgressPolicy(hosts, ()).intercepted_names
+        self._ca: RunCA | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._make, name="outloop-run-ca", daemon=True)
+        if self._names:
+            self._thread.start()
+
+    def _make(self) -> None:
+        try:
+            from outloop_cli.broker.ca import RunCA  # cryptography: paid only by runs whose proxy intercepts
+
+            self._ca = RunCA(self._names)
+        except BaseException as exc:  # raised again on the run's own thread, in result()
+            self._error = exc
+
+    def result(self, run_dir: Path) -> tuple[RunCA, Path] | None:
+        if not self._names:
+            return None
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._ca is not None
+        return self._ca, self._ca.write_bundle(run_dir / "ca-bundle.pem")
+
+
 def _tally(home: Path, run_id: str, profile: Profile) -> tuple[Tally, str | None]:
     """The run's counts read back from its audit events; a read failure must not cost the child's exit code."""
     try:
@@ -422,11 +468,12 @@ def _tally(home: Path, run_id: str, profile: Profile) -> tuple[Tally, str | None
         return Tally({name: Counts() for name in profile.credentials}), str(exc)
 
 
-def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool) -> Listeners:
+def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool, proxy_socket: Path | None) -> Listeners:
     try:
         return Listeners(broker=bind_unix(socket_path),
                          relay=bind_unix(relay_socket) if relay_socket is not None else None,
-                         loopback=bind_loopback() if loopback else None)
+                         loopback=bind_loopback() if loopback else None,
+                         proxy=bind_unix(proxy_socket) if proxy_socket is not None else None)
     except OSError as exc:
         raise OutloopError(f"cannot create the broker's socket in {socket_path.parent}: {exc.strerror}") from None
 

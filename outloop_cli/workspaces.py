@@ -96,6 +96,7 @@ def resolved_profile(profile: Profile, statuses: Sequence[SecretStatus]) -> dict
             "env_keep": list(run.env_keep), "env_set": dict(run.env_set), "hide": list(run.hide),
             "memory": run.memory, "processes": run.processes, "cpu_seconds": run.cpu_seconds,
             "filesystem": run.filesystem, "read": list(run.read), "write": list(run.write),
+            "egress": [rule.text for rule in run.egress], "proxy": run.proxy,
         },
         "credentials": {name: _credential(cred, by_name[name]) for name, cred in sorted(profile.credentials.items())},
     }
@@ -125,6 +126,7 @@ def _credential(cred: Credential, status: SecretStatus) -> dict[str, object]:
         "description": cred.description,
         "connect_timeout": cred.connect_timeout,
         "read_timeout": cred.read_timeout,
+        "ca_file": cred.ca_file,
     }
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 from auth_support import IdentityProvider, write_auth_profile
 from conftest import World
+from sandbox_support import require_layer
 from test_cmd_secret import keyring_value
 
 LOOP_PRINTS_ENV = """
@@ -234,3 +235,23 @@ def test_concurrent_first_requests_share_one_token_exchange(world: World, idp: I
     """, workspace="sales")
     assert json.loads(result.out) == [200] * 16, result.err
     assert len(idp.token_calls) == 1
+
+
+def test_a_tool_without_a_base_url_switch_gets_the_same_tokens_and_retry_through_the_egress_proxy(
+        world: World, idp: IdentityProvider) -> None:
+    """The proxy's absolute-form requests take the /v1/http/ path to the upstream: minted token, one refresh and
+    retry after a 401. The token endpoint, outside the credential's base_url, is not the child's to call."""
+    require_layer("network_isolation")  # the proxy is on where the network is isolated
+    _oauth2(world, idp)
+    result = world.run_loop(f"""
+        import json, requests
+        calls = [("GET", "/api/ok"), ("GET", "/api/revoke"), ("GET", "/api/ok"), ("POST", "/token")]
+        answers = [requests.request(method, {idp.base_url!r} + path) for method, path in calls]
+        print(json.dumps([[a.status_code, a.headers.get("Outloop-Reason")] for a in answers]))
+    """, workspace="sales")
+    assert result.code == 0, result.err
+    assert json.loads(result.out.splitlines()[-1]) == [[200, None], [200, None], [200, None], [403, "egress_denied"]]
+    assert [(call.method, call.path, call.status) for call in idp.api_calls] == [
+        ("GET", "/api/ok", 200), ("GET", "/api/revoke", 200), ("GET", "/api/ok", 401), ("GET", "/api/ok", 200)]
+    assert len(idp.token_calls) == 2
+    _assert_child_saw_no_token(world, idp, result.out, result.err)

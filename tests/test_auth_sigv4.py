@@ -13,6 +13,7 @@ import pytest
 from auth_support import write_auth_profile
 from aws_support import BUCKET, REGION, MotoS3, moto_s3
 from conftest import World
+from sandbox_support import require_layer
 
 UNIX_CONNECTION = """
 import http.client, os, socket
@@ -160,4 +161,27 @@ def test_an_unmodified_boto3_in_base_url_mode_works_with_no_key(world: World, s3
     """, workspace="data")
     assert result.code == 0, result.err
     assert result.out.splitlines() == ["from boto3", "['sdk/d.txt']"]
+    world.assert_no_canary(result.out, result.err)
+
+
+def test_an_unmodified_boto3_through_the_egress_proxy_is_signed_for_the_final_host_and_path(world: World,
+                                                                                           s3: MotoS3) -> None:
+    """An SDK that keeps its real endpoint and sends through HTTP_PROXY: the broker drops the SDK's dummy
+    signature and signs the URL it forwards to (host and path as moto sees them), as on /v1/http/."""
+    require_layer("network_isolation")  # the proxy is on where the network is isolated
+    _profile(world, s3)
+    s3.client().put_object(Bucket=BUCKET, Key="in/p.csv", Body=b"via the proxy")
+    result = world.run_loop(f"""
+        import boto3
+        client = boto3.client("s3", endpoint_url={s3.url!r}, region_name="{REGION}", aws_access_key_id="outloop",
+                              aws_secret_access_key="outloop")
+        print(client.get_object(Bucket="{BUCKET}", Key="in/p.csv")["Body"].read().decode())
+        client.put_object(Bucket="{BUCKET}", Key="out/p.csv", Body=b"written through the proxy")
+        print("put")
+    """, workspace="data")
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[-2:] == ["via the proxy", "put"]
+    assert s3.client().get_object(Bucket=BUCKET, Key="out/p.csv")["Body"].read() == b"written through the proxy"
+    assert [(e["method"], e["path"], e["decision"]) for e in world.events()] == [
+        ("GET", "/in/p.csv", "allow"), ("PUT", "/out/p.csv", "allow")]
     world.assert_no_canary(result.out, result.err)

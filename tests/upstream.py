@@ -21,6 +21,7 @@ import io
 import json
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -106,6 +107,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.rfile = _TeeReader(self.rfile, self._raw.extend)  # type: ignore[assignment]
         with self.server.sockets_lock:
             self.server.open_sockets.add(self.connection)
+            self.server.upstream.connections += 1
 
     def finish(self) -> None:
         with self.server.sockets_lock:
@@ -278,17 +280,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class RecordingUpstream:
     """A threaded HTTP/1.1 keep-alive server on 127.0.0.1 that keeps every request it was sent."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None,
+                 name: str | None = None) -> None:
+        """With `tls`, it serves HTTPS; `name` is the host its base_url uses (e.g. "localhost", which a
+        certificate can name and a CA's name constraints can cover, unlike 127.0.0.1)."""
         self.requests: list[Recorded] = []
+        self.connections = 0  # accepted, whether or not a request followed
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._server = _Server((host, port), self)
+        if tls is not None:
+            # The handshake happens on the first read, in the handler's thread, so a stalled client stalls
+            # only itself, not the accept loop.
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True,
+                                                  do_handshake_on_connect=False)
+        self.scheme = "https" if tls is not None else "http"
         self.host, self.port = host, self._server.server_address[1]
+        self.name = name or host
         self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.name}:{self.port}"
 
     def start(self) -> RecordingUpstream:
         # A short poll interval keeps stop() (run after every test) from costing half a second.

@@ -1,8 +1,9 @@
 """The broker's admission chain as one pure function: route, credential, path, query, guard, decision.
 
 The live broker (`server.py`) and `outloop policy test` both call `admit`, so what the tool says about a request
-is what a run would do with it. Stateful checks that need the live request (body size, rate limits, the body's
-guard scan) stay in the server.
+is what a run would do with it. The egress proxy's requests (intercepted TLS, absolute-form `http://`) are routed
+to a credential by `broker/intercept.py` and then judged by `admit_credential`, the same chain. Stateful checks
+that need the live request (body size, rate limits, the body's guard scan) stay in the server.
 """
 
 from __future__ import annotations
@@ -88,10 +89,16 @@ def _admit_reveal(method: str, name: str, profile: Profile) -> Admitted | Denial
 def _admit_http(method: str, raw_path: str, raw_query: str, profile: Profile,
                 guard: Guard | None) -> Admitted | Denial:
     name, slash, rest = raw_path[len(HTTP_PREFIX):].partition("/")
+    return admit_credential(method, name, slash + rest if slash else "/", raw_query, profile, guard)
+
+
+def admit_credential(method: str, name: str, upstream_path: str, raw_query: str, profile: Profile,
+                     guard: Guard | None = None) -> Admitted | Denial:
+    """Judge a request for credential `name`, its path relative to base_url: the one chain behind
+    /v1/http/<credential>/ and the egress proxy's intercepted and absolute-form requests alike."""
     credential = profile.credentials.get(name)
     if credential is None:
         return unknown_credential(name)
-    upstream_path = slash + rest if slash else "/"
     try:
         path = normalise_path(upstream_path)
     except PathRejected as exc:

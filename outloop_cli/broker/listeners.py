@@ -20,13 +20,17 @@ class Listeners:
     broker: socket.socket  # $OUTLOOP_SOCKET: callers authenticated by SO_PEERCRED
     relay: socket.socket | None = None  # base-URL mode behind the in-sandbox relay: peer check and token
     loopback: socket.socket | None = None  # base-URL mode on the host's 127.0.0.1: token only
+    proxy: socket.socket | None = None  # the egress proxy behind the in-sandbox relay: peer check
 
     @property
     def loopback_port(self) -> int | None:
         return int(self.loopback.getsockname()[1]) if self.loopback else None
 
+    def all(self) -> list[socket.socket]:
+        return [sock for sock in (self.broker, self.relay, self.loopback, self.proxy) if sock is not None]
+
     def close(self) -> None:
-        for sock in (self.broker, self.relay, self.loopback):
+        for sock in self.all():
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.close()

@@ -11,12 +11,14 @@ import hmac
 import json
 import os
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -32,8 +34,11 @@ from outloop_cli.broker.admission import (
     Admitted,
     Denial,
     admit,
+    admit_credential,
     foreign_identifier,
+    short,
 )
+from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, credential_hosts
 from outloop_cli.broker.forward import (
     DECODABLE_ENCODINGS,
     BodyTooLarge,
@@ -54,9 +59,11 @@ from outloop_cli.broker.guard import (
     held_body,
 )
 from outloop_cli.broker.http_server import BrokerHTTPServer
+from outloop_cli.broker.intercept import ToBroker, route_absolute, route_intercepted
 from outloop_cli.broker.limits import Limits
 from outloop_cli.broker.listeners import Listeners
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
+from outloop_cli.broker.proxy import EgressProxy
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
 from outloop_cli.broker.upstream_pool import Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
 from outloop_cli.errors import AuditError
@@ -64,6 +71,9 @@ from outloop_cli.guard import Guard, Identifier
 from outloop_cli.profiles import Credential, Profile
 from outloop_cli.secret_admin import write_back_document
 from outloop_cli.secrets import Secret
+
+if TYPE_CHECKING:  # cryptography loads only with a run that intercepts (runner makes the CA)
+    from outloop_cli.broker.ca import RunCA
 
 MAX_REQUEST_BODY = 256 * 1024 * 1024
 STREAM_CHUNK = 64 * 1024
@@ -86,10 +96,14 @@ class Broker:
         run_token: str | None = None,
         timeout: float | None = None,
         guard: Guard | None = None,
+        ca: RunCA | None = None,
+        own_url: str | None = None,
     ) -> None:
         """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it.
 
-        `guard` holds the other workspaces' identifiers; None when nobody declared any."""
+        `guard` holds the other workspaces' identifiers; None when nobody declared any. `ca` is the run's CA when
+        the egress proxy intercepts; `own_url` is OUTLOOP_URL as the child sees it, so an SDK sending base-URL
+        requests through the proxy (NO_PROXY is empty) reaches the broker itself."""
         self.run_id = run_id
         self.guard = guard
         self.timeout = timeout
@@ -114,6 +128,12 @@ class Broker:
         self._variants = secret_variants(self._all_secret_forms())
         self._timeouts = {name: Timeouts(connect=cred.connect_timeout, read=cred.read_timeout)
                           for name, cred in profile.credentials.items()}
+        self._upstream_tls = {name: _upstream_tls(cred) for name, cred in profile.credentials.items()}
+        self.ca = ca
+        base_urls = {name: cred.base_url for name, cred in profile.credentials.items()}
+        self.egress = EgressPolicy(credential_hosts(base_urls), profile.run.egress)
+        self._own_authority = _authority_of(own_url) if own_url else None
+        self._proxy: EgressProxy | None = None
         self._peer_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
         self._pool = UpstreamPool()
         self._session: aiohttp.ClientSession | None = None  # token endpoints of `auth` credentials only
@@ -147,6 +167,14 @@ class Broker:
             await self._serve(listeners.relay, self.handle_relayed)
         if listeners.loopback is not None:
             await self._serve(listeners.loopback, self.handle_loopback)
+        if listeners.proxy is not None:
+            self._proxy = EgressProxy(
+                policy=self.egress, ca=self.ca, audit=self.audit,
+                peer_allowed=self._transport_allowed, intercepted=self._intercepted_handler,
+                plain=BrokerHTTPServer(self.handle_proxied, self._protocol_error), on_error=self._protocol_error,
+                error_body=lambda status, code, reason, message: _error_response(status, code, message, None, None,
+                                                                                 reason=reason))
+            await self._proxy.serve(listeners.proxy)
 
     async def _serve(self, sock: socket.socket, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
                      ) -> None:
@@ -167,6 +195,8 @@ class Broker:
     async def close(self) -> None:
         for runner in self._runners:
             await runner.cleanup()
+        if self._proxy is not None:
+            await self._proxy.close(SHUTDOWN_GRACE)
         # aiohttp stops waiting for a handler after SHUTDOWN_GRACE but leaves it running; a forward still waiting
         # on its upstream is cancelled here, so its outcome is audited before the run's log is closed.
         pending = [task for task in self._in_flight if not task.done()]
@@ -204,8 +234,10 @@ class Broker:
         return await self.handle_loopback(request)
 
     def _peer_allowed(self, request: web.BaseRequest) -> bool:
-        transport = request.transport
-        if transport is None or self.child_pid is None:
+        return request.transport is not None and self._transport_allowed(request.transport)
+
+    def _transport_allowed(self, transport: asyncio.BaseTransport) -> bool:
+        if self.child_pid is None:
             return False
         try:
             return self._peer_cache[transport]
@@ -233,7 +265,8 @@ class Broker:
         if isinstance(admitted, Denial):
             return await self._refuse(request, admitted)
         if admitted.route == "http":
-            return await self._http(request, admitted)
+            assert admitted.credential is not None
+            return await self._http(request, admitted, HTTP_PREFIX + admitted.credential.name)
         if admitted.route == "reveal":
             assert admitted.credential is not None
             return await self._reveal(request, admitted.credential)
@@ -280,8 +313,12 @@ class Broker:
 
     # ----- /v1/http/<credential>/<path> ------------------------------------------------------------------
 
-    async def _http(self, request: web.BaseRequest, admitted: Admitted) -> web.StreamResponse:
-        """Admitted by policy; what remains needs the live request: body size, the body's guard scan, limits."""
+    async def _http(self, request: web.BaseRequest, admitted: Admitted, location_prefix: str
+                    ) -> web.StreamResponse:
+        """Admitted by policy; what remains needs the live request: body size, the body's guard scan, limits.
+
+        Every route to a credential's upstream ends here. `location_prefix` is where the child addressed the
+        credential, so an on-host redirect points back there."""
         credential, upstream_path, decision = admitted.credential, admitted.path, admitted.decision
         assert credential is not None and decision is not None
         name = credential.name
@@ -311,7 +348,7 @@ class Broker:
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing "
                                    "to forward (fail closed)", name, decision.rule)
-        return await self._forward(request, credential, upstream_path, query, seq, held)
+        return await self._forward(request, credential, upstream_path, query, seq, held, location_prefix)
 
     async def _scan_body(self, request: web.BaseRequest, credential: Credential, path: str) -> bytes | Denial:
         """Hold the body back and scan it before anything goes upstream; too large or unreadable is refused."""
@@ -333,8 +370,43 @@ class Broker:
         found = self.guard.search(body_texts(body))
         return body if found is None else foreign_identifier(credential, found, path)
 
+    # ----- the egress proxy's requests -------------------------------------------------------------------
+
+    def _intercepted_handler(self, intercept: Intercept, target: Authority
+                             ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        return partial(self.handle_intercepted, intercept=intercept, target=target)
+
+    async def handle_intercepted(self, request: web.BaseRequest, *, intercept: Intercept, target: Authority
+                                 ) -> web.StreamResponse:
+        """A request inside TLS the proxy terminated for `target` (the peer was checked at CONNECT)."""
+        routed = route_intercepted(request.raw_path, request.headers.getall("Host", []), intercept, target)
+        if isinstance(routed, Denial):
+            return await self._refuse(request, routed)
+        return await self._admit_routed(request, routed.credential, routed.path, routed.query)
+
+    async def handle_proxied(self, request: web.BaseRequest) -> web.StreamResponse:
+        """An absolute-form request to the proxy (`GET http://host/path`)."""
+        if not self._peer_allowed(request):
+            return await self._deny(request, None, 401, "unauthenticated", "peer_not_in_run",
+                                    "only the run's command and its descendants may use this proxy")
+        routed = route_absolute(request.raw_path, self.egress, self._own_authority)
+        if isinstance(routed, Denial):
+            return await self._refuse(request, routed)
+        if isinstance(routed, ToBroker):
+            return await self.handle_loopback(request.clone(rel_url=URL(routed.target, encoded=True)))
+        return await self._admit_routed(request, routed.credential, routed.path, routed.query)
+
+    async def _admit_routed(self, request: web.BaseRequest, name: str, path: str, raw_query: str
+                            ) -> web.StreamResponse:
+        """The proxy's request, judged by the same chain as /v1/http/<credential>/; on-host redirects point at
+        the upstream itself, which the child reaches through the proxy again."""
+        admitted = admit_credential(request.method, name, path, raw_query, self.profile, self.guard)
+        if isinstance(admitted, Denial):
+            return await self._refuse(request, admitted)
+        return await self._http(request, admitted, self.profile.credentials[name].base_url)
+
     async def _forward(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                       seq: int, held: bytes | None) -> web.StreamResponse:
+                       seq: int, held: bytes | None, location_prefix: str) -> web.StreamResponse:
         """Stream the request up and the answer back; the outcome is audited whatever happens.
 
         `held` is the body when the guard already read it; otherwise the body streams."""
@@ -343,7 +415,7 @@ class Broker:
         if task is not None:
             self._in_flight.add(task)
         try:
-            return await self._exchange(request, credential, path, query, outcome, held)
+            return await self._exchange(request, credential, path, query, outcome, held, location_prefix)
         except BodyTooLarge as exc:
             return outcome.fail(413, "bad_request", str(exc), credential, request)
         except AuthFailed as exc:  # the token endpoint or signing failed; nothing went upstream
@@ -371,7 +443,7 @@ class Broker:
                 reason=FLAG_REASON if outcome.flagged is not None else None, rule=outcome.rule))
 
     async def _exchange(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                        outcome: _Outcome, held: bytes | None) -> web.StreamResponse:
+                        outcome: _Outcome, held: bytes | None, location_prefix: str) -> web.StreamResponse:
         name = credential.name
         url = URL(credential.base_url + path + (f"?{query}" if query else ""), encoded=True)
         headers = upstream_headers(request.raw_headers, self._injectors[name], self.run_token)
@@ -395,7 +467,7 @@ class Broker:
                                     "inspect for secrets", credential, reason="unsupported_encoding")
             location = None
             if "Location" in upstream.headers and 300 <= upstream.status < 400:
-                location = rewrite_location(upstream.headers["Location"], credential.base_url, HTTP_PREFIX + name)
+                location = rewrite_location(upstream.headers["Location"], credential.base_url, location_prefix)
                 if location is None:
                     return outcome.fail(403, "denied", "upstream redirected outside the credential's base_url; "
                                         "outloop neither follows nor returns such redirects", credential,
@@ -475,7 +547,8 @@ class Broker:
 
     async def _request(self, out: Outgoing, credential: Credential) -> UpstreamResponse:
         return await self._pool.request(out.method, out.url, headers=out.headers, data=out.body,
-                                        timeout=self._timeouts[credential.name])
+                                        timeout=self._timeouts[credential.name],
+                                        ssl=self._upstream_tls[credential.name])
 
     def _protocol_error(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
         """A request aiohttp could not parse (or a broker bug): answer in the broker's format, audit it."""
@@ -484,8 +557,8 @@ class Broker:
         else:
             code, reason = "bad_request", "malformed_http"
             message = f"malformed HTTP request ({type(exc).__name__ if exc else 'unparseable'})"
-        record = RequestRecord(credential=None, method=_short(_method_of(request), 32), host=None,
-                               path=_short(_path_of(request), MAX_AUDITED_PATH), decision="deny", reason=reason,
+        record = RequestRecord(credential=None, method=short(_method_of(request), 32), host=None,
+                               path=short(_path_of(request), MAX_AUDITED_PATH), decision="deny", reason=reason,
                                rule=None, status=status)
         try:
             self.audit.record_request(record)  # blocking but rare; the answer must not precede the audit row
@@ -521,9 +594,9 @@ class Broker:
                              decision: str, reason: str, rule: str | None, status: int | None,
                              credential_name: str | None = None) -> int:
         record = RequestRecord(
-            credential=(credential.name if credential else _short(credential_name or "", 64) or None),
-            method=_short(request.method, 32), host=credential.host if credential else None,
-            path=_short(path, MAX_AUDITED_PATH), decision=decision, reason=reason, rule=rule, status=status)
+            credential=(credential.name if credential else short(credential_name or "", 64) or None),
+            method=short(request.method, 32), host=credential.host if credential else None,
+            path=short(path, MAX_AUDITED_PATH), decision=decision, reason=reason, rule=rule, status=status)
         return await self.audit.record_request_async(record)
 
 
@@ -571,8 +644,18 @@ def _path_of(request: web.BaseRequest) -> str:
         return "?"
 
 
-def _short(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
+def _upstream_tls(credential: Credential) -> ssl.SSLContext | bool:
+    """System roots, plus the credential's own `ca_file` for a private upstream; always verified."""
+    if credential.ca_file is None:
+        return True
+    context = ssl.create_default_context()
+    context.load_verify_locations(credential.ca_file)
+    return context
+
+
+def _authority_of(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "", parts.port or 80
 
 
 def _error_response(status: int, code: str, message: str, credential: str | None, rule: str | None,

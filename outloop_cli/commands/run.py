@@ -147,7 +147,8 @@ def _whose(credential: str | None) -> str:
     return f"credential {credential}" if credential else "no credential"
 
 
-UNATTRIBUTED_NOTE = "(no credential of the profile: /v1/run, unknown credentials, callers not in the run, bad routes)"
+UNATTRIBUTED_NOTE = ("(no credential of the profile: /v1/run, unknown credentials, callers not in the run, bad routes, "
+                     "egress tunnels and refused CONNECTs)")
 
 
 def _plain_summary(report: RunReport) -> str:

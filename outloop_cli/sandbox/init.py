@@ -8,8 +8,9 @@ Two jobs, either or both:
   IPC, UTS (and network) namespace; forbid nested user namespaces; fork the PID namespace's init, which builds the
   view (docs/SANDBOX.md), starts the loop in it and reaps; the whole namespace dies with this process, and this
   process dies with outloop.
-- `--relay PORT SOCKET`: base-URL mode inside an isolated network: listen on 127.0.0.1:PORT in the child's
-  namespace and pipe every connection to the broker's loopback Unix socket (the broker still demands the token).
+- `--relay PORT SOCKET` (repeatable): inside an isolated network, listen on 127.0.0.1:PORT in the child's
+  namespace and pipe every connection to the broker's Unix SOCKET: the base-URL listener (the broker still
+  demands the token) and the egress proxy (the broker checks the relay is in the run's tree).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import signal
 import socket
 import struct
 import sys
+
+from outloop_cli.sandbox.relay_start import EXIT_SANDBOX_FAILED, RELAY_SIGNALS, exit_code, exit_like, listen
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -51,12 +54,10 @@ PR_SET_NO_NEW_PRIVS = 38
 SYSCALLS = {"x86_64": {"pivot_root": 155, "mount_setattr": 442}, "aarch64": {"pivot_root": 41, "mount_setattr": 442}}
 CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 MAX_USER_NAMESPACES_FILE = "/proc/sys/user/max_user_namespaces"
-RELAY_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
              "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # what bubblewrap's --proc covers too
-EXIT_SANDBOX_FAILED = 125
 
 _libc = ctypes.CDLL(None, use_errno=True)  # libc is already loaded; find_library would spawn ldconfig
 
@@ -251,34 +252,7 @@ def pid_namespace_init(parent: int, view: dict[str, object], command: list[str],
     while True:
         pid, status = os.waitpid(-1, 0)
         if pid == loop:
-            os._exit(_exit_code(status))
-
-
-def _listen(port: int) -> socket.socket:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", port))
-    listener.listen(1024)
-    return listener
-
-
-# ----- exit ------------------------------------------------------------------------------------------------
-
-
-def _exit_code(status: int) -> int:
-    return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
-
-
-def _exit_like(status: int) -> None:
-    if os.WIFSIGNALED(status):
-        # Die the same way, so the supervisor reports 128+N for the loop, not for us. SIGKILL and SIGSTOP have
-        # no handler to reset, and SIGKILL needs none to kill us.
-        sig = os.WTERMSIG(status)
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-    os._exit(_exit_code(status))
+            os._exit(exit_code(status))
 
 
 def main(args: list[str] | None = None) -> None:
@@ -287,7 +261,7 @@ def main(args: list[str] | None = None) -> None:
     parser.add_argument("--probe", action="store_true", help="build the namespaces only, to test this machine")
     parser.add_argument("--isolate-network", action="store_true")
     parser.add_argument("--chdir", default=".")
-    parser.add_argument("--relay", nargs=2, metavar=("PORT", "SOCKET"))
+    parser.add_argument("--relay", nargs=2, metavar=("PORT", "SOCKET"), action="append", default=[])
     parser.add_argument("command", nargs=argparse.REMAINDER)
     options = parser.parse_args(args)
     command = options.command[1:] if options.command[:1] == ["--"] else options.command
@@ -300,7 +274,7 @@ def main(args: list[str] | None = None) -> None:
         if own_namespaces:
             die_with_parent(os.getppid())
             unshare_namespaces(isolate_network=options.isolate_network or options.probe)
-        listener = _listen(int(options.relay[0])) if options.relay else None
+        listeners = [(listen(int(port)), path) for port, path in options.relay]
     except (SandboxSetupError, OSError) as exc:
         print(f"outloop: sandbox set-up failed: {exc}", file=sys.stderr)
         os._exit(EXIT_SANDBOX_FAILED)
@@ -312,12 +286,12 @@ def main(args: list[str] | None = None) -> None:
             pid_namespace_init(me, view, command, options.chdir)
     else:
         pid = os.posix_spawn(command[0], command, dict(os.environ), setsigdef=list(RELAY_SIGNALS))
-    if listener is None:
-        _exit_like(os.waitpid(pid, 0)[1])
+    if not listeners:
+        exit_like(os.waitpid(pid, 0)[1])
     else:
-        from outloop_cli.sandbox.relay import relay_until_exit  # asyncio: only base-URL runs pay for it
+        from outloop_cli.sandbox.relay import relay_until_exit  # only relaying runs load it
 
-        relay_until_exit(listener, options.relay[1], pid, _exit_like)
+        relay_until_exit(listeners, pid, exit_like)
 
 
 if __name__ == "__main__":

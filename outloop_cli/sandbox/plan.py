@@ -37,6 +37,7 @@ class Plan:
     wrapper: list[str] = field(default_factory=list)  # goes before the resolved command
     network_isolated: bool = False
     relay_port: int | None = None
+    proxy_port: int | None = None  # the egress proxy, relayed like the base-URL listener
     wrapper_persists: bool = False  # a wrapper stays as the loop's parent (bubblewrap, the init, the relay)
     child_home: str | None = None  # HOME for the child (the workspace's own) when the workspace view applies
 
@@ -65,7 +66,8 @@ def workspace_home(home: Path, workspace: str) -> Path:
     return home / HOMES_DIR / workspace
 
 
-def plan(profile: Profile, network: str, target: Target, relay_socket: Path | None) -> Plan:
+def plan(profile: Profile, network: str, target: Target, relay_socket: Path | None,
+         proxy_socket: Path | None = None) -> Plan:
     """Choose the layers for this run; raise SandboxError (exit 125) when the profile requires one we lack."""
     layers = {"environment": "stripped", "supervision": "own session + subreaper"}
     layers["broker_memory"] = "dumpable (PR_SET_DUMPABLE unavailable)" if is_dumpable() else "not dumpable"
@@ -83,6 +85,10 @@ def plan(profile: Profile, network: str, target: Target, relay_socket: Path | No
     else:
         layers["network"] = "NOT isolated (no bubblewrap, no user namespaces)"
     relay = (random.randrange(*RELAY_PORTS), relay_socket) if (isolate and relay_socket is not None) else None
+    proxy = _proxy_relay(profile, isolate, proxy_socket, relay[0] if relay else None)
+    relays = [pair for pair in (relay, proxy) if pair is not None]
+    if proxy is not None:
+        layers["egress"] = f"proxy on, {len(profile.run.egress)} egress rule(s)"
     wrapper: list[str] = []
     child_home: str | None = None
     if backend is None:
@@ -97,11 +103,11 @@ def plan(profile: Profile, network: str, target: Target, relay_socket: Path | No
             child_home = str(workspace_home(target.home, profile.workspace))
         if backend == "bwrap":
             wrapper = bubblewrap.command(seen, isolate_network=isolate, cwd=cwd)
-            if relay is not None:
-                wrapper += namespaces.relay_command(relay)
+            if relays:
+                wrapper += namespaces.relay_command(relays)
         else:
             wrapper = namespaces.command(seen, isolate_network=isolate, cwd=cwd, run_dir=target.run_dir,
-                                         relay=relay)
+                                         relays=relays)
     limits = _limits(profile)
     if limits:
         prlimit = shutil.which("prlimit")
@@ -111,8 +117,26 @@ def plan(profile: Profile, network: str, target: Target, relay_socket: Path | No
         wrapper += [prlimit, *limits[0], "--"]
         layers["limits"] = limits[1]
     return Plan(layers=layers, wrapper=wrapper, network_isolated=isolate,
-                relay_port=relay[0] if relay is not None else None,
+                relay_port=relay[0] if relay is not None else None, proxy_port=proxy[0] if proxy is not None else None,
                 wrapper_persists=backend is not None, child_home=child_home)
+
+
+def _proxy_relay(profile: Profile, isolate: bool, proxy_socket: Path | None, taken: int | None
+                 ) -> tuple[int, Path] | None:
+    """The egress proxy is on by default where the network is isolated, and needs that isolation: the relay in
+    the child's namespace is what lets the broker check who connects (a TCP port on the host could not)."""
+    if proxy_socket is None or profile.run.proxy is False:
+        return None
+    if not isolate:
+        if profile.run.proxy:
+            raise SandboxError(
+                f"{profile.path}: run.proxy = true needs the child's network isolated (the proxy is reached "
+                "through a relay inside the child's network namespace); use network = \"auto\" or "
+                "\"broker-only\" on a machine with bubblewrap or user namespaces, or set proxy = false")
+        return None
+    while (port := random.randrange(*RELAY_PORTS)) == taken:
+        pass
+    return port, proxy_socket
 
 
 def _processes_layer() -> str:
