@@ -31,8 +31,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from ca_support import make_test_ca
 from common import BENCH_DIR, OUTLOOP, PYTHON, SECRET, SECRET_ENV, fmt, median, short_tmpdir
-from proxy_support import make_test_ca
 
 CLIENT = r'''
 import http.client, json, os, ssl, sys, time
