@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
@@ -128,6 +129,10 @@ MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
+# How long one try for a lock waits inside SQLite; retry_while_busy keeps the overall deadline.
+LOCK_POLL_MS: Final = 2
+
+
 def is_busy(exc: sqlite3.Error) -> bool:
     """Whether another connection held the lock (for longer than the busy timeout allowed to wait)."""
     return str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_BUSY")
@@ -177,20 +182,9 @@ def open_rw(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise AuditError(f"cannot open the audit database at {db_path}: {describe_error(exc, busy_timeout)}") from None
     try:
-        # Refuse a newer schema before anything below writes to the file.
-        version = _user_version(conn)
-        if version > SCHEMA_VERSION:
-            raise _newer_schema(version)
-        # WAL lets many runs append while operators read. synchronous=NORMAL still survives a killed
-        # process (the threat: a loop or its broker dying mid-run), because a commit is in the WAL file
-        # before COMMIT returns; only an OS crash or power cut can lose the last commits, and the price of
-        # guarding against that (FULL: an fsync per commit) would be paid on every brokered request.
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise AuditError(f"cannot switch the audit database at {db_path} to WAL mode (it is in {mode})")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # RunLog checkpoints on its own thread instead
-        _migrate(conn)
+        conn.execute(f"PRAGMA busy_timeout = {LOCK_POLL_MS}")
+        retry_while_busy(conn, busy_timeout, lambda: _prepare(conn, db_path))
+        conn.execute(f"PRAGMA busy_timeout = {round(busy_timeout * 1000)}")  # as connect() set it
     except sqlite3.Error as exc:
         conn.close()
         raise AuditError(f"cannot open the audit database at {db_path}: {describe_error(exc, busy_timeout)}") from None
@@ -198,6 +192,42 @@ def open_rw(db_path: Path, busy_timeout: float) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _prepare(conn: sqlite3.Connection, db_path: Path) -> None:
+    """Each step is safe to repeat, so a step that found the lock taken can start over."""
+    # Refuse a newer schema before anything below writes to the file.
+    version = _user_version(conn)
+    if version > SCHEMA_VERSION:
+        raise _newer_schema(version)
+    # WAL lets many runs append while operators read. synchronous=NORMAL still survives a killed
+    # process (the threat: a loop or its broker dying mid-run), because a commit is in the WAL file
+    # before COMMIT returns; only an OS crash or power cut can lose the last commits, and the price of
+    # guarding against that (FULL: an fsync per commit) would be paid on every brokered request.
+    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise AuditError(f"cannot switch the audit database at {db_path} to WAL mode (it is in {mode})")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")  # RunLog checkpoints on its own thread instead
+    _migrate(conn)
+
+
+def retry_while_busy(conn: sqlite3.Connection, busy_timeout: float, action: Callable[[], object]) -> None:
+    """Run ``action``, trying again while another connection holds the lock, until ``busy_timeout`` seconds
+    have passed. ``conn`` must wait only LOCK_POLL_MS per try (`PRAGMA busy_timeout`).
+
+    SQLite's busy handler backs off to one try every 100 ms. Runs that commit often (every brokered request)
+    take the lock back within milliseconds, so a waiter on that handler kept missing the moments it was free:
+    writers waited seconds, and a run opening the database next to five busy ones hit the busy timeout.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
 
 
 def open_readonly(

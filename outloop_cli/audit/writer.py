@@ -30,7 +30,14 @@ from outloop_cli.audit.chain import (
     now,
     text_value,
 )
-from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, describe_error, is_busy, open_rw
+from outloop_cli.audit.schema import (
+    DEFAULT_BUSY_TIMEOUT,
+    LOCK_POLL_MS,
+    describe_error,
+    is_busy,
+    open_rw,
+    retry_while_busy,
+)
 from outloop_cli.errors import AuditError
 
 if TYPE_CHECKING:
@@ -71,8 +78,6 @@ class ResponseRecord:
 
 
 _CHECKPOINT_SECONDS = 1.0
-# How long one try for the write lock waits inside SQLite (which sleeps 1 ms, then 1 ms) before _begin retries.
-_LOCK_POLL_MS: Final = 2
 # How long an outcome may wait for a decision to share its commit; kill -9 within it loses only outcomes.
 _OUTCOME_DELAY: Final = 0.1
 _Outcome = int | AuditError
@@ -198,7 +203,7 @@ class RunLog:
         """
         start_detail = {**json_object(detail, "run detail"), "command": list(command)}
         conn = open_rw(db_path, busy_timeout)
-        conn.execute(f"PRAGMA busy_timeout = {_LOCK_POLL_MS}")  # _begin keeps the full deadline
+        conn.execute(f"PRAGMA busy_timeout = {LOCK_POLL_MS}")  # _begin keeps the full deadline
         batch_id, policy_hash = start_detail.get("batch_id"), start_detail.get("policy_hash")
         log = cls(
             conn,
@@ -451,20 +456,8 @@ class RunLog:
         _notify([(item.waiter, seq) for seq, item in enumerate(batch, start=saved[0])])
 
     def _begin(self) -> None:
-        """Take the write lock, trying again every millisecond or two until the busy timeout.
-
-        SQLite's own busy handler backs off to a try every 100 ms, so with twenty runs committing a waiter kept
-        missing the moments the lock was free: waits of seconds, close to the busy timeout that refuses
-        requests. The connection waits only _LOCK_POLL_MS per try, and this loop keeps the overall deadline.
-        """
-        deadline = time.monotonic() + self._busy_timeout
-        while True:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc) or time.monotonic() >= deadline:
-                    raise
+        """Take the write lock, polling every LOCK_POLL_MS until the busy timeout (see retry_while_busy)."""
+        retry_while_busy(self._conn, self._busy_timeout, lambda: self._conn.execute("BEGIN IMMEDIATE"))
 
     def _chain(self, item: _Item) -> dict[str, object]:
         """Give an item its seq and hash, advancing the in-memory chain and counters."""
