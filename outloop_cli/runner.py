@@ -354,6 +354,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         raise
     broker: Broker | None = None
     broker_stack: BackgroundImport | None = None
+    shipper: threading.Timer | None = None
     try:
         supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)
         try:
@@ -367,7 +368,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         # start. The broker serves once it is loaded; connections made meanwhile wait in the backlog. A child that
         # exits first cancels the import.
         broker_stack = BackgroundImport("outloop_cli.broker.server")
-        _preload_shipping(home)
+        shipper = _preload_shipping(home)
         child = asyncio.ensure_future(supervisor.wait())
         server_module = asyncio.ensure_future(broker_stack.module())
         if await _before_exit(child, server_module):
@@ -382,7 +383,10 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         result = await child
     finally:
         if broker_stack is not None:
-            broker_stack.cancel()
+            broker_stack.stop()
+        if shipper is not None:  # a preload that has not begun is not needed; one under way is joined, not raced
+            shipper.cancel()
+            shipper.join()
         if broker is not None:
             await broker.close()
         listeners.close()
@@ -488,7 +492,7 @@ async def _before_exit(child: asyncio.Future[Any], event: asyncio.Future[Any]) -
     return False
 
 
-def _preload_shipping(home: Path) -> None:
+def _preload_shipping(home: Path) -> threading.Timer | None:
     """Import the shipper (psycopg: a few hundred ms of CPU) while the child runs, not after it.
 
     Not before the child has had a moment to start: on a small machine the import would compete with the
@@ -497,9 +501,9 @@ def _preload_shipping(home: Path) -> None:
     try:
         config = load_central(home)
     except OutloopError:
-        return  # reported by ship_after_run, which never fails the run either
+        return None  # reported by ship_after_run, which never fails the run either
     if config is None:
-        return
+        return None
 
     def work() -> None:
         if unreachable(config.dsn, config.timeout) is not None:
@@ -510,6 +514,7 @@ def _preload_shipping(home: Path) -> None:
     timer = threading.Timer(_PRELOAD_DELAY, work)
     timer.name, timer.daemon = "outloop-ship-import", True
     timer.start()
+    return timer
 
 
 def _limit_hit(profile: Profile, exit_code: int, cpu_seconds: float) -> str | None:

@@ -80,6 +80,25 @@ def test_a_cancelled_import_stops_at_its_next_import_and_leaves_nothing_half_don
     assert no_hook_left()
 
 
+def test_stop_returns_only_once_the_side_thread_has_left_the_import(gated: tuple[str, types.ModuleType]) -> None:
+    """Interpreter exit must never find the side thread inside an import: `outloop run` stops it before returning."""
+    name, gate = gated
+    stack = BackgroundImport(name)
+    assert gate.reached.wait(30)
+    stopping = threading.Thread(target=stack.stop)
+    stopping.start()
+    stopping.join(0.2)
+    assert stopping.is_alive()  # the module body is still running: stop() waits for it
+    gate.release.set()
+    stopping.join(30)
+    assert not stopping.is_alive() and not side_thread_alive(name)
+    assert name not in sys.modules and no_hook_left()
+
+
+def side_thread_alive(name: str) -> bool:
+    return any(thread.name == f"outloop-import-{name}" for thread in threading.enumerate())
+
+
 def test_a_cancel_touches_no_other_threads_imports(gated: tuple[str, types.ModuleType]) -> None:
     name, gate = gated
     stack = BackgroundImport(name)
