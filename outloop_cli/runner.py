@@ -5,7 +5,6 @@ The command layer only parses flags into a RunRequest and prints the RunReport; 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
 import os
@@ -21,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import asyncio
+
+    from outloop_cli.audit.tally import Counts, Tally
     from outloop_cli.broker.ca import RunCA
     from outloop_cli.broker.server import Broker
 
-from outloop_cli.audit.central_config import load_central
-from outloop_cli.audit.central_probe import unreachable
 from outloop_cli.audit.schema import open_readonly
-from outloop_cli.audit.tally import Counts, Tally, run_tally
 from outloop_cli.audit.writer import RunLog
 from outloop_cli.broker.egress import EgressPolicy, credential_hosts
 from outloop_cli.broker.listeners import Listeners, bind_loopback, bind_unix
@@ -36,12 +35,10 @@ from outloop_cli.guard import Guard, load_guard
 from outloop_cli.home import audit_db_path, current_workspace, ensure_private_dir, outloop_home, profile_dirs
 from outloop_cli.linux import set_not_dumpable
 from outloop_cli.modes import NetworkMode
-from outloop_cli.notify import run_hook, triggers
 from outloop_cli.policy_snapshot import policy_hash
-from outloop_cli.preload import BackgroundImport
 from outloop_cli.profiles import Credential, Profile, check_workspace_name, load_profile, refuse_abstract
 from outloop_cli.proxy_env import proxy_environment
-from outloop_cli.sandbox.plan import Target
+from outloop_cli.sandbox.plan import Plan, Target
 from outloop_cli.sandbox.plan import plan as sandbox_plan
 from outloop_cli.secrets import Secret, resolve_secret
 from outloop_cli.supervisor import Supervisor, child_environment, resolve_command
@@ -158,9 +155,8 @@ def execute(request: RunRequest) -> RunReport:
             resolved_secrets[name] = _resolve(cred, environ)
         refuse_secrets_in_child_env(profile, environ, resolved_secrets)
         guard = load_guard(profile, dirs)
-        with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
-            report = loop_runner.run(_execute(request, home, dirs, profile, resolved_secrets, timeout, network,
-                                            guard))
+        report = _start(request, home, profile, resolved_secrets, timeout, guard,
+                        _prepare(request, home, dirs, profile, network))
     except _StartFailed as failure:
         raise failure.error from None
     except OutloopError as error:
@@ -179,6 +175,9 @@ def ship_after_run(home: Path, environ: Mapping[str, str], run_id: str) -> str |
     The local audit already holds the run, so a slow or absent server costs at most the configured timeout
     and a line in the summary, never the exit code; `outloop audit ship` sends what this could not.
     """
+    from outloop_cli.audit.central_config import load_central  # this and the rest below: after the child
+    from outloop_cli.audit.central_probe import unreachable
+
     try:
         config = load_central(home)
         if config is None:
@@ -241,6 +240,8 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
     try:
         import uvloop
     except ImportError:
+        import asyncio
+
         return asyncio.new_event_loop
     return uvloop.new_event_loop
 
@@ -290,6 +291,8 @@ def notify_after_run(profile: Profile, summary: Mapping[str, Any], environ: Mapp
     """
     if profile.notify is None:
         return None
+    from outloop_cli.notify import run_hook, triggers
+
     fired = triggers(profile.notify.on, summary)
     if not fired:
         return None
@@ -300,9 +303,31 @@ def _batch_detail(request: RunRequest) -> dict[str, str]:
     return {"batch_id": request.batch_id} if request.batch_id else {}
 
 
-async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: Profile,
-                   resolved: Mapping[str, Secret], timeout: float | None, network: str, guard: Guard | None
-                   ) -> RunReport:
+@dataclass
+class _Prepared:
+    """A run made ready for its child: the run dir, the sandbox plan, the bound listeners and the committed
+    run_start row. Everything the child needs exists before it is spawned; what only the broker needs loads after."""
+
+    run_id: str
+    started_at: float
+    run_dir: Path
+    plan: Plan
+    argv: list[str]
+    env: dict[str, str]
+    listeners: Listeners
+    audit: RunLog
+    ca: tuple[RunCA, Path] | None
+    url: str | None
+    run_token: str | None  # base-URL mode only
+    policy: str
+
+    def release(self) -> None:
+        """Close the listeners and remove the run dir; a second call finds nothing left to do."""
+        self.listeners.close()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _prepare(request: RunRequest, home: Path, dirs: list[Path], profile: Profile, network: str) -> _Prepared:
     run_id = new_run_id()
     started_at = time.time()
     run_dir = ensure_private_dir(home / "run" / run_id, within=home)
@@ -352,32 +377,62 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
         listeners.close()
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    return _Prepared(run_id=run_id, started_at=started_at, run_dir=run_dir, plan=plan, argv=argv, env=env,
+                     listeners=listeners, audit=audit, ca=ca, url=url,
+                     run_token=run_token if base_url_mode else None, policy=policy)
+
+
+def _start(request: RunRequest, home: Path, profile: Profile, resolved: Mapping[str, Secret],
+           timeout: float | None, guard: Guard | None, run: _Prepared) -> RunReport:
+    """Spawn the child, then load the event loop while it starts, then supervise it and serve its broker.
+
+    asyncio (~30 ms of imports) and the event loop are made after the spawn, on this core, while the child's
+    sandbox comes up on the other: nothing of them is needed before the child exists.
+    """
+    supervisor = Supervisor(run.argv, run.env, timeout, wrapped=run.plan.wrapper_persists)
+    try:
+        try:
+            child_pid = supervisor.spawn(run.argv[0])
+        except OutloopError as error:
+            run.audit.finish(exit_code=error.exit_code, duration=0.0,
+                             detail=_start_failure_detail(profile, run.run_id, request, error))
+            raise _StartFailed(error) from None
+        import asyncio
+
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as loop_runner:
+            return loop_runner.run(_supervise(request, home, profile, resolved, timeout, guard, run, supervisor,
+                                              child_pid))
+    finally:
+        supervisor.release_signals()
+        run.release()
+
+
+async def _supervise(request: RunRequest, home: Path, profile: Profile, resolved: Mapping[str, Secret],
+                     timeout: float | None, guard: Guard | None, run: _Prepared, supervisor: Supervisor,
+                     child_pid: int) -> RunReport:
+    import asyncio
+
+    from outloop_cli.preload import BackgroundImport  # asyncio too: loaded once the child runs
+
+    run_id, plan, audit, ca = run.run_id, run.plan, run.audit, run.ca
     broker: Broker | None = None
     broker_stack: BackgroundImport | None = None
     shipper: threading.Timer | None = None
     try:
-        supervisor = Supervisor(argv, env, timeout, wrapped=plan.wrapper_persists)
-        try:
-            child_pid = supervisor.spawn(argv[0])
-        except OutloopError as error:
-            audit.finish(exit_code=error.exit_code, duration=0.0,
-                         detail=_start_failure_detail(profile, run_id, request, error))
-            raise _StartFailed(error) from None
         # The broker stack (aiohttp: ~150 ms of CPU) loads on a side thread while the child starts on the other core
         # and this thread only waits: not before, where it would hold the interpreter's lock against the run's own
         # start. The broker serves once it is loaded; connections made meanwhile wait in the backlog. A child that
         # exits first cancels the import.
+        child = asyncio.ensure_future(supervisor.wait())  # reaping and forwarding first, then the imports
         broker_stack = BackgroundImport("outloop_cli.broker.server")
         shipper = _preload_shipping(home)
-        child = asyncio.ensure_future(supervisor.wait())
         server_module = asyncio.ensure_future(broker_stack.module())
         if await _before_exit(child, server_module):
             broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
-                                                   run_token=run_token if base_url_mode else None,
-                                                   timeout=timeout, guard=guard, ca=ca[0] if ca else None,
-                                                   own_url=url)
+                                                   run_token=run.run_token, timeout=timeout, guard=guard,
+                                                   ca=ca[0] if ca else None, own_url=run.url)
             broker.child_pid = child_pid
-            await broker.serve(listeners)
+            await broker.serve(run.listeners)
         else:
             broker_stack.cancel()
         result = await child
@@ -389,8 +444,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             shipper.join()
         if broker is not None:
             await broker.close()
-        listeners.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        run.release()
 
     limit_hit = _limit_hit(profile, result.exit_code, result.cpu_seconds)
     end_detail: dict[str, object] = {
@@ -403,12 +457,12 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     def report(tally: Tally, counts_error: str | None, head: str = "", events: int = 0) -> RunReport:
         return RunReport(
             run_id=run_id, workspace=profile.workspace, command=list(request.command), exit_code=result.exit_code,
-            duration=result.duration, started_at=started_at, timed_out=result.timed_out, signal=result.signal,
+            duration=result.duration, started_at=run.started_at, timed_out=result.timed_out, signal=result.signal,
             tally=tally, counts_error=counts_error, sandbox=plan.layers,
             peak_rss_bytes=result.peak_rss_bytes, cpu_seconds=result.cpu_seconds,
             strays_killed=result.strays_killed, audit_head=head, audit_events=events,
-            audit_db=str(audit_db_path(home)), limit_hit=limit_hit, policy_hash=policy, batch_id=request.batch_id,
-            warnings=list(broker.warnings) if broker is not None else [],
+            audit_db=str(audit_db_path(home)), limit_hit=limit_hit, policy_hash=run.policy,
+            batch_id=request.batch_id, warnings=list(broker.warnings) if broker is not None else [],
         )
 
     if profile.notify is None or not request.notify:
@@ -462,6 +516,8 @@ class _RunCAInBackground:
 
 def _tally(home: Path, run_id: str, profile: Profile) -> tuple[Tally, str | None]:
     """The run's counts read back from its audit events; a read failure must not cost the child's exit code."""
+    from outloop_cli.audit.tally import Counts, Tally, run_tally
+
     try:
         conn = open_readonly(audit_db_path(home))
         try:
@@ -484,6 +540,8 @@ def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool, proxy
 
 async def _before_exit(child: asyncio.Future[Any], event: asyncio.Future[Any]) -> bool:
     """True when `event` happened while the child still runs; otherwise `event` is cancelled."""
+    import asyncio
+
     await asyncio.wait((child, event), return_when=asyncio.FIRST_COMPLETED)
     if event.done() and not child.done():
         event.result()  # an import that failed raises here
@@ -492,21 +550,23 @@ async def _before_exit(child: asyncio.Future[Any], event: asyncio.Future[Any]) -
     return False
 
 
-def _preload_shipping(home: Path) -> threading.Timer | None:
+def _preload_shipping(home: Path) -> threading.Timer:
     """Import the shipper (psycopg: a few hundred ms of CPU) while the child runs, not after it.
 
     Not before the child has had a moment to start: on a small machine the import would compete with the
-    child's own start-up for the CPU, and start-up must cost the same with or without a central database.
+    child's own start-up for the CPU, and start-up must cost the same with or without a central database. The
+    config is read on the timer's thread too, so a run that ends within the delay never reads it twice.
     """
-    try:
-        config = load_central(home)
-    except OutloopError:
-        return None  # reported by ship_after_run, which never fails the run either
-    if config is None:
-        return None
 
     def work() -> None:
-        if unreachable(config.dsn, config.timeout) is not None:
+        from outloop_cli.audit.central_config import load_central
+        from outloop_cli.audit.central_probe import unreachable
+
+        try:
+            config = load_central(home)
+        except OutloopError:
+            return  # reported by ship_after_run, which never fails the run either
+        if config is None or unreachable(config.dsn, config.timeout) is not None:
             return  # a server that is down costs the run nothing; ship_after_run says so
         with contextlib.suppress(Exception):  # ship_after_run imports it again and reports what fails
             importlib.import_module("outloop_cli.audit.central_ship")

@@ -7,7 +7,6 @@ timeout kills the tree (TERM, grace, KILL), and strays left at exit are killed a
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fnmatch
 import os
@@ -16,12 +15,14 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import asyncio
+
     import psutil
 
 from outloop_cli.errors import EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_TIMEOUT, OutloopError, SandboxError
@@ -102,6 +103,7 @@ class Supervisor:
         self._tree_empty = threading.Event()
         self._kill_timer: asyncio.TimerHandle | None = None
         self._peak_rss = 0
+        self._unheld: set[int] | None = None  # the signal mask before spawn() held the forwarded ones
 
     def spawn(self, executable: str) -> int:
         set_child_subreaper()
@@ -112,23 +114,48 @@ class Supervisor:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         self._cpu_before = usage.ru_utime + usage.ru_stime
         self._started = time.monotonic()
+        # Held until wait() can forward them (the event loop is made after the spawn, while the child starts): one
+        # arriving in between would otherwise stop outloop without the child hearing of it. The child starts with
+        # the mask outloop had.
+        self._unheld = unheld = set(signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS))
         try:
             self.pid = os.posix_spawn(
                 executable, self.argv, self.env, setsid=True,
-                setsigdef=[*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGCHLD],
+                setsigdef=[*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGCHLD], setsigmask=unheld,
             )
         except OSError as exc:  # E2BIG, ENOEXEC, EACCES on an interpreter line...
+            self.release_signals()
             raise CommandNotExecutable(f"{self.argv[0]}: cannot execute: {exc.strerror}") from None
         return self.pid
 
-    async def wait(self) -> ChildResult:
+    def release_signals(self) -> None:
+        """Unblock the signals spawn() held: those that came meanwhile are delivered now (to wait()'s forwarding,
+        once it is installed). Idempotent, so the run's clean-up can call it on every path."""
+        if self._unheld is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._unheld)
+            self._unheld = None
+
+    def wait(self) -> Coroutine[Any, Any, ChildResult]:
+        """Reap and forward signals from now on (called in the running loop), and return what awaits the end.
+
+        The set-up happens at the call, not at the first await: the run starts its other work (the broker stack's
+        import) right after, and the child's exit must not wait behind it to be noticed.
+        """
+        import asyncio  # loaded after the spawn, while the child starts (see runner._start)
+
         loop = asyncio.get_running_loop()
         self._exited = asyncio.Event()
         threading.Thread(target=self._reap_forever, args=(loop,), name="outloop-reaper", daemon=True).start()
         for sig in FORWARDED_SIGNALS:
             loop.add_signal_handler(sig, self._forward, sig)
+        self.release_signals()
         timer = loop.call_later(self.timeout, self._on_timeout) if self.timeout else None
         sampler = asyncio.ensure_future(self._sample_memory())
+        return self._until_exit(loop, timer, sampler)
+
+    async def _until_exit(self, loop: asyncio.AbstractEventLoop, timer: asyncio.TimerHandle | None,
+                          sampler: asyncio.Future[None]) -> ChildResult:
+        assert self._exited is not None
         try:
             await self._exited.wait()
         finally:
@@ -146,6 +173,8 @@ class Supervisor:
     async def _sample_memory(self) -> None:
         """Peak of the tree's summed high-water marks. getrusage's ru_maxrss cannot serve: a child spawned by
         a Python process inherits the parent's RSS as its own high-water mark until it execs."""
+        import asyncio
+
         while True:
             self._peak_rss = max(self._peak_rss, sum(_high_water(pid) for pid in _tree_pids()))
             await asyncio.sleep(MEMORY_SAMPLE_SECONDS)
@@ -176,6 +205,8 @@ class Supervisor:
             os.killpg(self.pid, sig)
 
     def _on_timeout(self) -> None:
+        import asyncio
+
         self._timed_out = True
         self._forward(signal.SIGTERM)
         self._kill_timer = asyncio.get_running_loop().call_later(KILL_GRACE_SECONDS, self._signal_tree,
