@@ -12,7 +12,7 @@ from conftest import OUTLOOP, World
 from sandbox_support import skip_or_fail
 
 from outloop_cli.audit.tally import Counts, Denial, Tally
-from outloop_cli.commands.run import _rich_summary
+from outloop_cli.commands.run_once import _rich_summary
 from outloop_cli.runner import RunReport
 
 
