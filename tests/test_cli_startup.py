@@ -88,6 +88,7 @@ def test_a_plain_run_loads_neither_typer_nor_rich_nor_the_broker_it_never_needed
     assert "outloop_cli.runner" in modules and "outloop_cli.commands.run_once" in modules
     assert not {name for name in modules if name.split(".")[0] in ("typer", "click", "rich")}
     assert "outloop_cli.commands.run" not in modules  # the Typer command
+    assert not {"outloop_cli.audit.store", "outloop_cli.audit.verify"} & modules  # the audit's readers
 
 
 def test_a_run_the_plain_path_does_not_read_goes_to_the_typer_command(world: World) -> None:

@@ -96,6 +96,9 @@ def _value(name: str, text: str) -> object | None:
 def run_once(line: RunLine) -> int:
     """Run it, write --summary-json, print the summary unless quiet; the child's exit code (an OutloopError when the
     child never started)."""
+    from outloop_cli.sandbox.probe import start_probe
+
+    start_probe(os.environ)  # bubblewrap's probe runs on the other core while the run stack loads
     from outloop_cli.runner import RunRequest, execute  # the run stack loads only for a run
 
     # Its directory is pinned before the child starts, so the loop cannot redirect the write (see PinnedFile).

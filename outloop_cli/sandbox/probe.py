@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -30,19 +31,48 @@ def bubblewrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
+PROBE_TIMEOUT = 10.0
+_started: dict[tuple[str, ...], subprocess.Popen[bytes]] = {}
+
+
 @cache
 def _probe(argv: tuple[str, ...]) -> bool:
     try:
-        return subprocess.run(argv, capture_output=True, timeout=10, check=False).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
+        process = _started.pop(argv, None) or _spawn(argv)
+        try:
+            return process.wait(timeout=PROBE_TIMEOUT) == 0
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return False
+    except OSError:
         return False
+
+
+def _spawn(argv: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_probe(environ: Mapping[str, str]) -> None:
+    """Start the bubblewrap probe that `backend` will ask about, so it runs on another core while the run's own
+    modules load; `backend` waits for its answer. Nothing is cached beyond this process: each run probes anew."""
+    argv = _bubblewrap_probe()
+    if argv is None or environ.get(BACKEND_ENV, "auto") not in ("auto", "bwrap") or argv in _started:
+        return
+    with contextlib.suppress(OSError):  # `backend` probes again and says what failed
+        _started[argv] = _spawn(argv)
+
+
+def _bubblewrap_probe() -> tuple[str, ...] | None:
+    path = bubblewrap_path()
+    return (path, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+            "--ro-bind", "/", "/", "--", "true") if path else None
 
 
 def bubblewrap_works() -> bool:
     """Can bwrap build what a run needs: every namespace, and no nested user namespaces (bubblewrap >= 0.8)?"""
-    path = bubblewrap_path()
-    return bool(path) and _probe((str(path), "--unshare-all", "--unshare-user", "--disable-userns",
-                                  "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--", "true"))
+    argv = _bubblewrap_probe()
+    return argv is not None and _probe(argv)
 
 
 def namespaces_work() -> bool:
