@@ -59,9 +59,10 @@ class BackgroundImport:
     def stops_here(self) -> bool:
         return self._cancelled and threading.current_thread() is self._thread
 
-    async def module(self) -> ModuleType:
-        """The imported module. Where the side thread failed (e.g. importlib's deadlock guard tripping over an
-        import the main thread made at the same moment), imports it here, so a real ImportError surfaces."""
+    async def module(self) -> ModuleType | None:
+        """The imported module, or None where a cancel stopped the import. Where the side thread failed (e.g.
+        importlib's deadlock guard tripping over an import the main thread made at the same moment), imports it
+        here, so a real ImportError surfaces."""
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
 
@@ -75,6 +76,8 @@ class BackgroundImport:
             else:
                 self._waiters.append(wake)
         await finished
+        if self._module is None and self._cancelled:
+            return None
         if self._module is None or self._failed:
             return importlib.import_module(self.name)
         return self._module

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -425,12 +426,15 @@ async def _supervise(request: RunRequest, home: Path, profile: Profile, resolved
         # exits first cancels the import.
         child = asyncio.ensure_future(supervisor.wait())  # reaping and forwarding first, then the imports
         broker_stack = BackgroundImport("outloop_cli.broker.server")
+        # Cancelled from the reaper's thread the moment the child exits: the import then stops at its next import
+        # statement, instead of holding the interpreter's lock against the event loop that has to hear of it.
+        supervisor.on_exit(broker_stack.cancel)
         shipper = _preload_shipping(home)
-        server_module = asyncio.ensure_future(broker_stack.module())
-        if await _before_exit(child, server_module):
-            broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
-                                                   run_token=run.run_token, timeout=timeout, guard=guard,
-                                                   ca=ca[0] if ca else None, own_url=run.url)
+        server = await _before_exit(child, asyncio.ensure_future(broker_stack.module()))
+        if server is not None:
+            broker = server.Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
+                                   run_token=run.run_token, timeout=timeout, guard=guard, ca=ca[0] if ca else None,
+                                   own_url=run.url)
             broker.child_pid = child_pid
             await broker.serve(run.listeners)
         else:
@@ -538,16 +542,17 @@ def _bind(socket_path: Path, relay_socket: Path | None, *, loopback: bool, proxy
         raise OutloopError(f"cannot create the broker's socket in {socket_path.parent}: {exc.strerror}") from None
 
 
-async def _before_exit(child: asyncio.Future[Any], event: asyncio.Future[Any]) -> bool:
-    """True when `event` happened while the child still runs; otherwise `event` is cancelled."""
+async def _before_exit(child: asyncio.Future[Any], loading: asyncio.Future[ModuleType | None]
+                       ) -> ModuleType | None:
+    """The broker stack's module when its import finished while the child still runs; otherwise None, and the
+    wait for it is cancelled (as is the import, by the reaper)."""
     import asyncio
 
-    await asyncio.wait((child, event), return_when=asyncio.FIRST_COMPLETED)
-    if event.done() and not child.done():
-        event.result()  # an import that failed raises here
-        return True
-    event.cancel()
-    return False
+    await asyncio.wait((child, loading), return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and not child.done():
+        return loading.result()  # an import that failed raises here; None when the child's exit cancelled it
+    loading.cancel()
+    return None
 
 
 def _preload_shipping(home: Path) -> threading.Timer:

@@ -15,7 +15,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,6 +104,8 @@ class Supervisor:
         self._kill_timer: asyncio.TimerHandle | None = None
         self._peak_rss = 0
         self._unheld: set[int] | None = None  # the signal mask before spawn() held the forwarded ones
+        self._exit_lock = threading.Lock()
+        self._exit_callbacks: list[Callable[[], None]] = []
 
     def spawn(self, executable: str) -> int:
         set_child_subreaper()
@@ -127,6 +129,15 @@ class Supervisor:
             self.release_signals()
             raise CommandNotExecutable(f"{self.argv[0]}: cannot execute: {exc.strerror}") from None
         return self.pid
+
+    def on_exit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` as soon as the child's exit is seen, on the reaper's thread (at once if it was seen
+        already): work that only matters while the child runs stops without waiting for the event loop to hear."""
+        with self._exit_lock:
+            if self._status is None:
+                self._exit_callbacks.append(callback)
+                return
+        callback()
 
     def release_signals(self) -> None:
         """Unblock the signals spawn() held: those that came meanwhile are delivered now (to wait()'s forwarding,
@@ -190,7 +201,11 @@ class Supervisor:
             except InterruptedError:
                 continue
             if pid == self.pid:
-                self._status = status
+                with self._exit_lock:
+                    self._status = status
+                    callbacks, self._exit_callbacks = self._exit_callbacks, []
+                for callback in callbacks:
+                    callback()
                 assert self._exited is not None
                 loop.call_soon_threadsafe(self._exited.set)
 

@@ -63,7 +63,7 @@ def test_the_module_arrives_whole_when_nobody_cancels(gated: tuple[str, types.Mo
     assert gate.reached.wait(30)
     gate.release.set()
     module = asyncio.run(stack.module())
-    assert module.sub.VALUE == 42
+    assert module is not None and module.sub.VALUE == 42
     assert no_hook_left()  # removed before the waiters are woken
 
 
@@ -76,6 +76,20 @@ def test_a_cancelled_import_stops_at_its_next_import_and_leaves_nothing_half_don
     gate.release.set()
     thread.join(30)
     assert not thread.is_alive()
+    assert name not in sys.modules and f"{name}.sub" not in sys.modules
+    assert no_hook_left()
+
+
+def test_a_cancelled_import_is_awaited_as_none_and_never_finished_on_the_awaiting_thread(
+        gated: tuple[str, types.ModuleType]) -> None:
+    """The run cancels from the reaper's thread while the event loop may already await the module: it must get
+    None, not the broker stack imported on the loop's own thread after all."""
+    name, gate = gated
+    stack = BackgroundImport(name)
+    assert gate.reached.wait(30)
+    stack.cancel()
+    gate.release.set()
+    assert asyncio.run(stack.module()) is None
     assert name not in sys.modules and f"{name}.sub" not in sys.modules
     assert no_hook_left()
 
