@@ -362,6 +362,7 @@ def _prepare(request: RunRequest, home: Path, dirs: list[Path], profile: Profile
     listeners = _bind(socket_path, relay_socket if plan.relay_port is not None else None,
                       loopback=base_url_mode and plan.relay_port is None,
                       proxy_socket=proxy_socket if plan.proxy_port is not None else None)
+    listeners.relay_port, listeners.proxy_port = plan.relay_port, plan.proxy_port
     url = None
     if base_url_mode:
         url = f"http://127.0.0.1:{plan.relay_port or listeners.loopback_port}"
