@@ -152,3 +152,14 @@ def test_each_flag_the_plain_path_reads_is_the_typer_commands_flag_for_the_same_
     typer_flags = {flag: param.name for param in command.params for flag in getattr(param, "opts", [])
                    if flag.startswith("-")}
     assert {flag: typer_flags.get(flag) for flag in FLAGS} == FLAGS
+
+
+def test_what_a_run_loads_before_its_child_starts_has_no_event_loop_in_it() -> None:
+    """The runner's own imports are what `run` pays before the child exists: asyncio, uvloop and the broker stack
+    load after the spawn, while the child starts; the audit's readers and the Typer app not at all."""
+    done = subprocess.run([PYTHON, "-c", "import json, sys, outloop_cli.commands.run_once, outloop_cli.runner; "
+                                         "print(json.dumps(sorted(sys.modules)))"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    modules = set(json.loads(done.stdout))
+    assert not {name for name in modules if name.split(".")[0] in (*HEAVY, "uvloop", "typer", "click")}
+    assert not {"outloop_cli.audit.store", "outloop_cli.audit.verify", "outloop_cli.broker.server"} & modules

@@ -7,15 +7,18 @@ and the broker's overlap instead of adding up.
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from outloop_cli.broker.peer import peer_pid
+
+if TYPE_CHECKING:
+    import asyncio  # the runner binds the listeners before the child starts; the event loop comes after it
 
 BACKLOG = 1024
 HAND_OVER_SECONDS = 10.0  # the relay sends its listener right after connecting, before the loop even exists
@@ -78,6 +81,8 @@ async def take_over(channel: socket.socket, port: int, in_run: Callable[[int], b
     still be in the run's tree (`in_run`, from SO_PEERCRED), and what it sends must be one TCP socket listening
     on exactly that address.
     """
+    import asyncio
+
     loop = asyncio.get_running_loop()
     path = channel.getsockname()
     try:
