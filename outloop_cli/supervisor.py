@@ -103,7 +103,8 @@ class Supervisor:
         self._tree_empty = threading.Event()
         self._kill_timer: asyncio.TimerHandle | None = None
         self._peak_rss = 0
-        self._unheld: set[int] | None = None  # the signal mask before spawn() held the forwarded ones
+        self._held: dict[int, Any] | None = None  # the handlers spawn() replaced, while it holds the signals
+        self._arrived: list[int] = []  # signals held since spawn(), forwarded once wait() can
         self._exit_lock = threading.Lock()
         self._exit_callbacks: list[Callable[[], None]] = []
 
@@ -117,13 +118,13 @@ class Supervisor:
         self._cpu_before = usage.ru_utime + usage.ru_stime
         self._started = time.monotonic()
         # Held until wait() can forward them (the event loop is made after the spawn, while the child starts): one
-        # arriving in between would otherwise stop outloop without the child hearing of it. The child starts with
-        # the mask outloop had.
-        self._unheld = unheld = set(signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS))
+        # arriving in between would otherwise stop outloop without the child hearing of it. A handler, not a
+        # blocked mask: the process's other threads (the audit writer's) would still take a blocked signal.
+        self._held = {sig: signal.signal(sig, self._hold) for sig in FORWARDED_SIGNALS}
         try:
             self.pid = os.posix_spawn(
                 executable, self.argv, self.env, setsid=True,
-                setsigdef=[*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGCHLD], setsigmask=unheld,
+                setsigdef=[*FORWARDED_SIGNALS, signal.SIGPIPE, signal.SIGCHLD],
             )
         except OSError as exc:  # E2BIG, ENOEXEC, EACCES on an interpreter line...
             self.release_signals()
@@ -140,11 +141,15 @@ class Supervisor:
         callback()
 
     def release_signals(self) -> None:
-        """Unblock the signals spawn() held: those that came meanwhile are delivered now (to wait()'s forwarding,
-        once it is installed). Idempotent, so the run's clean-up can call it on every path."""
-        if self._unheld is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, self._unheld)
-            self._unheld = None
+        """Give the forwarded signals back the handlers spawn() found, where wait() never replaced them (the run
+        failed before its event loop ran). Idempotent, so the run's clean-up can call it on every path."""
+        if self._held is not None:
+            for sig, handler in self._held.items():
+                signal.signal(sig, handler)
+            self._held = None
+
+    def _hold(self, sig: int, _frame: object) -> None:
+        self._arrived.append(sig)
 
     def wait(self) -> Coroutine[Any, Any, ChildResult]:
         """Reap and forward signals from now on (called in the running loop), and return what awaits the end.
@@ -159,7 +164,9 @@ class Supervisor:
         threading.Thread(target=self._reap_forever, args=(loop,), name="outloop-reaper", daemon=True).start()
         for sig in FORWARDED_SIGNALS:
             loop.add_signal_handler(sig, self._forward, sig)
-        self.release_signals()
+        self._held = None  # the loop's handlers replaced spawn()'s; what they held goes to the child now
+        for early in self._arrived:
+            self._forward(early)
         timer = loop.call_later(self.timeout, self._on_timeout) if self.timeout else None
         sampler = asyncio.ensure_future(self._sample_memory())
         return self._until_exit(loop, timer, sampler)
