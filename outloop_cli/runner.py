@@ -376,8 +376,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
                                                    run_token=run_token if base_url_mode else None,
                                                    timeout=timeout, guard=guard, ca=ca[0] if ca else None,
-                                                   own_url=url)
-            broker.child_pid = child_pid
+                                                   own_url=url, child_pid=child_pid)
             await broker.serve(listeners)
         else:
             broker_stack.cancel()

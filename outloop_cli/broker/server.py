@@ -98,18 +98,20 @@ class Broker:
         guard: Guard | None = None,
         ca: RunCA | None = None,
         own_url: str | None = None,
+        child_pid: int | None = None,
     ) -> None:
         """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it.
 
         `guard` holds the other workspaces' identifiers; None when nobody declared any. `ca` is the run's CA when
         the egress proxy intercepts; `own_url` is OUTLOOP_URL as the child sees it, so an SDK sending base-URL
-        requests through the proxy (NO_PROXY is empty) reaches the broker itself."""
+        requests through the proxy (NO_PROXY is empty) reaches the broker itself. `child_pid` roots the process
+        tree whose members may use the broker's socket; without it nobody may."""
         self.run_id = run_id
         self.guard = guard
         self.timeout = timeout
         self.profile = profile
         self.audit = audit
-        self.child_pid: int | None = None
+        self.child_pid = child_pid
         self.supervisor_pid = os.getpid()
         self.run_token = run_token
         self.limits = Limits(
