@@ -435,8 +435,7 @@ async def _supervise(request: RunRequest, home: Path, profile: Profile, resolved
         if server is not None:
             broker = server.Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
                                    run_token=run.run_token, timeout=timeout, guard=guard, ca=ca[0] if ca else None,
-                                   own_url=run.url)
-            broker.child_pid = child_pid
+                                   own_url=run.url, child_pid=child_pid)
             await broker.serve(run.listeners)
         else:
             broker_stack.cancel()
