@@ -52,6 +52,14 @@ def test_the_relays_listener_arrives_and_serves(tmp_path: Path) -> None:
     assert not path.exists()  # one connection, then the socket is gone
 
 
+def test_the_listener_taken_over_is_close_on_exec(tmp_path: Path) -> None:
+    """Like every descriptor outloop holds (PEP 446, which the supervisor's fd hygiene counts on): nothing outloop
+    starts may inherit a listener of the loop's namespace, whatever way it is started."""
+    path, port = tmp_path / "hand.sock", _free_port()
+    with _take(path, port, lambda: hand_over(listen(port), str(path))) as listener:
+        assert not os.get_inheritable(listener.fileno())
+
+
 def test_a_second_connection_is_never_read(tmp_path: Path) -> None:
     path, port = tmp_path / "hand.sock", _free_port()
     planted = socket.create_server(("127.0.0.1", 0))

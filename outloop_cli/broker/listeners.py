@@ -104,7 +104,9 @@ async def _receive_descriptors(loop: asyncio.AbstractEventLoop, conn: socket.soc
     fds = array.array("i")
     while True:
         try:
-            _, ancillary, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(fds.itemsize * 4))
+            # Close-on-exec as they arrive, like every descriptor outloop opens (PEP 446): nothing it starts
+            # later may inherit a listener of the loop's namespace.
+            _, ancillary, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(fds.itemsize * 4), socket.MSG_CMSG_CLOEXEC)
             break
         except BlockingIOError:
             await _readable(loop, conn)
