@@ -103,6 +103,22 @@ def test_anything_but_one_listener_on_the_expected_address_is_refused(tmp_path: 
             sock.close()
 
 
+@pytest.mark.parametrize("with_listener", [False, True])
+def test_a_descriptor_that_is_no_socket_is_refused_and_closed(tmp_path: Path, with_listener: bool) -> None:
+    path, port = tmp_path / "hand.sock", _free_port()
+    read_end, write_end = os.pipe()
+    listener = socket.create_server(("127.0.0.1", port))
+    try:
+        with pytest.raises(HandOverRefused, match="not one listener"):
+            _take(path, port, lambda: _send_raw(path, [read_end, *([listener.fileno()] if with_listener else [])]))
+        os.close(read_end)
+        with pytest.raises(BrokenPipeError):  # no read end is left anywhere: the broker closed what it received
+            os.write(write_end, b"x")
+    finally:
+        os.close(write_end)
+        listener.close()
+
+
 def test_a_sender_outside_the_run_is_refused(tmp_path: Path) -> None:
     path, port = tmp_path / "hand.sock", _free_port()
     asked: list[int] = []

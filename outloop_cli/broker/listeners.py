@@ -92,12 +92,12 @@ async def take_over(channel: socket.socket, port: int, in_run: Callable[[int], b
             raise HandOverRefused(f"a process outside the run (pid {pid}) connected first")
         async with asyncio.timeout(HAND_OVER_SECONDS):
             descriptors = await _receive_descriptors(loop, conn)
-    listeners = [socket.socket(fileno=fd) for fd in descriptors]
-    if len(listeners) == 1 and _is_listening_on(listeners[0], port):
+    listeners = [sock for sock in map(_as_socket, descriptors) if sock is not None]
+    if len(descriptors) == len(listeners) == 1 and _is_listening_on(listeners[0], port):
         return listeners[0]
     for sock in listeners:
         sock.close()
-    raise HandOverRefused(f"the relay sent {len(listeners)} descriptor(s), not one listener on 127.0.0.1:{port}")
+    raise HandOverRefused(f"the relay sent {len(descriptors)} descriptor(s), not one listener on 127.0.0.1:{port}")
 
 
 async def _receive_descriptors(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> list[int]:
@@ -128,6 +128,15 @@ async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> Non
         await readable
     finally:
         loop.remove_reader(conn)
+
+
+def _as_socket(descriptor: int) -> socket.socket | None:
+    """The socket behind a received descriptor; anything else (a pipe, a file) is closed, never kept."""
+    try:
+        return socket.socket(fileno=descriptor)
+    except OSError:
+        os.close(descriptor)
+        return None
 
 
 def _is_listening_on(sock: socket.socket, port: int) -> bool:
