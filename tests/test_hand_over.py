@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from outloop_cli.broker.listeners import HandOverRefused, bind_unix, take_over
+from outloop_cli.runner import _event_loop_factory
 from outloop_cli.sandbox.relay_start import hand_over, listen
 
 
@@ -58,6 +59,25 @@ def test_the_listener_taken_over_is_close_on_exec(tmp_path: Path) -> None:
     path, port = tmp_path / "hand.sock", _free_port()
     with _take(path, port, lambda: hand_over(listen(port), str(path))) as listener:
         assert not os.get_inheritable(listener.fileno())
+
+
+def test_a_hand_over_that_never_comes_is_cancelled_with_the_run(tmp_path: Path) -> None:
+    """The relay died before connecting (or never started): closing the broker cancels the wait, on the event loop
+    the broker runs on, and leaves neither the socket nor its file behind."""
+    path = tmp_path / "hand.sock"
+
+    async def main() -> socket.socket:
+        channel = bind_unix(path)
+        waiting = asyncio.ensure_future(take_over(channel, _free_port(), lambda pid: True))
+        await asyncio.sleep(0)  # let it start waiting for the connection
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return channel
+
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        channel = runner.run(main())
+    assert channel.fileno() == -1 and not path.exists()
 
 
 def test_a_second_connection_is_never_read(tmp_path: Path) -> None:
