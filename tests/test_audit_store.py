@@ -471,6 +471,26 @@ def test_a_failed_commit_on_the_callers_thread_refuses_and_keeps_its_outcomes(db
     assert verify_run(reader, "01RUN").status == "ok"
 
 
+def test_a_database_gone_bad_refuses_a_decision_alone_as_an_audit_error(db: Path) -> None:
+    """Not only a lock: whatever SQLite answers to the caller-thread commit is the AuditError the broker turns
+    into 503 audit_unavailable, as on the writer's thread."""
+    log = start(db)
+    log.record_request(allow())
+    with sqlite3.connect(db, isolation_level=None) as other:
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the next transaction reads the header from the file
+    with db.open("r+b") as handle:
+        handle.write(b"not an audit db!")
+
+    async def decide() -> int:
+        return await log.record_request_async(allow(), alone=True)
+
+    refused = "cannot write to the audit database at .*: file is not a database"
+    with pytest.raises(AuditError, match=refused):
+        asyncio.run(decide())
+    with pytest.raises(AuditError, match=refused):  # the writer's answer, for comparison
+        log.record_request(allow())
+
+
 def test_an_outcome_wakes_nobody_and_is_committed_within_a_tick(db: Path) -> None:
     log = start(db)
     seq = log.record_request(allow())

@@ -370,7 +370,7 @@ class RunLog:
                     return None
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:  # a lock, or anything else SQLite says: as on the writer's thread
                 if is_busy(exc):
                     return None
                 raise AuditError(f"cannot write to the audit database at {self.db_path}: "
