@@ -139,14 +139,21 @@ def test_a_descriptor_that_is_no_socket_is_refused_and_closed(tmp_path: Path, wi
         listener.close()
 
 
-def test_a_sender_outside_the_run_is_refused(tmp_path: Path) -> None:
+def test_a_sender_outside_the_run_is_dropped_and_the_relay_still_gets_through(tmp_path: Path) -> None:
+    """Another process of the operator's that reaches the socket first can neither plant a listener nor knock
+    the run's out: its connection is dropped unread, and the relay's, queued behind it, is served."""
     path, port = tmp_path / "hand.sock", _free_port()
+    planted = socket.create_server(("127.0.0.1", 0))
     asked: list[int] = []
 
-    def in_run(pid: int) -> bool:
+    def in_run(pid: int) -> bool:  # the first sender plays the outsider (SO_PEERCRED names this process for both)
         asked.append(pid)
-        return False
+        return len(asked) > 1
 
-    with pytest.raises(HandOverRefused, match="outside the run"):
-        _take(path, port, lambda: hand_over(listen(port), str(path)), in_run)
-    assert asked == [os.getpid()]  # SO_PEERCRED named the sender
+    def outsider_then_relay() -> None:
+        _send_raw(path, [planted.fileno()])
+        hand_over(listen(port), str(path))
+
+    with planted, _take(path, port, outsider_then_relay, in_run) as listener:
+        assert listener.getsockname() == ("127.0.0.1", port)
+    assert asked == [os.getpid(), os.getpid()]

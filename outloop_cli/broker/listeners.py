@@ -73,23 +73,26 @@ class HandOverRefused(Exception):
 async def take_over(channel: socket.socket, port: int, in_run: Callable[[int], bool]) -> socket.socket:
     """The listening socket the relay made on 127.0.0.1:`port` of the child's network namespace.
 
-    `channel` takes exactly one connection and is closed after it: the relay connects before it spawns the loop,
-    so that connection is the relay's, and nothing the loop sends later can replace the listener. Its sender must
-    still be in the run's tree (`in_run`, from SO_PEERCRED), and what it sends must be one TCP socket listening
-    on exactly that address.
+    `channel` serves exactly one connection from the run's tree (`in_run`, from SO_PEERCRED) and is closed after
+    it: the relay connects before it spawns the loop, so that connection is the relay's, and nothing the loop
+    sends later can replace the listener. Connections from outside the run (another process of the operator's
+    that found the socket first) are dropped unread, so they cannot knock the run's listener out either. What the
+    relay sends must be one TCP socket listening on exactly that address.
     """
     loop = asyncio.get_running_loop()
     path = channel.getsockname()
     try:
-        conn, _ = await loop.sock_accept(channel)
+        while True:
+            conn, _ = await loop.sock_accept(channel)
+            pid = peer_pid(conn)
+            if pid is not None and in_run(pid):
+                break
+            conn.close()
     finally:
         channel.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
     with conn:
-        pid = peer_pid(conn)
-        if pid is None or not in_run(pid):
-            raise HandOverRefused(f"a process outside the run (pid {pid}) connected first")
         async with asyncio.timeout(HAND_OVER_SECONDS):
             descriptors = await _receive_descriptors(loop, conn)
     listeners = [sock for sock in map(_as_socket, descriptors) if sock is not None]
