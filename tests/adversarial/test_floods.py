@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
+import psutil
+import pytest
 from conftest import World
+from operator_support import wait_for
+from sandbox_support import BACKENDS, cpu_seconds, find_relay, open_descriptors, use_backend
 
 from adversarial.conftest import json_lines, run_hostile
+from outloop_cli.sandbox.relay import ACCEPT_RETRY_DELAY
 
 FLOOD_PROFILE = """
     version = 1
@@ -190,3 +197,93 @@ def test_a_slow_client_holds_only_its_own_connection(world: World) -> None:
     assert paths.count("fast") == 1 + len(served)
     assert len(world.events()) == len(paths)  # the unfinished head is no request: no row, nothing upstream
 
+
+RELAY_PROFILE = """
+    version = 1
+    [credentials.crm]
+    secret = "keyring"
+    base_url = "{UPSTREAM}"
+    allow = ["GET /**"]
+    child_env = { CRM_URL = "{url}", CRM_TOKEN = "{token}" }
+"""
+
+RELAY_FLOOD_LOOP = """
+    import json, os, socket, sys, time
+    from urllib.parse import urlsplit
+    import rawhttp
+
+    url = urlsplit(os.environ["CRM_URL"])
+    WAIT, held = float(sys.argv[1]), int(sys.argv[2])
+
+    def connect():
+        return socket.create_connection((url.hostname, url.port), timeout=WAIT)
+
+    def ask(sock, name):
+        sock.sendall(f"GET {url.path}/{name} HTTP/1.1\\r\\nHost: crm\\r\\n"
+                     f"Authorization: Bearer {os.environ['CRM_TOKEN']}\\r\\n\\r\\n".encode())
+        exchange = rawhttp.Exchange()
+        rawhttp.read_answers(sock, exchange, timeout=WAIT, want=1)
+        return exchange.answers[0].status if exchange.answers else None
+
+    def signal_and_wait(mine, theirs):
+        open(mine, "w").close()
+        while not os.path.exists(theirs):
+            time.sleep(0.02)
+
+    kept = connect()
+    before = ask(kept, "before")
+    signal_and_wait("ready", "limited")
+    # Far more connections than the relay has descriptors for: the kernel completes each into the backlog.
+    flood = [connect() for _ in range(held)]
+    signal_and_wait("flooded", "measured")
+    meanwhile = ask(kept, "meanwhile")  # a pair joined before the flood is served all along
+    for sock in flood:
+        sock.close()
+    after = ask(connect(), "after")  # descriptors given back: a new connection is served again
+    print(json.dumps({"before": before, "meanwhile": meanwhile, "after": after}), flush=True)
+"""
+# The relay's descriptors are limited from outside to what it holds plus this many pairs, so exhaustion takes
+# dozens of connections, not the thousands a default limit needs (a loop gets there unaided all the same: each
+# connection costs it one descriptor and the relay two).
+RELAY_PAIRS = 20
+
+
+@pytest.mark.sandbox
+@pytest.mark.parametrize("spare", [0, 1], ids=["accept-fails", "broker-side-fails"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_relay_out_of_descriptors_rests_instead_of_spinning_and_serves_again(world: World, backend: str,
+                                                                              spare: int) -> None:
+    """`spare` is the descriptor left once the pairs are full: none (accept() fails), or one (accept() takes it
+    and the broker's side of the pair finds none)."""
+    use_backend(world, backend)
+    world.write_profile("acme", RELAY_PROFILE)
+    world.set_keyring("acme", "crm", world.canaries["acme"])
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(run_hostile, world, RELAY_FLOOD_LOOP, str(ANSWER_WAIT),
+                          str(3 * RELAY_PAIRS), timeout=RUN_WAIT)
+
+        def until(condition: Callable[[], bool]) -> None:
+            wait_for(lambda: run.done() or condition(), timeout=RUN_WAIT)
+            assert not run.done(), run.result()  # the loop ended early: its output says why
+
+        try:
+            until((world.work / "ready").exists)
+            relay = find_relay(str(world.work))
+            limit = open_descriptors(relay) + 2 * RELAY_PAIRS + spare
+            psutil.Process(relay).rlimit(psutil.RLIMIT_NOFILE, (limit, limit))
+            (world.work / "limited").touch()
+            until((world.work / "flooded").exists)
+            until(lambda: open_descriptors(relay) == limit - spare)  # full
+            window = 3 * ACCEPT_RETRY_DELAY  # the listeners are tried again, and fail again, at least twice in it
+            started = cpu_seconds(relay)
+            time.sleep(window)
+            spent = cpu_seconds(relay) - started
+        finally:  # whatever failed, the loop is let go
+            for marker in ("limited", "measured"):
+                (world.work / marker).touch()
+        result = run.result()
+    assert result.code == 0, result.err
+    assert json_lines(result.out) == [{"before": 200, "meanwhile": 200, "after": 200}]
+    # A relay that kept watching its listener would spend the whole window in accept() (a share of a core even
+    # on a loaded machine); one that rests spends a few wake-ups.
+    assert spent < 0.05 * window, f"the relay spent {spent:.2f} s of CPU in {window:.0f} s out of descriptors"
