@@ -45,7 +45,7 @@ class NoAudit:
         self._seq += 1
         return self._seq
 
-    async def record_request_async(self, rec: RequestRecord) -> int:
+    async def record_request_async(self, rec: RequestRecord, *, alone: bool = False) -> int:
         self._seq += 1
         return self._seq
 
@@ -122,10 +122,10 @@ def apply_tweaks(tweaks: list[str], audit: Any, home: Path) -> None:
     # Always on (a counter costs nothing next to a commit): how well group commit batches under this load.
     commit = audit._commit
 
-    def counted(batch: list[Any]) -> None:
+    def counted(batch: list[Any], *, begun: bool = False) -> None:
         COMMITS["commits"] += 1
         COMMITS["events"] += len(batch)
-        commit(batch)
+        commit(batch, begun=begun)
 
     audit._commit = counted  # type: ignore[method-assign]
     conn = audit._conn  # the writer thread is idle until the first request; these run before it
@@ -152,10 +152,10 @@ async def serve(args: argparse.Namespace) -> None:
                              command=["bench"], detail={"sandbox": {"bench": "none"}, "pid": os.getpid()})
     else:
         audit = NoAudit()
-    broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit, run_token=run_token)
+    broker = Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit, run_token=run_token,
+                    child_pid=args.child_pid)
     apply_tweaks(args.tweak, audit, home)
     replace_handler(broker, args.tweak)
-    broker.child_pid = args.child_pid
     listeners = Listeners(broker=bind_unix(socket_path), loopback=bind_loopback())
     port = listeners.loopback_port
     await broker.serve(listeners)

@@ -8,9 +8,10 @@ upstream (`upstream.py --tls`, certificate from a test CA made with `cryptograph
 "Added" is the difference of the medians. Each request is timed by the client.
 
 `--startup` instead times what the proxy adds to a run's start-up: `outloop run -- true` with the network
-isolated, `[run] proxy = false` against the default (proxy on: the relay listens for it), and with an https
-credential (the run's CA is minted too). The variants run interleaved, round by round, and each round's
-difference to "proxy off" is taken, so load that comes and goes hits both sides of a pair alike.
+isolated, `[run] proxy = false` against the default (proxy on: the relay opens its listener and hands it to the
+broker), and with an https credential (the run's CA is minted too). The variants run interleaved, round by
+round, and each round's difference to "proxy off" is taken, so load that comes and goes hits both sides of a pair
+alike.
 
     .venv/bin/python bench/proxy.py [--requests N] [--connections N] [--startup RUNS]
 """
@@ -83,7 +84,7 @@ for _ in range(connections):
     fresh.append(time.perf_counter() - started)
     conn.close()
 result = {"kept_p50": p(kept, 0.5), "kept_p99": p(kept, 0.99), "new_p50": p(fresh, 0.5), "new_p99": p(fresh, 0.99)}
-if os.environ.get("API_URL"):  # reference: base-URL mode through the same relay, plain HTTP on the child's side
+if os.environ.get("API_URL"):  # reference: base-URL mode in the same namespace, plain HTTP on the child's side
     authority, _, prefix = os.environ["API_URL"][len("http://"):].partition("/")
     plain = http.client.HTTPConnection(*authority.split(":"))
     auth = {"Authorization": "Bearer " + os.environ["API_TOKEN"]}
@@ -241,11 +242,11 @@ def render(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|",
         f"| direct (client sends the key) | {fmt(direct['kept_p50'], 3)} | {fmt(direct['kept_p99'], 3)} | "
         f"{fmt(direct['new_p50'], 3)} | {fmt(direct['new_p99'], 3)} |",
-        f"| through the egress proxy (intercepted, relay, injected) | {fmt(proxy['kept_p50'], 3)} | "
+        f"| through the egress proxy (intercepted, injected) | {fmt(proxy['kept_p50'], 3)} | "
         f"{fmt(proxy['kept_p99'], 3)} | {fmt(proxy['new_p50'], 3)} | {fmt(proxy['new_p99'], 3)} |",
         f"| **added by the proxy** | **{fmt(result['added_kept_p50'], 3)}** | | "
         f"**{fmt(result['added_new_p50'], 3)}** | |",
-        f"| reference: base-URL mode through the same relay (plain HTTP child-side) | {fmt(proxy['base_p50'], 3)} | "
+        f"| reference: base-URL mode in the same namespace (plain HTTP child-side) | {fmt(proxy['base_p50'], 3)} | "
         f"{fmt(proxy['base_p99'], 3)} | | |",
     ])
 

@@ -3,8 +3,9 @@
 Each cell is one fresh process tree running the same shell script: one timed `curl` (a new connection's first
 request, connect to answer; it doubles as the warm-up) and then `wrk --latency` with a small Lua `done()` that
 prints exact percentiles and the max. For outloop the script is the loop: `outloop run -w bench -- sh -c ...`
-with the default sandbox (isolated network, base-URL relay), reaching the upstream through `$UP_URL` with
-`Authorization: Bearer $UP_TOKEN` (the profile's `child_env`), so the curl times a fresh run's first request.
+with the default sandbox (isolated network, base-URL listener in the child's namespace), reaching the upstream
+through `$UP_URL` with `Authorization: Bearer $UP_TOKEN` (the profile's `child_env`), so the curl times a fresh
+run's first request.
 nginx gets the same script against a private nginx that injects the header; direct sends the key itself.
 The upstream is nginx `return 200` with the canned body (401 without the bench secret), else `upstream.py`.
 

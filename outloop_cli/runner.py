@@ -336,6 +336,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
     listeners = _bind(socket_path, relay_socket if plan.relay_port is not None else None,
                       loopback=base_url_mode and plan.relay_port is None,
                       proxy_socket=proxy_socket if plan.proxy_port is not None else None)
+    listeners.relay_port, listeners.proxy_port = plan.relay_port, plan.proxy_port
     url = None
     if base_url_mode:
         url = f"http://127.0.0.1:{plan.relay_port or listeners.loopback_port}"
@@ -375,8 +376,7 @@ async def _execute(request: RunRequest, home: Path, dirs: list[Path], profile: P
             broker = server_module.result().Broker(run_id=run_id, profile=profile, secrets=resolved, audit=audit,
                                                    run_token=run_token if base_url_mode else None,
                                                    timeout=timeout, guard=guard, ca=ca[0] if ca else None,
-                                                   own_url=url)
-            broker.child_pid = child_pid
+                                                   own_url=url, child_pid=child_pid)
             await broker.serve(listeners)
         else:
             broker_stack.cancel()

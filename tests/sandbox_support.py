@@ -270,29 +270,6 @@ def find_process(marker: str, *, outloop: bool = False, timeout: float = 30.0) -
     raise AssertionError(f"no process with {marker!r} appeared")
 
 
-def find_relay(marker: str, timeout: float = 30.0) -> int:
-    """The pid of the in-sandbox relay of the run whose command line holds `marker`: the Python process given
-    `--relay` (bubblewrap's parent of the loop, or outloop's own init; the init's PID 1 is a fork of it with the
-    same command line, so the relay is the one whose parent is not such a process)."""
-    import time
-
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found: dict[int, int] = {}
-        for process in psutil.process_iter(["pid", "ppid", "cmdline"]):
-            argv = process.info["cmdline"] or []
-            if (argv and "python" in os.path.basename(argv[0]) and "--relay" in argv
-                    and any(marker in part for part in argv)):
-                found[int(process.info["pid"])] = int(process.info["ppid"])
-        relays = [pid for pid, parent in found.items() if parent not in found]
-        if len(relays) == 1:
-            return relays[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no relay for {marker!r} appeared")
-
-
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time the process has used so far, from /proc/<pid>/stat (utime and stime)."""
     with open(f"/proc/{pid}/stat", "rb") as handle:

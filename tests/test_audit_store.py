@@ -407,6 +407,79 @@ def test_async_variants_commit_from_an_event_loop(db: Path) -> None:
     assert verify_run(open_readonly(db), "01RUN").status == "ok"
 
 
+def test_a_decision_alone_is_committed_on_the_callers_thread_with_the_outcomes_kept_so_far(db: Path) -> None:
+    """Nothing else in flight: no thread hand-off at all. The coroutine finishes without ever suspending, and
+    the outcome recorded before it shares its commit."""
+    log = start(db)
+
+    def without_suspending(coroutine: Any) -> int:
+        with pytest.raises(StopIteration) as finished:
+            coroutine.send(None)
+        return int(finished.value.value)
+
+    first = without_suspending(log.record_request_async(allow(), alone=True))
+    log.record_response(ResponseRecord(first, 200, 1.0, 1, 1))
+    second = without_suspending(log.record_request_async(allow(), alone=True))
+    assert (first, second) == (1, 3)
+    log.finish(exit_code=0, duration=0.1, detail={})
+    reader = open_readonly(db)
+    events = run_events(reader, "01RUN")
+    assert [(event.kind, event.request_seq) for event in events] == [
+        ("run_start", None), ("request", None), ("response", 1), ("request", None), ("run_end", None)]
+    assert events[-1].detail is not None and events[-1].detail["commits"] == 3  # start, then one per decision
+    assert verify_run(reader, "01RUN").status == "ok"
+
+
+def test_a_decision_alone_waits_for_the_writer_when_another_process_holds_the_lock(db: Path) -> None:
+    """The caller's thread tries once (LOCK_POLL_MS) and never blocks on the busy timeout: the writer does."""
+    log = start(db, busy_timeout=30)
+    locker = hold_write_lock(db)
+
+    async def main() -> int:
+        decision = asyncio.ensure_future(log.record_request_async(allow(), alone=True))
+        await asyncio.sleep(0)
+        assert not decision.done()  # queued: the event loop is free while the writer waits for the lock
+        locker.execute("ROLLBACK")
+        return await decision
+
+    assert asyncio.run(main()) == 1
+    locker.close()
+    log.finish(exit_code=0, duration=0.1, detail={})
+    assert verify_run(open_readonly(db), "01RUN").status == "ok"
+
+
+def test_a_failed_commit_on_the_callers_thread_refuses_and_keeps_its_outcomes(db: Path) -> None:
+    log = start(db)
+    with sqlite3.connect(db, isolation_level=None) as other:  # a row the database refuses, and not for a lock
+        other.execute("CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.path = '/poison' "
+                      "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+
+    async def main() -> None:
+        seq = await log.record_request_async(allow(), alone=True)
+        log.record_response(ResponseRecord(seq, 200, 1.0, 1, 1))
+        with pytest.raises(AuditError, match="cannot write to the audit database"):
+            await log.record_request_async(allow("/poison"), alone=True)  # the outcome was in the same batch
+        await log.record_request_async(allow(), alone=True)
+
+    asyncio.run(main())
+    log.finish(exit_code=0, duration=0.1, detail={})
+    reader = open_readonly(db)
+    events = run_events(reader, "01RUN")
+    assert sorted(event.kind for event in events) == ["request", "request", "response", "run_end", "run_start"]
+    assert [event.request_seq for event in events if event.kind == "response"] == [1]  # retried by the writer
+    assert events[-1].detail is not None and events[-1].detail["lost_events"] == 0
+    assert verify_run(reader, "01RUN").status == "ok"
+
+
+def test_an_outcome_wakes_nobody_and_is_committed_within_a_tick(db: Path) -> None:
+    log = start(db)
+    seq = log.record_request(allow())
+    log.record_response(ResponseRecord(seq, 200, 1.0, 1, 1))
+    reader = open_readonly(db)
+    wait_for(lambda: [event.kind for event in run_events(reader, "01RUN")][-1:] == ["response"], timeout=5)
+    log.finish(exit_code=0, duration=0.1, detail={})
+
+
 # -- failing closed ------------------------------------------------------------------------------------
 
 

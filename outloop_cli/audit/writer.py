@@ -1,17 +1,21 @@
-"""The per-run writer: one thread commits a run's events in order, chained and counted.
+"""The per-run writer: a run's events committed in order, chained and counted.
 
-The broker records through it; the decision is on disk before the request may go upstream.
+The broker records through it; the decision is on disk before the request may go upstream. A writer thread
+commits what is queued, sharing one commit among concurrent decisions (group commit). A decision made while
+nothing else is in flight has nobody to share a commit with: it is committed on the caller's own thread, which
+spares the two thread hand-offs that otherwise cost more latency than the commit (see `commit_here`).
+Outcomes never wake anybody: they ride on the next commit, or the writer's next tick.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import functools
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -166,6 +170,10 @@ class RunLog:
         self._sandbox = None if sandbox is None else canonical_json(sandbox)
         self._busy_timeout = busy_timeout
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        # Fire-and-forget outcomes, in order. Appending wakes nobody: a thread hand-off per outcome cost more than
+        # its share of a commit. The next commit takes them, whoever makes it; the writer looks every tick.
+        self._outcomes: collections.deque[_Item] = collections.deque()
+        self._committing = threading.Lock()  # held by whoever is committing: the writer, or commit_here's caller
         self._lock = threading.Lock()
         self._closed = False
         # Owned by the writer thread once it runs.
@@ -243,13 +251,26 @@ class RunLog:
         """Commit a decision and return its seq; AuditError means it is not on disk, so refuse the request."""
         return self._wait(functools.partial(self._request_item, rec))
 
-    async def record_request_async(self, rec: RequestRecord) -> int:
-        """As record_request, without blocking the event loop."""
-        return await self._wait_async(functools.partial(self._request_item, rec))
+    async def record_request_async(self, rec: RequestRecord, *, alone: bool = False) -> int:
+        """As record_request, without blocking the event loop for long.
+
+        ``alone``: the caller has nothing else in flight, so no other decision could share this one's commit;
+        it is then committed right here (commit_here) when the writer is idle, else queued as usual.
+        """
+        make = functools.partial(self._request_item, rec)
+        if alone:
+            seq = self.commit_here(make)
+            if seq is not None:
+                return seq
+        return await self._wait_async(make)
 
     def record_response(self, rec: ResponseRecord) -> None:
-        """Queue a response event; it is committed with the next batch and nobody waits for it."""
-        self._submit(self._response_item(rec, None))
+        """Keep a response event for the next commit (at most one writer tick away); nobody waits for it."""
+        item = self._response_item(rec, None)
+        with self._lock:
+            if self._closed:
+                raise AuditError(f"the audit log of run {self.run_id} is already closed")
+            self._outcomes.append(item)
 
     async def record_response_async(self, rec: ResponseRecord) -> int:
         """Commit a response event and return its seq, for when durability must precede the reply."""
@@ -331,6 +352,41 @@ class RunLog:
         }
         return _Item("response", now(), fields, waiter)
 
+    def commit_here(self, make: Callable[[_Waiter], _Item]) -> int | None:
+        """Commit one waited-for event on this thread, with the outcomes kept so far; None when it cannot be done
+        here without waiting (the writer is committing or has work queued, or another process holds the
+        database's write lock: one short try, LOCK_POLL_MS), and the caller should queue it instead.
+
+        The chain, the counters, fail-closed and kill -9 safety are the writer's own: the same _commit runs,
+        under the same lock. AuditError: the event is not on disk.
+        """
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+        item = make(done)  # a bad value fails here, before the write lock is taken
+        if not self._committing.acquire(blocking=False):
+            return None
+        try:
+            with self._lock:
+                if self._closed or self._retry or not self._queue.empty():
+                    return None
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if is_busy(exc):
+                    return None
+                raise AuditError(f"cannot write to the audit database at {self.db_path}: "
+                                 f"{describe_error(exc, self._busy_timeout)}") from None
+            batch = self._take_outcomes([])
+            batch.append(item)
+            self._commit(batch, begun=True)
+        finally:
+            self._committing.release()
+        return done.result()  # settled by _commit: the seq, or the AuditError that refuses the request
+
+    def _take_outcomes(self, batch: list[_Item]) -> list[_Item]:
+        while self._outcomes and len(batch) < _MAX_BATCH:
+            batch.append(self._outcomes.popleft())
+        return batch
+
     def _submit(self, item: _Item, *, last: bool = False) -> None:
         # Closing under the same lock as queueing, so no other thread's event can land after run_end.
         with self._lock:
@@ -360,7 +416,8 @@ class RunLog:
             while True:
                 batch, stop = self._next_batch()
                 if batch:
-                    self._commit(batch)
+                    with self._committing:
+                        self._commit(batch)
                 if stop:
                     return
         finally:
@@ -368,43 +425,56 @@ class RunLog:
 
     def _next_batch(self) -> tuple[list[_Item], bool]:
         """The outcomes a failed batch left over (alone, or followed by whatever is queued), else whatever is
-        queued; True once the queue has ended.
+        queued plus the outcomes kept so far; True once the queue has ended (every outcome goes before run_end).
 
         A batch holding only outcomes (nobody waits for them) is held back until a waited-for event arrives or
-        _OUTCOME_DELAY passes: each outcome then rides on the next decision's commit instead of taking a commit
-        of its own just before it, which at one client halves the commits per request.
+        a tick (_OUTCOME_DELAY) passes: each outcome then rides on the next decision's commit instead of taking a
+        commit of its own just before it. Idle, the writer still wakes every tick, since outcomes wake nobody.
         """
         batch, self._retry = self._retry, []
         if batch and self._retry_alone:
             return batch, False
-        deadline: float | None = None
-        waited = False  # whether somebody waits for this batch (left-over outcomes never do)
-        while len(batch) < _MAX_BATCH:
+        waited = False  # whether somebody waits for this batch (outcomes never do)
+        ticked = False  # a tick passed with nothing waited-for arriving: commit the outcomes taken
+        while len(self._take_outcomes(batch)) < _MAX_BATCH:
+            if self._retry:
+                break  # commit_here's batch failed: its outcomes go next, in a batch of their own making
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
-                if not batch:
-                    item = self._queue.get()  # idle: sleep until there is something to write
-                elif waited:
+                if batch and (waited or ticked):
                     break  # commit now
-                else:
-                    deadline = deadline or time.monotonic() + _OUTCOME_DELAY
-                    try:
-                        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
+                try:
+                    item = self._queue.get(timeout=_OUTCOME_DELAY)
+                except queue.Empty:
+                    ticked = True
+                    continue
             if item is None:
                 return batch, True
+            if item.end is not None:  # run_end: every outcome kept goes before it, however many
+                batch.extend(self._outcomes)
+                self._outcomes.clear()
+            else:
+                self._take_outcomes(batch)
             batch.append(item)
             waited = waited or item.waiter is not None
         return batch, False
 
-    def _commit(self, batch: list[_Item]) -> None:
-        """Write a batch as one transaction, then tell every waiter; on failure undo the in-memory chain."""
+    def _commit(self, batch: list[_Item], *, begun: bool = False) -> None:
+        """Write a batch as one transaction, then tell every waiter; on failure undo the in-memory chain.
+
+        ``begun``: the caller already holds the write lock (BEGIN IMMEDIATE).
+        """
         saved = (self._seq, self._head, self._allowed, self._denied, self._errors)
         try:
-            rows = [self._chain(item) for item in batch]
-            self._begin()
+            try:
+                rows = [self._chain(item) for item in batch]
+            except BaseException:
+                if begun:
+                    self._conn.execute("ROLLBACK")
+                raise
+            if not begun:
+                self._begin()
             try:
                 if saved[0] == 0:
                     self._conn.execute(

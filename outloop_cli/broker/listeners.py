@@ -6,21 +6,32 @@ and the broker's overlap instead of adding up.
 
 from __future__ import annotations
 
+import array
+import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from outloop_cli.broker.peer import peer_pid
+
 BACKLOG = 1024
+HAND_OVER_SECONDS = 10.0  # the relay sends its listener right after connecting, before the loop even exists
 
 
 @dataclass
 class Listeners:
     broker: socket.socket  # $OUTLOOP_SOCKET: callers authenticated by SO_PEERCRED
-    relay: socket.socket | None = None  # base-URL mode behind the in-sandbox relay: peer check and token
+    # Inside an isolated network, the relay hands over its 127.0.0.1:PORT listeners of the child's namespace on
+    # these Unix sockets (take_over): base-URL mode (token) and the egress proxy. Only the run's network
+    # namespace reaches what they hand over.
+    relay: socket.socket | None = None
     loopback: socket.socket | None = None  # base-URL mode on the host's 127.0.0.1: token only
-    proxy: socket.socket | None = None  # the egress proxy behind the in-sandbox relay: peer check
+    proxy: socket.socket | None = None
+    relay_port: int | None = None
+    proxy_port: int | None = None
 
     @property
     def loopback_port(self) -> int | None:
@@ -53,3 +64,74 @@ def bind_loopback() -> socket.socket:
     sock = socket.create_server(("127.0.0.1", 0), backlog=BACKLOG)
     sock.setblocking(False)
     return sock
+
+
+class HandOverRefused(Exception):
+    """What arrived on a hand-over socket is not the relay's listener; the message says why (no secrets here)."""
+
+
+async def take_over(channel: socket.socket, port: int, in_run: Callable[[int], bool]) -> socket.socket:
+    """The listening socket the relay made on 127.0.0.1:`port` of the child's network namespace.
+
+    `channel` takes exactly one connection and is closed after it: the relay connects before it spawns the loop,
+    so that connection is the relay's, and nothing the loop sends later can replace the listener. Its sender must
+    still be in the run's tree (`in_run`, from SO_PEERCRED), and what it sends must be one TCP socket listening
+    on exactly that address.
+    """
+    loop = asyncio.get_running_loop()
+    path = channel.getsockname()
+    try:
+        conn, _ = await loop.sock_accept(channel)
+    finally:
+        channel.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    with conn:
+        pid = peer_pid(conn)
+        if pid is None or not in_run(pid):
+            raise HandOverRefused(f"a process outside the run (pid {pid}) connected first")
+        async with asyncio.timeout(HAND_OVER_SECONDS):
+            descriptors = await _receive_descriptors(loop, conn)
+    listeners = [socket.socket(fileno=fd) for fd in descriptors]
+    if len(listeners) == 1 and _is_listening_on(listeners[0], port):
+        return listeners[0]
+    for sock in listeners:
+        sock.close()
+    raise HandOverRefused(f"the relay sent {len(listeners)} descriptor(s), not one listener on 127.0.0.1:{port}")
+
+
+async def _receive_descriptors(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> list[int]:
+    fds = array.array("i")
+    while True:
+        try:
+            _, ancillary, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(fds.itemsize * 4))
+            break
+        except BlockingIOError:
+            await _readable(loop, conn)
+    for level, kind, data in ancillary:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(conn, wake)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(conn)
+
+
+def _is_listening_on(sock: socket.socket, port: int) -> bool:
+    try:
+        return (sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
+                and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+                and sock.getsockname() == ("127.0.0.1", port))
+    except OSError:
+        return False

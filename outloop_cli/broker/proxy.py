@@ -42,14 +42,12 @@ class EgressProxy:
     """One per run; `serve` adds a listener, `close` ends every tunnel and intercepted connection."""
 
     def __init__(self, *, policy: EgressPolicy, ca: RunCA | None, audit: RunLog,
-                 peer_allowed: Callable[[asyncio.BaseTransport], bool],
                  intercepted: Callable[[Intercept, Authority], Handler], plain: BrokerHTTPServer,
                  on_error: Callable[[web.BaseRequest, int, BaseException | None], web.StreamResponse],
                  error_body: ErrorBody) -> None:
         self.policy = policy
         self.ca = ca
         self.audit = audit
-        self._peer_allowed = peer_allowed
         self._intercepted = intercepted
         self._plain = plain
         self._on_error = on_error
@@ -101,10 +99,6 @@ class EgressProxy:
             await self._refuse(transport, None, 400, "bad_request", "malformed_connect", str(exc))
             return
         target = parsed.target
-        if not self._peer_allowed(transport):
-            await self._refuse(transport, target, 401, "unauthenticated", "peer_not_in_run",
-                               "only the run's command and its descendants may use this proxy")
-            return
         decision = self.policy.decide(target)
         if isinstance(decision, Refuse):
             await self._refuse(transport, target, 403, "denied", decision.reason, decision.message)

@@ -61,7 +61,7 @@ from outloop_cli.broker.guard import (
 from outloop_cli.broker.http_server import BrokerHTTPServer
 from outloop_cli.broker.intercept import ToBroker, route_absolute, route_intercepted
 from outloop_cli.broker.limits import Limits
-from outloop_cli.broker.listeners import Listeners
+from outloop_cli.broker.listeners import HandOverRefused, Listeners, take_over
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.proxy import EgressProxy
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
@@ -98,18 +98,20 @@ class Broker:
         guard: Guard | None = None,
         ca: RunCA | None = None,
         own_url: str | None = None,
+        child_pid: int | None = None,
     ) -> None:
         """`timeout` is the run's effective one (--timeout wins over the profile), as /v1/run reports it.
 
         `guard` holds the other workspaces' identifiers; None when nobody declared any. `ca` is the run's CA when
         the egress proxy intercepts; `own_url` is OUTLOOP_URL as the child sees it, so an SDK sending base-URL
-        requests through the proxy (NO_PROXY is empty) reaches the broker itself."""
+        requests through the proxy (NO_PROXY is empty) reaches the broker itself. `child_pid` roots the process
+        tree whose members may use the broker's socket; without it nobody may."""
         self.run_id = run_id
         self.guard = guard
         self.timeout = timeout
         self.profile = profile
         self.audit = audit
-        self.child_pid: int | None = None
+        self.child_pid = child_pid
         self.supervisor_pid = os.getpid()
         self.run_token = run_token
         self.limits = Limits(
@@ -138,7 +140,9 @@ class Broker:
         self._pool = UpstreamPool()
         self._session: aiohttp.ClientSession | None = None  # token endpoints of `auth` credentials only
         self._runners: list[web.BaseRunner] = []
+        self._hand_overs: list[asyncio.Future[None]] = []
         self._in_flight: set[asyncio.Task[Any]] = set()  # forwards under way, so close() can end and audit them
+        self._deciding = 0  # requests whose decision is being committed
 
     def _all_secret_forms(self) -> list[str]:
         forms = []
@@ -159,22 +163,39 @@ class Broker:
     # ----- lifecycle -------------------------------------------------------------------------------------
 
     async def serve(self, listeners: Listeners) -> None:
-        """Serve on sockets bound before the child started; connections made meanwhile wait in the backlog."""
+        """Serve on sockets bound before the child started; connections made meanwhile wait in the backlog.
+
+        The relay's listeners inside the child's network namespace arrive on their hand-over sockets (already
+        waiting there, sent before the loop started); they are taken over on their own tasks, so a hand-over that
+        never comes can hold up nothing else.
+        """
         if self._schemes:
             self._session = self._auth_context.session = self._new_session()
         await self._serve(listeners.broker, self.handle)
-        if listeners.relay is not None:
-            await self._serve(listeners.relay, self.handle_relayed)
         if listeners.loopback is not None:
             await self._serve(listeners.loopback, self.handle_loopback)
-        if listeners.proxy is not None:
+        if listeners.relay is not None and listeners.relay_port is not None:
+            # Only the child's network namespace reaches this listener; the token is still required, as on loopback.
+            self._take_over(listeners.relay, listeners.relay_port, partial(self._serve, handler=self.handle_loopback))
+        if listeners.proxy is not None and listeners.proxy_port is not None:
             self._proxy = EgressProxy(
-                policy=self.egress, ca=self.ca, audit=self.audit,
-                peer_allowed=self._transport_allowed, intercepted=self._intercepted_handler,
+                policy=self.egress, ca=self.ca, audit=self.audit, intercepted=self._intercepted_handler,
                 plain=BrokerHTTPServer(self.handle_proxied, self._protocol_error), on_error=self._protocol_error,
                 error_body=lambda status, code, reason, message: _error_response(status, code, message, None, None,
                                                                                  reason=reason))
-            await self._proxy.serve(listeners.proxy)
+            self._take_over(listeners.proxy, listeners.proxy_port, self._proxy.serve)
+
+    def _take_over(self, channel: socket.socket, port: int,
+                   serve: Callable[[socket.socket], Awaitable[None]]) -> None:
+        async def take_over_and_serve() -> None:
+            try:
+                listener = await take_over(channel, port, self._in_run)
+            except (HandOverRefused, OSError, TimeoutError) as exc:
+                self.warnings.append(f"the loop's listener on 127.0.0.1:{port} was not served: {exc}")
+                return
+            await serve(listener)
+
+        self._hand_overs.append(asyncio.ensure_future(take_over_and_serve()))
 
     async def _serve(self, sock: socket.socket, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
                      ) -> None:
@@ -193,6 +214,9 @@ class Broker:
         )
 
     async def close(self) -> None:
+        for hand_over in self._hand_overs:
+            hand_over.cancel()
+        await asyncio.gather(*self._hand_overs, return_exceptions=True)
         for runner in self._runners:
             await runner.cleanup()
         if self._proxy is not None:
@@ -227,17 +251,9 @@ class Broker:
                                     "present the run token (OUTLOOP_TOKEN) in a header")
         return await self._route(request)
 
-    async def handle_relayed(self, request: web.BaseRequest) -> web.StreamResponse:
-        if not self._peer_allowed(request):
-            return await self._deny(request, None, 401, "unauthenticated", "peer_not_in_run",
-                                    "only the run's command and its descendants may use this broker")
-        return await self.handle_loopback(request)
-
     def _peer_allowed(self, request: web.BaseRequest) -> bool:
-        return request.transport is not None and self._transport_allowed(request.transport)
-
-    def _transport_allowed(self, transport: asyncio.BaseTransport) -> bool:
-        if self.child_pid is None:
+        transport = request.transport
+        if transport is None or self.child_pid is None:
             return False
         try:
             return self._peer_cache[transport]
@@ -245,10 +261,13 @@ class Broker:
             pass
         sock = transport.get_extra_info("socket")  # asyncio's TransportSocket: it has getsockopt
         pid = peer_pid(sock) if sock is not None else None
-        allowed = pid is not None and is_in_run_tree(pid, self.child_pid, self.supervisor_pid)
+        allowed = pid is not None and self._in_run(pid)
         with contextlib.suppress(TypeError):  # a transport without weakrefs is checked on every request
             self._peer_cache[transport] = allowed
         return allowed
+
+    def _in_run(self, pid: int) -> bool:
+        return self.child_pid is not None and is_in_run_tree(pid, self.child_pid, self.supervisor_pid)
 
     def _token_presented(self, request: web.BaseRequest) -> bool:
         token = self.run_token
@@ -378,17 +397,15 @@ class Broker:
 
     async def handle_intercepted(self, request: web.BaseRequest, *, intercept: Intercept, target: Authority
                                  ) -> web.StreamResponse:
-        """A request inside TLS the proxy terminated for `target` (the peer was checked at CONNECT)."""
+        """A request inside TLS the proxy terminated for `target`."""
         routed = route_intercepted(request.raw_path, request.headers.getall("Host", []), intercept, target)
         if isinstance(routed, Denial):
             return await self._refuse(request, routed)
         return await self._admit_routed(request, routed.credential, routed.path, routed.query)
 
     async def handle_proxied(self, request: web.BaseRequest) -> web.StreamResponse:
-        """An absolute-form request to the proxy (`GET http://host/path`)."""
-        if not self._peer_allowed(request):
-            return await self._deny(request, None, 401, "unauthenticated", "peer_not_in_run",
-                                    "only the run's command and its descendants may use this proxy")
+        """An absolute-form request to the proxy (`GET http://host/path`); only the child's network namespace
+        reaches the proxy's listener."""
         routed = route_absolute(request.raw_path, self.egress, self._own_authority)
         if isinstance(routed, Denial):
             return await self._refuse(request, routed)
@@ -597,7 +614,14 @@ class Broker:
             credential=(credential.name if credential else short(credential_name or "", 64) or None),
             method=short(request.method, 32), host=credential.host if credential else None,
             path=short(path, MAX_AUDITED_PATH), decision=decision, reason=reason, rule=rule, status=status)
-        return await self.audit.record_request_async(record)
+        # With no other request deciding or forwarding, no other decision can share this one's commit: the audit
+        # commits it on this thread, sparing two thread hand-offs (the single-client case).
+        alone = not self._in_flight and not self._deciding
+        self._deciding += 1
+        try:
+            return await self.audit.record_request_async(record, alone=alone)
+        finally:
+            self._deciding -= 1
 
 
 @dataclass

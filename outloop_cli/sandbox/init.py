@@ -1,4 +1,4 @@
-"""The first process inside the child's sandbox: build the namespaces and the view, then run (or relay for) the loop.
+"""The first process inside the child's sandbox: build the namespaces and the view, then run the loop.
 
 It runs as `python -m outloop_cli.sandbox.init [options] -- COMMAND...` and imports only the standard library,
 because its start-up time is paid by every sandboxed run.
@@ -9,8 +9,8 @@ Two jobs, either or both:
   view (docs/SANDBOX.md), starts the loop in it and reaps; the whole namespace dies with this process, and this
   process dies with outloop.
 - `--relay PORT SOCKET` (repeatable): inside an isolated network, listen on 127.0.0.1:PORT in the child's
-  namespace and pipe every connection to the broker's Unix SOCKET: the base-URL listener (the broker still
-  demands the token) and the egress proxy (the broker checks the relay is in the run's tree).
+  namespace and hand the listening socket to the broker over its Unix SOCKET, before the loop starts: the
+  base-URL listener (the broker still demands the token) and the egress proxy. The broker accepts on them itself.
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ import socket
 import struct
 import sys
 
-from outloop_cli.sandbox.relay_start import EXIT_SANDBOX_FAILED, RELAY_SIGNALS, exit_code, exit_like, listen
+from outloop_cli.sandbox.relay_start import (
+    EXIT_SANDBOX_FAILED,
+    RELAY_SIGNALS,
+    exit_code,
+    exit_like,
+    hand_over,
+    listen,
+)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -274,7 +281,8 @@ def main(args: list[str] | None = None) -> None:
         if own_namespaces:
             die_with_parent(os.getppid())
             unshare_namespaces(isolate_network=options.isolate_network or options.probe)
-        listeners = [(listen(int(port)), path) for port, path in options.relay]
+        for port, path in options.relay:  # before the loop exists: the broker's first connection on `path` is ours
+            hand_over(listen(int(port)), path)
     except (SandboxSetupError, OSError) as exc:
         print(f"outloop: sandbox set-up failed: {exc}", file=sys.stderr)
         os._exit(EXIT_SANDBOX_FAILED)
@@ -286,12 +294,7 @@ def main(args: list[str] | None = None) -> None:
             pid_namespace_init(me, view, command, options.chdir)
     else:
         pid = os.posix_spawn(command[0], command, dict(os.environ), setsigdef=list(RELAY_SIGNALS))
-    if not listeners:
-        exit_like(os.waitpid(pid, 0)[1])
-    else:
-        from outloop_cli.sandbox.relay import relay_until_exit  # only relaying runs load it
-
-        relay_until_exit(listeners, pid, exit_like)
+    exit_like(os.waitpid(pid, 0)[1])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
-"""The relay's first steps inside bubblewrap's namespaces, and how a wrapper exits like the loop it ran.
+"""The relay inside bubblewrap's namespaces: it opens the loop's listeners there, hands them to the broker, runs
+the loop and exits like it.
+
+Inside an isolated network the loop reaches the broker at 127.0.0.1:PORT of its own namespace (the base-URL
+listener, and the egress proxy). The relay listens there and sends each listening socket to the broker over a
+Unix socket (SCM_RIGHTS); the broker then accepts those connections itself, so the relay carries no traffic and
+only waits for the loop. The hand-over happens before the loop is spawned, so the first connection the broker
+takes on each hand-over socket is the relay's (see broker/listeners.py `take_over`).
 
 With the egress proxy on by default, every isolated run starts the relay, and the loop starts only after it:
 so this module imports nothing but the interpreter's built-in C modules (`_signal`, `_socket`), and the relay is
-started as `python -I -S -c ...` (no site, no environment: `namespaces.relay_command`). The loop is spawned
-as soon as the listeners exist; `relay.py`, the part that imports `selectors` and `socket`, loads while it runs.
-Connections made meanwhile wait in the listen backlog. `init.py` shares the signal list, the listener and the
-exit helpers.
+started as `python -I -S -c ...` (no site, no environment: `namespaces.relay_command`). `init.py` shares the
+signal list, the listener, the hand-over and the exit helpers.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ LISTEN_BACKLOG = 1024
 
 
 def listen(port: int) -> int:
-    """A listening socket on 127.0.0.1:`port` of this network namespace, as a descriptor for `relay.py`."""
+    """A listening socket on 127.0.0.1:`port` of this network namespace, as a descriptor for `hand_over`."""
     listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
     listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))
@@ -63,12 +68,28 @@ def parse(args: Sequence[str]) -> tuple[list[tuple[int, str]], list[str]]:
     return relays, rest[1:]
 
 
+def hand_over(listener: int, broker_socket: str) -> None:
+    """Send the listening socket to the broker over its Unix `broker_socket`, and keep no copy of it.
+
+    A socket belongs to the network namespace it was made in, whoever holds it: the broker accepts the loop's
+    connections to 127.0.0.1:PORT of this namespace itself, so no byte of them passes through this process.
+    """
+    channel = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        channel.connect(broker_socket)
+        channel.sendmsg([b"L"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, listener.to_bytes(4, sys.byteorder))])
+    finally:
+        channel.close()
+        os.close(listener)
+
+
 def main(args: Sequence[str]) -> None:
     try:
         relays, command = parse(args)
         for sig in RELAY_SIGNALS:
             _signal.signal(sig, _signal.SIG_IGN)
-        listeners = [(listen(port), path) for port, path in relays]
+        for port, path in relays:  # before the loop exists: the broker's first connection on `path` is ours
+            hand_over(listen(port), path)
     except (ValueError, OSError) as exc:
         print(f"outloop: sandbox set-up failed: {exc}", file=sys.stderr)
         os._exit(EXIT_SANDBOX_FAILED)
@@ -77,6 +98,4 @@ def main(args: Sequence[str]) -> None:
     except OSError as exc:
         print(f"outloop: cannot execute {command[0]}: {exc.strerror}", file=sys.stderr)
         os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
-    from outloop_cli.sandbox.relay import relay_until_exit  # selectors and socket: loaded while the loop runs
-
-    relay_until_exit(listeners, pid, exit_like)
+    exit_like(os.waitpid(pid, 0)[1])

@@ -1,9 +1,9 @@
-"""Another local process or user, outside the run's tree: the broker's sockets, the relay's socket, and the
-base-URL listener on the host's loopback.
+"""Another local process or user, outside the run's tree: the broker's sockets, the relay's hand-over socket, and
+the base-URL listener on the host's loopback.
 
 The same-user process on $OUTLOOP_SOCKET is covered in tests/test_sandbox.py and token replay in
-tests/test_base_url_mode.py (both named in THREATS.md); these add another user, the relay socket, and a
-process that knows the token.
+tests/test_base_url_mode.py (both named in THREATS.md); these add another user, the relay's hand-over (from
+outside, and from a loop racing the relay), and a process that knows the token.
 """
 
 from __future__ import annotations
@@ -103,19 +103,67 @@ def test_another_user_cannot_open_the_broker_socket(world: World) -> None:
     assert world.events() == []  # nothing reached the broker at all
 
 
-def test_outside_process_on_the_relay_socket_is_refused_even_with_the_token(world: World) -> None:
+def test_outside_process_finds_neither_the_hand_over_socket_nor_the_listener_even_with_the_token(world: World
+                                                                                                  ) -> None:
+    """The relay hands its listener to the broker on loopback.sock, which then goes away; the listener itself
+    lives in the child's network namespace, so the host's 127.0.0.1:PORT is nobody."""
     require_layer("network_isolation")
     world.write_profile("acme", BASE_URL_PROFILE)
     with running(world) as info:
-        relay = Path(info["OUTLOOP_SOCKET"]).with_name("loopback.sock")
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.connect(str(relay))
-            status = _http(sock, f"GET /v1/http/crm/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                                 f"{info['OUTLOOP_TOKEN']}\r\n\r\n".encode())
-    assert status == 401
-    (event,) = world.events()
-    assert (event["reason"], event["status"]) == ("peer_not_in_run", 401)
+        hand_over = Path(info["OUTLOOP_SOCKET"]).with_name("loopback.sock")
+        deadline = time.monotonic() + 30
+        while hand_over.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with socket.socket(socket.AF_UNIX) as sock, pytest.raises(FileNotFoundError):
+            sock.connect(str(hand_over))
+        port = int(info["OUTLOOP_URL"].rsplit(":", 1)[1])
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    assert world.events() == []
     assert world.upstream.requests == []
+
+
+PLANTING_LOOP = """
+    import array, json, os, socket, sys, urllib.request
+    run_dir = os.path.dirname(os.environ["OUTLOOP_SOCKET"])
+    mine = socket.create_server(("127.0.0.1", 0))  # the listener the loop would like the broker to serve
+    planted = {}
+    for name in ("loopback.sock", "proxy.sock"):
+        try:
+            with socket.socket(socket.AF_UNIX) as channel:
+                channel.connect(os.path.join(run_dir, name))
+                channel.sendmsg([b"L"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [mine.fileno()]))])
+            planted[name] = "sent"
+        except OSError as exc:
+            planted[name] = type(exc).__name__
+    request = urllib.request.Request(os.environ["CRM_URL"] + "/contacts", headers={"X-Key": os.environ["CRM_KEY"]})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=30) as answer:
+        status = answer.status
+    mine.settimeout(0.5)
+    try:
+        mine.accept()
+        served = "broker connected to the loop's listener"
+    except TimeoutError:
+        served = "nothing"
+    print(json.dumps({"planted": planted, "status": status, "served": served}))
+"""
+
+
+def test_a_loop_racing_the_relay_cannot_plant_its_own_listener(world: World) -> None:
+    """The hand-over sockets are in the run dir, which the loop can reach; the relay connected to them before the
+    loop existed, and the broker takes only that first connection."""
+    require_layer("network_isolation")
+    world.write_profile("acme", BASE_URL_PROFILE)
+    result = run_hostile(world, PLANTING_LOOP)
+    assert result.code == 0, result.err
+    report = json.loads(result.out.strip().splitlines()[-1])
+    assert report["status"] == 200 and report["served"] == "nothing"  # the relay's listener is the one served
+    # Usually "sent": the loop connects while the broker stack still loads, behind the relay's connection.
+    assert set(report["planted"]) == {"loopback.sock", "proxy.sock"}
+    assert "was not served" not in result.err
+    (request,) = world.upstream.requests
+    assert request.header("Authorization") == f"Bearer {world.canaries['acme']}"
 
 
 def test_loopback_listener_answers_only_this_runs_token(world: World) -> None:
