@@ -197,7 +197,7 @@ def test_a_slow_client_holds_only_its_own_connection(world: World) -> None:
     assert len(world.events()) == len(paths)  # the unfinished head is no request: no row, nothing upstream
 
 
-RELAY_PROFILE = """
+BASE_URL_PROFILE = """
     version = 1
     [credentials.crm]
     secret = "keyring"
@@ -206,7 +206,7 @@ RELAY_PROFILE = """
     child_env = { CRM_URL = "{url}", CRM_TOKEN = "{token}" }
 """
 
-RELAY_FLOOD_LOOP = """
+DESCRIPTOR_FLOOD_LOOP = """
     import json, os, socket, sys, time
     from urllib.parse import urlsplit
     import rawhttp
@@ -255,8 +255,8 @@ RELAY_FLOOD_LOOP = """
 # limited from outside to what it holds plus this many, so exhaustion takes dozens of connections, not the
 # thousands a default limit needs (a loop gets there unaided all the same: each connection costs the broker one).
 BROKER_SPARE = 20
-# Out of descriptors, an event loop's accept() fails while the listener stays readable; the loop must rest (asyncio
-# for a second) or drop what waits (libuv, under uvloop), not spin. A window of several retries shows which.
+# Out of descriptors, an event loop's accept() fails while the listener stays readable; it must rest the listener or
+# drop what waits (libuv, under uvloop, does), not spin. The window spans several of asyncio's 1 s rests.
 WINDOW = 3.0
 
 
@@ -264,10 +264,10 @@ WINDOW = 3.0
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_broker_out_of_descriptors_does_not_spin_and_serves_again(world: World, backend: str) -> None:
     use_backend(world, backend)
-    world.write_profile("acme", RELAY_PROFILE)
+    world.write_profile("acme", BASE_URL_PROFILE)
     world.set_keyring("acme", "crm", world.canaries["acme"])
     with ThreadPoolExecutor(1) as pool:
-        run = pool.submit(run_hostile, world, RELAY_FLOOD_LOOP, str(ANSWER_WAIT),
+        run = pool.submit(run_hostile, world, DESCRIPTOR_FLOOD_LOOP, str(ANSWER_WAIT),
                           str(3 * BROKER_SPARE), timeout=RUN_WAIT)
 
         def until(condition: Callable[[], bool]) -> None:
