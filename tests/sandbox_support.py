@@ -268,3 +268,15 @@ def find_process(marker: str, *, outloop: bool = False, timeout: float = 30.0) -
                 return int(process.info["pid"])
         time.sleep(0.05)
     raise AssertionError(f"no process with {marker!r} appeared")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far, from /proc/<pid>/stat (utime and stime)."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        stat = handle.read()
+    fields = stat[stat.rfind(b")") + 2:].split()  # the command name may hold spaces or ')'
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))

@@ -471,6 +471,62 @@ def test_a_failed_commit_on_the_callers_thread_refuses_and_keeps_its_outcomes(db
     assert verify_run(reader, "01RUN").status == "ok"
 
 
+def test_decisions_alone_and_queued_ones_from_another_thread_make_one_chain(db: Path) -> None:
+    """The caller-thread commit and the writer thread take turns on one chain: every decision and every outcome
+    lands exactly once, in a contiguous chain that run_end counts in full."""
+    log = start(db)
+    count = 200
+
+    def queued() -> None:
+        for i in range(count):
+            seq = log.record_request(allow())
+            log.record_response(ResponseRecord(seq, 200, 1.0, count + i, 1))
+
+    async def main() -> None:
+        other = threading.Thread(target=queued)
+        other.start()
+        for i in range(count):
+            seq = await log.record_request_async(allow(), alone=True)
+            log.record_response(ResponseRecord(seq, 200, 1.0, i, 1))
+        await asyncio.get_running_loop().run_in_executor(None, other.join)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the threads change hands often, inside the commits too
+    try:
+        asyncio.run(main())
+    finally:
+        sys.setswitchinterval(interval)
+    log.finish(exit_code=0, duration=0.1, detail={})
+    reader = open_readonly(db)
+    events = run_events(reader, "01RUN")
+    assert [event.seq for event in events] == list(range(len(events)))
+    assert sorted(event.bytes_in or 0 for event in events if event.kind == "response") == list(range(2 * count))
+    end = events[-1]
+    assert end.kind == "run_end" and end.detail is not None
+    assert (end.detail["allowed"], end.detail["lost_events"]) == (2 * count, 0)
+    assert verify_run(reader, "01RUN").status == "ok"
+
+
+def test_a_database_gone_bad_refuses_a_decision_alone_as_an_audit_error(db: Path) -> None:
+    """Not only a lock: whatever SQLite answers to the caller-thread commit is the AuditError the broker turns
+    into 503 audit_unavailable, as on the writer's thread."""
+    log = start(db)
+    log.record_request(allow())
+    with sqlite3.connect(db, isolation_level=None) as other:
+        other.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the next transaction reads the header from the file
+    with db.open("r+b") as handle:
+        handle.write(b"not an audit db!")
+
+    async def decide() -> int:
+        return await log.record_request_async(allow(), alone=True)
+
+    refused = "cannot write to the audit database at .*: file is not a database"
+    with pytest.raises(AuditError, match=refused):
+        asyncio.run(decide())
+    with pytest.raises(AuditError, match=refused):  # the writer's answer, for comparison
+        log.record_request(allow())
+
+
 def test_an_outcome_wakes_nobody_and_is_committed_within_a_tick(db: Path) -> None:
     log = start(db)
     seq = log.record_request(allow())

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from outloop_cli.broker.listeners import HandOverRefused, bind_unix, take_over
+from outloop_cli.runner import _event_loop_factory
 from outloop_cli.sandbox.relay_start import hand_over, listen
 
 
@@ -50,6 +51,33 @@ def test_the_relays_listener_arrives_and_serves(tmp_path: Path) -> None:
             accepted, _ = listener.accept()  # the broker's copy is the only one: the relay closed its own
             accepted.close()
     assert not path.exists()  # one connection, then the socket is gone
+
+
+def test_the_listener_taken_over_is_close_on_exec(tmp_path: Path) -> None:
+    """Like every descriptor outloop holds (PEP 446, which the supervisor's fd hygiene counts on): nothing outloop
+    starts may inherit a listener of the loop's namespace, whatever way it is started."""
+    path, port = tmp_path / "hand.sock", _free_port()
+    with _take(path, port, lambda: hand_over(listen(port), str(path))) as listener:
+        assert not os.get_inheritable(listener.fileno())
+
+
+def test_a_hand_over_that_never_comes_is_cancelled_with_the_run(tmp_path: Path) -> None:
+    """The relay died before connecting (or never started): closing the broker cancels the wait, on the event loop
+    the broker runs on, and leaves neither the socket nor its file behind."""
+    path = tmp_path / "hand.sock"
+
+    async def main() -> socket.socket:
+        channel = bind_unix(path)
+        waiting = asyncio.ensure_future(take_over(channel, _free_port(), lambda pid: True))
+        await asyncio.sleep(0)  # let it start waiting for the connection
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        return channel
+
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        channel = runner.run(main())
+    assert channel.fileno() == -1 and not path.exists()
 
 
 def test_a_second_connection_is_never_read(tmp_path: Path) -> None:
@@ -95,14 +123,37 @@ def test_anything_but_one_listener_on_the_expected_address_is_refused(tmp_path: 
             sock.close()
 
 
-def test_a_sender_outside_the_run_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_listener", [False, True])
+def test_a_descriptor_that_is_no_socket_is_refused_and_closed(tmp_path: Path, with_listener: bool) -> None:
     path, port = tmp_path / "hand.sock", _free_port()
+    read_end, write_end = os.pipe()
+    listener = socket.create_server(("127.0.0.1", port))
+    try:
+        with pytest.raises(HandOverRefused, match="not one listener"):
+            _take(path, port, lambda: _send_raw(path, [read_end, *([listener.fileno()] if with_listener else [])]))
+        os.close(read_end)
+        with pytest.raises(BrokenPipeError):  # no read end is left anywhere: the broker closed what it received
+            os.write(write_end, b"x")
+    finally:
+        os.close(write_end)
+        listener.close()
+
+
+def test_a_sender_outside_the_run_is_dropped_and_the_relay_still_gets_through(tmp_path: Path) -> None:
+    """Another process of the operator's that reaches the socket first can neither plant a listener nor knock
+    the run's out: its connection is dropped unread, and the relay's, queued behind it, is served."""
+    path, port = tmp_path / "hand.sock", _free_port()
+    planted = socket.create_server(("127.0.0.1", 0))
     asked: list[int] = []
 
-    def in_run(pid: int) -> bool:
+    def in_run(pid: int) -> bool:  # the first sender plays the outsider (SO_PEERCRED names this process for both)
         asked.append(pid)
-        return False
+        return len(asked) > 1
 
-    with pytest.raises(HandOverRefused, match="outside the run"):
-        _take(path, port, lambda: hand_over(listen(port), str(path)), in_run)
-    assert asked == [os.getpid()]  # SO_PEERCRED named the sender
+    def outsider_then_relay() -> None:
+        _send_raw(path, [planted.fileno()])
+        hand_over(listen(port), str(path))
+
+    with planted, _take(path, port, outsider_then_relay, in_run) as listener:
+        assert listener.getsockname() == ("127.0.0.1", port)
+    assert asked == [os.getpid(), os.getpid()]

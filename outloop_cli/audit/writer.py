@@ -370,7 +370,7 @@ class RunLog:
                     return None
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:  # a lock, or anything else SQLite says: as on the writer's thread
                 if is_busy(exc):
                     return None
                 raise AuditError(f"cannot write to the audit database at {self.db_path}: "
@@ -431,7 +431,8 @@ class RunLog:
         a tick (_OUTCOME_DELAY) passes: each outcome then rides on the next decision's commit instead of taking a
         commit of its own just before it. Idle, the writer still wakes every tick, since outcomes wake nobody.
         """
-        batch, self._retry = self._retry, []
+        with self._committing:  # a failing commit_here may be setting it
+            batch, self._retry = self._retry, []
         if batch and self._retry_alone:
             return batch, False
         waited = False  # whether somebody waits for this batch (outcomes never do)
@@ -452,8 +453,8 @@ class RunLog:
             if item is None:
                 return batch, True
             if item.end is not None:  # run_end: every outcome kept goes before it, however many
-                batch.extend(self._outcomes)
-                self._outcomes.clear()
+                while self._outcomes:  # one by one: a commit_here under way may be taking some of them too
+                    batch.append(self._outcomes.popleft())
             else:
                 self._take_outcomes(batch)
             batch.append(item)

@@ -76,40 +76,45 @@ class HandOverRefused(Exception):
 async def take_over(channel: socket.socket, port: int, in_run: Callable[[int], bool]) -> socket.socket:
     """The listening socket the relay made on 127.0.0.1:`port` of the child's network namespace.
 
-    `channel` takes exactly one connection and is closed after it: the relay connects before it spawns the loop,
-    so that connection is the relay's, and nothing the loop sends later can replace the listener. Its sender must
-    still be in the run's tree (`in_run`, from SO_PEERCRED), and what it sends must be one TCP socket listening
-    on exactly that address.
+    `channel` serves exactly one connection from the run's tree (`in_run`, from SO_PEERCRED) and is closed after
+    it: the relay connects before it spawns the loop, so that connection is the relay's, and nothing the loop
+    sends later can replace the listener. Connections from outside the run (another process of the operator's
+    that found the socket first) are dropped unread, so they cannot knock the run's listener out either. What the
+    relay sends must be one TCP socket listening on exactly that address.
     """
     import asyncio
 
     loop = asyncio.get_running_loop()
     path = channel.getsockname()
     try:
-        conn, _ = await loop.sock_accept(channel)
+        while True:
+            conn, _ = await loop.sock_accept(channel)
+            pid = peer_pid(conn)
+            if pid is not None and in_run(pid):
+                break
+            conn.close()
     finally:
         channel.close()
         with contextlib.suppress(OSError):
             os.unlink(path)
     with conn:
-        pid = peer_pid(conn)
-        if pid is None or not in_run(pid):
-            raise HandOverRefused(f"a process outside the run (pid {pid}) connected first")
         async with asyncio.timeout(HAND_OVER_SECONDS):
             descriptors = await _receive_descriptors(loop, conn)
-    listeners = [socket.socket(fileno=fd) for fd in descriptors]
-    if len(listeners) == 1 and _is_listening_on(listeners[0], port):
+    listeners = [sock for sock in map(_as_socket, descriptors) if sock is not None]
+    if len(descriptors) == len(listeners) == 1 and _is_listening_on(listeners[0], port):
         return listeners[0]
     for sock in listeners:
         sock.close()
-    raise HandOverRefused(f"the relay sent {len(listeners)} descriptor(s), not one listener on 127.0.0.1:{port}")
+    raise HandOverRefused(f"the relay sent {len(descriptors)} descriptor(s), not one listener on 127.0.0.1:{port}")
 
 
 async def _receive_descriptors(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> list[int]:
     fds = array.array("i")
     while True:
         try:
-            _, ancillary, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(fds.itemsize * 4))
+            # Close-on-exec as they arrive, like every descriptor outloop opens (PEP 446): nothing it starts
+            # later may inherit a listener of the loop's namespace.
+            _, ancillary, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(fds.itemsize * 4), socket.MSG_CMSG_CLOEXEC)
             break
         except BlockingIOError:
             await _readable(loop, conn)
@@ -131,6 +136,15 @@ async def _readable(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> Non
         await readable
     finally:
         loop.remove_reader(conn)
+
+
+def _as_socket(descriptor: int) -> socket.socket | None:
+    """The socket behind a received descriptor; anything else (a pipe, a file) is closed, never kept."""
+    try:
+        return socket.socket(fileno=descriptor)
+    except OSError:
+        os.close(descriptor)
+        return None
 
 
 def _is_listening_on(sock: socket.socket, port: int) -> bool:

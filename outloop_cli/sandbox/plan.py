@@ -123,8 +123,9 @@ def plan(profile: Profile, network: str, target: Target, relay_socket: Path | No
 
 def _proxy_relay(profile: Profile, isolate: bool, proxy_socket: Path | None, taken: int | None
                  ) -> tuple[int, Path] | None:
-    """The egress proxy is on by default where the network is isolated, and needs that isolation: the relay in
-    the child's namespace is what lets the broker check who connects (a TCP port on the host could not)."""
+    """The egress proxy is on by default where the network is isolated, and needs that isolation: a listener in
+    the child's namespace is reached by nothing else (a TCP port on the host could not say who connects), and
+    the broker serves the one the relay hands over there without a peer check of its own."""
     if proxy_socket is None or profile.run.proxy is False:
         return None
     if not isolate:
