@@ -5,8 +5,10 @@ the legitimate loops it must keep working (a venv elsewhere, a cron job that fol
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from conftest import OUTLOOP, PYTHON, World
 from sandbox_support import BACKENDS, use_backend
 
 from outloop_cli.errors import SandboxError
+from outloop_cli.sandbox.installation import command_dirs
 from outloop_cli.sandbox.view import Mount, ViewRequest, build
 
 pytestmark = pytest.mark.sandbox
@@ -97,6 +100,25 @@ def test_masks_hold_in_the_host_view_and_the_run_dir_stays_reachable_inside_them
     assert ("tmpfs", state) in kinds
     assert kinds.index(("tmpfs", state)) < kinds.index(("rw", str(tmp_path / "state/run/r1")))
     assert view.describe().startswith("HOST")
+
+
+def test_a_command_in_bin_adds_nothing_to_the_view_and_never_the_hosts_root() -> None:
+    """`/bin/sh`'s prefix is `/`, which has a lib/: taken as an installation, the whole host would be bound."""
+    assert command_dirs("/bin/sh", "/usr/bin:/bin") == []
+    assert command_dirs("/usr/bin/env", "/usr/bin:/bin") == ["/usr"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_command_given_by_its_path_in_bin_runs_and_sees_only_the_view(world: World, backend: str) -> None:
+    use_backend(world, backend)
+    outside = Path(tempfile.mkdtemp(prefix="outloop-view-", dir="/var/tmp"))  # not under /tmp, which is a tmpfs
+    try:
+        (outside / "host-file").write_text("on the host\n")
+        result = world.run("/bin/sh", "-c", f'echo ran; cat "{outside}/host-file" 2>/dev/null || echo hidden')
+    finally:
+        shutil.rmtree(outside)
+    assert result.code == 0, result.err
+    assert result.out.split() == ["ran", "hidden"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -59,11 +59,17 @@ def _link_chain(path: str) -> Iterator[str]:
 
 
 def _installation_root(file: str) -> list[str]:
-    """A file in `PREFIX/bin` needs PREFIX when PREFIX is an installation (a venv, or has lib/); else its dir."""
+    """A file in `PREFIX/bin` needs PREFIX when PREFIX is an installation (a venv, or has lib/); else its dir.
+
+    Never `/` itself: `/bin/sh` would otherwise make the whole host the command's installation. /bin belongs to the
+    system dirs every view holds (a directory, or the link to usr/bin on a merged-/usr system).
+    """
     directory = os.path.dirname(file)
     if os.path.basename(directory) != "bin":
         return [directory]
     prefix = os.path.dirname(directory)
+    if prefix == "/":
+        return []
     config = os.path.join(prefix, "pyvenv.cfg")
     if os.path.isfile(config):
         return [prefix, *_venv_home(config)]
