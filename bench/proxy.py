@@ -1,11 +1,13 @@
 """The egress proxy's cost: a kept-alive intercepted HTTPS request, and a new connection (CONNECT + TLS + request).
 
-The same client (`http.client`, one connection, sequential requests) runs twice against the bench's HTTPS
-upstream (`upstream.py --tls`, certificate from a test CA made with `cryptography`):
+The same client (`http.client`, one connection, sequential requests) runs against the bench's HTTPS upstream
+(`upstream.py --tls`, certificate from a test CA made with `cryptography`), both ways in each of 3 interleaved
+rounds (the order alternating):
 - **direct**: outside outloop, sending the secret itself;
 - **through the proxy**: as the loop of a real `outloop run` with the network isolated, `HTTPS_PROXY` set by
   outloop, the credential injected by the broker (the upstream answers 401 without it, so a 200 proves it).
-"Added" is the difference of the medians. Each request is timed by the client.
+Each request is timed by the client. Each figure is the median over the rounds; "added" is the median of each
+round's difference of the p50s.
 
 `--startup` instead times what the proxy adds to a run's start-up: `outloop run -- true` with the network
 isolated, `[run] proxy = false` against the default (proxy on: the relay opens its listener and hands it to the
@@ -13,7 +15,7 @@ broker), and with an https credential (the run's CA is minted too). The variants
 round, and each round's difference to "proxy off" is taken, so load that comes and goes hits both sides of a pair
 alike.
 
-    .venv/bin/python bench/proxy.py [--requests N] [--connections N] [--startup RUNS]
+    .venv/bin/python bench/proxy.py [--requests N] [--connections N] [--rounds N] [--startup RUNS]
 """
 
 from __future__ import annotations
@@ -101,7 +103,10 @@ print(json.dumps(result))
 '''
 
 
-def run(requests: int = 2000, connections: int = 200, log: Any = print) -> dict[str, Any]:
+def run(requests: int = 2000, connections: int = 200, rounds: int = 3, log: Any = print) -> dict[str, Any]:
+    """Direct and through the proxy, `rounds` times interleaved (the order alternating), as the other benches do:
+    each figure is the median over the rounds, and "added" the median of each round's difference, so load that
+    comes and goes hits both sides of a pair alike."""
     tmp = short_tmpdir("ol-bench-proxy-")
     try:
         ca = make_test_ca(tmp)
@@ -115,10 +120,6 @@ def run(requests: int = 2000, connections: int = 200, log: Any = print) -> dict[
             client = work / "client.py"
             client.write_text(CLIENT)
             argv = [PYTHON, str(client), "localhost", str(port), str(requests), str(connections), str(ca.ca_pem)]
-            log("proxy bench: direct")
-            direct = _json(subprocess.run(argv, capture_output=True, text=True, timeout=600,
-                                          env={**os.environ, "BENCH_SECRET": SECRET}))
-            log("proxy bench: through the egress proxy")
             home = tmp / "home"
             profiles = home / "profiles"
             profiles.mkdir(parents=True)
@@ -133,17 +134,37 @@ def run(requests: int = 2000, connections: int = 200, log: Any = print) -> dict[
             """))
             env = {key: value for key, value in os.environ.items() if not key.startswith("OUTLOOP_")}
             env.update({"OUTLOOP_HOME": str(home), SECRET_ENV: SECRET})
-            proxied = _json(subprocess.run([OUTLOOP, "run", "-w", "bench", "--profiles", str(profiles), "--quiet",
-                                            "--", *argv], capture_output=True, text=True, timeout=600, env=env,
-                                           cwd=work))
+
+            def direct() -> dict[str, float]:
+                return _json(subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                                            env={**os.environ, "BENCH_SECRET": SECRET}))
+
+            def proxied() -> dict[str, float]:
+                return _json(subprocess.run([OUTLOOP, "run", "-w", "bench", "--profiles", str(profiles), "--quiet",
+                                             "--", *argv], capture_output=True, text=True, timeout=600, env=env,
+                                            cwd=work))
+
+            pairs: list[tuple[dict[str, float], dict[str, float]]] = []
+            for index in range(rounds):
+                log(f"proxy bench: round {index + 1} of {rounds}, direct and through the egress proxy")
+                if index % 2:
+                    through = proxied()
+                    pairs.append((direct(), through))
+                else:
+                    alone = direct()
+                    pairs.append((alone, proxied()))
         finally:
             upstream.terminate()
             upstream.wait()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"requests": requests, "connections": connections, "direct": direct, "proxy": proxied,
-            "added_kept_p50": proxied["kept_p50"] - direct["kept_p50"],
-            "added_new_p50": proxied["new_p50"] - direct["new_p50"]}
+    directs, proxies = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
+    return {"requests": requests, "connections": connections, "rounds": rounds,
+            "direct": {key: median([one[key] for one in directs]) for key in directs[0]},
+            "proxy": {key: median([one[key] for one in proxies]) for key in proxies[0]},
+            "added_kept_p50": median([through["kept_p50"] - alone["kept_p50"] for alone, through in pairs]),
+            "added_new_p50": median([through["new_p50"] - alone["new_p50"] for alone, through in pairs]),
+            "added_kept_p50_rounds": [through["kept_p50"] - alone["kept_p50"] for alone, through in pairs]}
 
 
 STARTUP_VARIANTS = {
@@ -236,7 +257,9 @@ def render(result: dict[str, Any]) -> str:
     proxy.setdefault("base_p99", float("nan"))
     return "\n".join([
         f"One `http.client` connection, sequential requests ({result['requests']} kept-alive, "
-        f"{result['connections']} new connections), HTTPS upstream on 127.0.0.1, times in ms as the client saw them.",
+        f"{result['connections']} new connections), HTTPS upstream on 127.0.0.1, times in ms as the client saw "
+        f"them; medians of {result['rounds']} interleaved rounds, \"added\" the median of each round's difference "
+        f"(kept-alive, per round: {', '.join(fmt(value, 3) for value in result['added_kept_p50_rounds'])}).",
         "",
         "| path | kept-alive p50 | kept-alive p99 | new connection p50 | new connection p99 |",
         "|---|---:|---:|---:|---:|",
@@ -255,12 +278,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--startup", type=int, metavar="RUNS", help="time start-up instead, RUNS rounds")
     args = parser.parse_args()
     if args.startup:
         print(render_startup(startup(args.startup, log=lambda message: print(message, file=sys.stderr))))
         return
-    result = run(args.requests, args.connections, log=lambda message: print(message, file=sys.stderr))
+    result = run(args.requests, args.connections, args.rounds, log=lambda message: print(message, file=sys.stderr))
     print(render(result))
 
 

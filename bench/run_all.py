@@ -248,7 +248,8 @@ def main() -> int:
                      failures)
     startup = section("startup", lambda: startup_bench.run(runs=args.runs, log=log), failures)
     proxy = section("proxy", lambda: proxy_bench.run(requests=500 if args.quick else 2000,
-                                                     connections=50 if args.quick else 200, log=log), failures)
+                                                     connections=50 if args.quick else 200,
+                                                     rounds=1 if args.quick else args.rounds, log=log), failures)
     guard = section("guard", lambda: guard_bench.run(rounds=1 if args.quick else 5, log=log), failures)
     experiments = None
     if args.experiments:
