@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
 from outloop_cli.broker.connect import MAX_HEAD, BadConnect, head_end, is_connect, parse_connect, raw_response
 from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, Refuse, Tunnel
+from outloop_cli.broker.listeners import BACKLOG
 from outloop_cli.broker.tunnel import Counts, TunnelRefused, connect_first, resolve_target, splice
 from outloop_cli.broker.wire import ErrorHook, Handler, HttpServer, Response
 from outloop_cli.errors import AuditError
@@ -53,7 +54,7 @@ class EgressProxy:
 
     async def serve(self, sock: Any) -> None:
         loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_server(lambda: _Front(self), sock=sock))
+        self._servers.append(await loop.create_server(lambda: _Front(self), sock=sock, backlog=BACKLOG))
 
     async def close(self, grace: float) -> None:
         for server in self._servers:

@@ -57,7 +57,7 @@ from outloop_cli.broker.guard import (
 )
 from outloop_cli.broker.intercept import ToBroker, route_absolute, route_intercepted
 from outloop_cli.broker.limits import Limits
-from outloop_cli.broker.listeners import HandOverRefused, Listeners, take_over
+from outloop_cli.broker.listeners import BACKLOG, HandOverRefused, Listeners, take_over
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.proxy import EgressProxy
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
@@ -207,7 +207,7 @@ class Broker:
 
     async def _serve(self, sock: socket.socket, handler: Handler) -> None:
         server = HttpServer(handler, self._protocol_error)
-        await server.listen(sock)
+        await server.listen(sock, BACKLOG)
         self._servers.append(server)
 
     def _new_session(self) -> aiohttp.ClientSession:

@@ -36,6 +36,10 @@ LINGER = 10.0  # how long an unread request body is read and dropped to keep the
 SPOKEN_VERSIONS = ("1.0", "1.1")
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Headers a request carries at most once (aiohttp's list): a second Host or Content-Type is a request two parties
+# would read differently.
+_SINGLETONS = frozenset({b"content-length", b"content-location", b"content-md5", b"content-range", b"content-type",
+                         b"etag", b"host", b"max-forwards", b"server", b"transfer-encoding", b"user-agent"})
 _PIPELINE = object()  # what pauses reading when too many requests wait their turn
 _FRAMING = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive"})
 
@@ -410,6 +414,11 @@ class Connection(asyncio.Protocol):
         version = parser.get_http_version()
         if version not in SPOKEN_VERSIONS:
             raise MalformedRequest(f"HTTP/{version} is not spoken here")
+        names = [name.lower() for name, _ in self._headers if name.lower() in _SINGLETONS]
+        if len(names) != len(set(names)):
+            raise MalformedRequest("a header that may appear once appears twice")
+        if version == "1.1" and b"host" not in names:
+            raise MalformedRequest("an HTTP/1.1 request without Host")
         self._in_head = False
         request = Request(self, parser.get_method().decode("ascii"),
                           b"".join(self._target).decode("utf-8", "surrogateescape"), version, self._headers,
@@ -587,8 +596,9 @@ class HttpServer:
     def connection(self, handler: Handler) -> Connection:
         return Connection(self, handler)
 
-    async def listen(self, sock: Any) -> None:
-        self._listeners.append(await asyncio.get_running_loop().create_server(self, sock=sock))
+    async def listen(self, sock: Any, backlog: int) -> None:
+        """`backlog` again, since asyncio would otherwise listen() anew with its default of 100."""
+        self._listeners.append(await asyncio.get_running_loop().create_server(self, sock=sock, backlog=backlog))
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting; idle connections close now, busy ones finish their answer within `grace`."""
