@@ -28,6 +28,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 MAX_TARGET = 16 * 1024  # the request target, as aiohttp's server allowed before
 MAX_FIELD = 16 * 1024  # one header line, name and value
 MAX_HEADERS = 128
+# The whole head, counted as it arrives: llhttp holds a header line until it ends, so the per-line limit alone
+# would be checked only after an endless line had been buffered. Counted per read, so generous.
+MAX_HEAD = 1024 * 1024
 HIGH_WATER = 256 * 1024  # buffered request body at which reading pauses until the handler takes it
 LOW_WATER = 64 * 1024
 MAX_QUEUED = 32  # pipelined requests waiting their turn before reading pauses
@@ -196,7 +199,7 @@ class Response:
                  content_type: str | None = None) -> None:
         self.status = status
         self.reason = reason
-        self.headers: CIMultiDict[str] = CIMultiDict(headers or {})
+        self.headers = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers or {})
         if content_type is not None:
             self.headers["Content-Type"] = content_type
         self.body = body
@@ -232,17 +235,18 @@ class StreamResponse:
     async def prepare(self, request: Request) -> None:
         connection = request.connection
         self._bodiless = request.method == "HEAD" or self.status in _NO_BODY_STATUSES or self.status < 200
-        length = None if self._bodiless and self.content_length is None else self.content_length
+        # A HEAD or 304 answer may announce the length of the body it does not carry; 1xx and 204 never do.
+        length = None if self.status < 200 or self.status == 204 else self.content_length
         self._chunked = length is None and not self._bodiless and request.version == "1.1"
         closing = connection.closing or not request.keep_alive or (
             length is None and not self._chunked and not self._bodiless)  # HTTP/1.0 without a length: to the close
+        data = head(self.status, self.reason, self.headers, length, self._chunked, closing, request.version)
         if closing:
             connection.closing = True
         self._left = None if self._bodiless else length
         self._connection = connection
         connection.answering = True
-        connection.write(head(self.status, self.reason, self.headers, length, self._chunked, closing,
-                              request.version))
+        connection.write(data)
         await connection.drain()
 
     async def write(self, data: bytes) -> None:
@@ -328,6 +332,7 @@ class Connection(asyncio.Protocol):
         self._reading: Request | None = None  # whose body llhttp is parsing
         self._target: list[bytes] = []
         self._target_size = 0
+        self._head_size = 0
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = False
         self._stopped = False  # a refused request was queued: nothing after it is parsed
@@ -350,6 +355,10 @@ class Connection(asyncio.Protocol):
         while data and not self._stopped:
             try:
                 self._parser.feed_data(data)
+                if self._in_head:
+                    self._head_size += len(data)
+                    if self._head_size > MAX_HEAD:
+                        self._refuse(MalformedRequest(f"a request head longer than {MAX_HEAD} bytes"))
                 return
             except httptools.HttpParserUpgrade as upgrade:
                 # `Upgrade:` or CONNECT: the broker upgrades nothing, so the request was an ordinary one, and
@@ -391,7 +400,7 @@ class Connection(asyncio.Protocol):
     # ----- llhttp's callbacks ---------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._target, self._target_size, self._headers, self._in_head = [], 0, [], True
+        self._target, self._target_size, self._headers, self._in_head, self._head_size = [], 0, [], True, 0
 
     def on_url(self, fragment: bytes) -> None:
         self._target_size += len(fragment)
@@ -550,19 +559,25 @@ class Connection(asyncio.Protocol):
                 await response.prepare(request)
             await response.write_eof()
         else:
-            self._send(response, request)
+            try:
+                self._send(response, request)
+            except ValueError as exc:  # a header the handler built would have split the head
+                refusal = self._server.on_error(request.method, request.raw_path, 500, exc)
+                refusal.force_close()
+                self._send(refusal, request)
+                return False
             await self.drain()
         if self.closing or self.lost:
             return False
         return await self._finish_body(request)
 
     def _send(self, response: Response, request: Request | None) -> None:
-        if response.close or request is None or not request.keep_alive:
-            self.closing = True
+        closing = self.closing or response.close or request is None or not request.keep_alive
         bodiless = (request is not None and request.method == "HEAD") or response.status in _NO_BODY_STATUSES
         data = head(response.status, response.reason, response.headers,
-                    None if response.status in _NO_BODY_STATUSES else len(response.body), False, self.closing,
+                    None if response.status in _NO_BODY_STATUSES else len(response.body), False, closing,
                     request.version if request is not None else "1.1")
+        self.closing = closing
         self.write(data if bodiless else data + response.body)
 
     async def _finish_body(self, request: Request) -> bool:
