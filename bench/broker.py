@@ -172,7 +172,7 @@ EXPERIMENTS: list[Config] = [
      ("floor-proxy",)),
     ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
     ("x-coalesce", "what-if: head+body in one send", "real", "asyncio", False, ("coalesce",)),
-    ("x-fewidx", "what-if: 4 fewer event indexes", "real", "asyncio", False, ("fewer-indexes",)),
+    ("x-fewidx", "what-if: fewer event indexes", "real", "asyncio", False, ("fewer-indexes",)),
     ("x-switch", "what-if: GIL switch interval 0.5 ms", "real", "asyncio", False, ("switch-interval",)),
     ("x-all", "what-if: all three", "real", "asyncio", False, ALL_TWEAKS),
     ("x-all-uvloop", "what-if: all three + uvloop", "real", "uvloop", False, ALL_TWEAKS),
