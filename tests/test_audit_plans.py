@@ -109,6 +109,8 @@ def test_the_filters_still_find_what_they_name(reader: sqlite3.Connection) -> No
     assert found(statuses=[(200, 200)], workspace="acme") == [("01A", 1)]
     assert found(failed=True, statuses=[(500, 599)]) == [("01A", 5), ("01B", 5)]
     assert found(failed=True, statuses=[(200, 404)]) == [("01A", 3), ("01B", 3)]
+    with pytest.raises(ValueError, match="decision must be"):  # written into the SQL, so only the two fixed words
+        found(decision="deny' OR '1' = '1")
 
 
 @pytest.mark.parametrize(("statuses", "expected"), [

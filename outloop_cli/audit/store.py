@@ -367,8 +367,9 @@ def _event_filter(
 ) -> tuple[str, list[object]]:
     """The conditions the read helpers share, columns prefixed with ``table``; returned without the WHERE keyword.
 
-    Each filter has an index ending in ts (see schema.py). The partial ones (denials, requests by credential) serve
-    a query only when its WHERE carries their condition verbatim, so decision and kind are written as literals.
+    Each filter has an index ending in ts (see schema.py). A partial one (denials, requests by credential) serves a
+    query only when the planner can prove its condition from the statement, which it does not reliably do from bound
+    values (not from ``kind IN (?)``, for one), so decision and kind are written as literals.
     """
     clauses: list[str] = []
     params: list[object] = []
