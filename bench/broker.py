@@ -165,17 +165,17 @@ VARIANTS: list[Config] = [
     ("asyncio", "outloop (audit on, asyncio)", "real", "asyncio", False, ()),
     ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
 ]
-ALL_TWEAKS = ("coalesce", "fewer-indexes", "switch-interval")
+ALL_TWEAKS = ("fewer-indexes", "switch-interval")
 EXPERIMENTS: list[Config] = [
-    ("x-floor-server", "reference: aiohttp server alone (canned 200)", "noop", "asyncio", False, ("floor-server",)),
-    ("x-floor-proxy", "reference: aiohttp server + upstream pool, no outloop logic", "noop", "asyncio", False,
+    ("x-floor-server", "reference: the broker's server alone (canned 200)", "noop", "asyncio", False,
+     ("floor-server",)),
+    ("x-floor-proxy", "reference: the broker's server + upstream pool, no outloop logic", "noop", "asyncio", False,
      ("floor-proxy",)),
     ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
-    ("x-coalesce", "what-if: head+body in one send", "real", "asyncio", False, ("coalesce",)),
     ("x-fewidx", "what-if: fewer event indexes", "real", "asyncio", False, ("fewer-indexes",)),
     ("x-switch", "what-if: GIL switch interval 0.5 ms", "real", "asyncio", False, ("switch-interval",)),
-    ("x-all", "what-if: all three", "real", "asyncio", False, ALL_TWEAKS),
-    ("x-all-uvloop", "what-if: all three + uvloop", "real", "uvloop", False, ALL_TWEAKS),
+    ("x-all", "what-if: both", "real", "asyncio", False, ALL_TWEAKS),
+    ("x-all-uvloop", "what-if: both + uvloop", "real", "uvloop", False, ALL_TWEAKS),
 ]
 
 

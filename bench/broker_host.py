@@ -67,24 +67,23 @@ class NoAudit:
 # What-if experiments: monkeypatches that exist only in this bench process, to price a change before the lead
 # makes it in outloop_cli. None of them is a product option.
 TWEAKS = {
-    "coalesce": "send the response head with the first body chunk (one send() instead of two)",
     "fewer-indexes": "events keep only the primary key, (ts) and the outcome indexes: 2 fewer B-trees per request",
     "switch-interval": "sys.setswitchinterval(0.0005): faster GIL hand-off to the audit writer thread",
     # References rather than fixes: the same process and server with outloop's handler replaced.
-    "floor-server": "reference: aiohttp's low-level server answering a canned 200 (no upstream, no outloop)",
-    "floor-proxy": "reference: aiohttp server + the broker's upstream pool, forwarding with no outloop logic",
+    "floor-server": "reference: the broker's HTTP server answering a canned 200 (no upstream, no outloop)",
+    "floor-proxy": "reference: the broker's HTTP server + upstream pool, forwarding with no outloop logic",
 }
 
 
 def replace_handler(broker: Broker, tweaks: list[str]) -> None:
     """For the floor references: swap the broker's handler before its listeners start."""
-    from aiohttp import web
+    from outloop_cli.broker.wire import Request, Response
 
     if "floor-server" in tweaks:
         body = b'{"ok":true}' * 17
 
-        async def canned(request: web.BaseRequest) -> web.StreamResponse:
-            return web.Response(body=body, content_type="application/json")
+        async def canned(request: Request) -> Response:
+            return Response(body=body, content_type="application/json")
 
         broker.handle = canned  # type: ignore[method-assign]
     elif "floor-proxy" in tweaks:
@@ -98,11 +97,11 @@ def replace_handler(broker: Broker, tweaks: list[str]) -> None:
         auth = CIMultiDict({"Authorization": "Bearer " + os.environ[SECRET_ENV]})
         unlimited = Timeouts(connect=None, read=None)
 
-        async def forward(request: web.BaseRequest) -> web.StreamResponse:
+        async def forward(request: Request) -> Response:
             url = URL(credential.base_url + request.raw_path[len(prefix):], encoded=True)
             async with await broker._pool.request("GET", url, headers=auth, data=None, timeout=unlimited) as upstream:
-                return web.Response(body=await upstream.read(), status=upstream.status,
-                                    content_type=upstream.headers.get("Content-Type", "application/octet-stream"))
+                return Response(body=await upstream.read(), status=upstream.status,
+                                content_type=upstream.headers.get("Content-Type", "application/octet-stream"))
 
         broker.handle = forward  # type: ignore[method-assign]
 
@@ -111,10 +110,6 @@ COMMITS = {"commits": 0, "events": 0}
 
 
 def apply_tweaks(tweaks: list[str], audit: Any, home: Path) -> None:
-    if "coalesce" in tweaks:
-        from aiohttp import web
-
-        web.StreamResponse._send_headers_immediately = False
     if "switch-interval" in tweaks:
         sys.setswitchinterval(0.0005)
     if not isinstance(audit, RunLog):

@@ -28,8 +28,8 @@ OUT_DIR = REPO / ".bench"
 
 # (label, regex on one frame "function (file:line)"): inclusive share = stacks containing a matching frame.
 PATHS: list[tuple[str, str]] = [
-    ("aiohttp server: read + parse request (data_received)", r"^data_received \(aiohttp/web_protocol"),
-    ("aiohttp server: request task (_handle_request/start)", r"^(_handle_request|start) \(aiohttp/web_protocol"),
+    ("child-side server: read + llhttp parse (data_received)", r"^data_received \(outloop_cli/broker/wire"),
+    ("child-side server: the connection's task (_answer_in_turn)", r"^_answer_in_turn \(outloop_cli/broker/wire"),
     ("broker: Broker.handle / _route (all of the handler)", r"^(handle|handle_loopback|_route) \(outloop_cli/"),
     ("broker: peer check (peer_allowed)", r"^_peer_allowed \("),
     ("broker: token check (_token_presented)", r"^_token_presented \("),
@@ -50,13 +50,13 @@ PATHS: list[tuple[str, str]] = [
     ("upstream pool: socket send (UpstreamConnection.write)", r"^write \(outloop_cli/broker/upstream_conn"),
     ("upstream pool: llhttp parse (data_received)", r"^data_received \(outloop_cli/broker/upstream_conn"),
     ("upstream pool: response body (iter_any/read)", r"^(iter_any|read) \(outloop_cli/broker/upstream_pool"),
-    ("response: StreamResponse.prepare / write / write_eof",
-     r"^(prepare|write|write_eof|_start|_prepare_headers) \(aiohttp/web_response"),
+    ("response: head serialised + written (head/_send/StreamResponse)",
+     r"^(head|_send|prepare|write|write_eof) \(outloop_cli/broker/wire"),
     ("event loop: select / epoll wait", r"^(select|poll) \((selectors|asyncio)"),
     ("event loop: _run_once bookkeeping", r"^_run_once \(asyncio/base_events"),
     ("yarl URL construction", r"\(yarl/"),
     ("multidict", r"\(multidict/"),
-    ("timeouts (ClientTimeout/timer context)", r"\(aiohttp/helpers|async_timeout|asyncio/timeouts"),
+    ("timeouts (timer context)", r"\(asyncio/timeouts"),
 ]
 
 

@@ -2,7 +2,7 @@
 
 Each connection starts in `_Front`, which reads only far enough to know what it is:
 - `CONNECT` to a credential's host: answered 200, then TLS is terminated on the broker's own event loop with a
-  leaf from the run's CA, and the decrypted requests go to an aiohttp protocol whose handler judges them like
+  leaf from the run's CA, and the decrypted requests go to the broker's HTTP server, whose handler judges them like
   `/v1/http/<credential>/...` (so streaming, SSE and redaction behave as they do there);
 - `CONNECT` to an `egress` host: spliced to the upstream, counted, audited when it closes;
 - anything else: 403 `egress_denied`, audited, closed; the target never hears of it.
@@ -16,16 +16,15 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
-
-from aiohttp import web
 
 from outloop_cli.audit.writer import RequestRecord, ResponseRecord, RunLog
 from outloop_cli.broker.connect import MAX_HEAD, BadConnect, head_end, is_connect, parse_connect, raw_response
 from outloop_cli.broker.egress import Authority, EgressPolicy, Intercept, Refuse, Tunnel
-from outloop_cli.broker.http_server import BrokerHTTPServer
+from outloop_cli.broker.listeners import BACKLOG
 from outloop_cli.broker.tunnel import Counts, TunnelRefused, connect_first, resolve_target, splice
+from outloop_cli.broker.wire import ErrorHook, Handler, HttpServer, Response
 from outloop_cli.errors import AuditError
 
 if TYPE_CHECKING:  # cryptography loads only with a run that intercepts (runner makes the CA)
@@ -33,8 +32,7 @@ if TYPE_CHECKING:  # cryptography loads only with a run that intercepts (runner 
 
 HANDSHAKE_TIMEOUT = 10.0
 TUNNEL_CONNECT_TIMEOUT = 10.0
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-ErrorBody = Callable[[int, str, str, str], web.Response]  # (status, code, reason, message): the broker's error
+ErrorBody = Callable[[int, str, str, str], Response]  # (status, code, reason, message): the broker's error
 # response, to be written raw
 
 
@@ -42,29 +40,26 @@ class EgressProxy:
     """One per run; `serve` adds a listener, `close` ends every tunnel and intercepted connection."""
 
     def __init__(self, *, policy: EgressPolicy, ca: RunCA | None, audit: RunLog,
-                 intercepted: Callable[[Intercept, Authority], Handler], plain: BrokerHTTPServer,
-                 on_error: Callable[[web.BaseRequest, int, BaseException | None], web.StreamResponse],
-                 error_body: ErrorBody) -> None:
+                 intercepted: Callable[[Intercept, Authority], Handler], plain: HttpServer,
+                 on_error: ErrorHook, error_body: ErrorBody) -> None:
         self.policy = policy
         self.ca = ca
         self.audit = audit
         self._intercepted = intercepted
         self._plain = plain
-        self._on_error = on_error
+        self._decrypted = HttpServer(None, on_error)  # each connection with the handler of its CONNECT target
         self._error_body = error_body
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._sessions: set[BrokerHTTPServer] = set()
 
     async def serve(self, sock: Any) -> None:
         loop = asyncio.get_running_loop()
-        self._servers.append(await loop.create_server(lambda: _Front(self), sock=sock))
+        self._servers.append(await loop.create_server(lambda: _Front(self), sock=sock, backlog=BACKLOG))
 
     async def close(self, grace: float) -> None:
         for server in self._servers:
             server.close()
-        for session in list(self._sessions):
-            await session.shutdown(grace)
+        await asyncio.gather(self._plain.shutdown(grace), self._decrypted.shutdown(grace))
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -144,8 +139,7 @@ class EgressProxy:
             await self._refuse(transport, target, 400, "bad_request", "data_before_connect_reply",
                                "wait for the proxy's 200 before starting TLS")
             return
-        session = _Session(self._intercepted(decision, target), self._on_error, self._sessions)
-        protocol = session()
+        protocol = self._decrypted.connection(self._intercepted(decision, target))
         loop = asyncio.get_running_loop()
         transport.write(raw_response(200))
         try:
@@ -228,21 +222,6 @@ class _Front(asyncio.Protocol):
         self.handed_over = True
         self.transport.pause_reading()
         self.proxy.start(self.transport, bytes(self.buffer[:end]), bytes(self.buffer[end:]))
-
-
-class _Session(BrokerHTTPServer):
-    """The HTTP server of one intercepted connection (its handler knows the CONNECT target); it forgets itself
-    when the connection ends, and the proxy shuts down those still open when the run ends."""
-
-    def __init__(self, handler: Handler, on_error: Any, registry: set[BrokerHTTPServer]) -> None:
-        super().__init__(handler, on_error)
-        self._registry = registry
-        registry.add(self)
-
-    def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
-        super().connection_lost(handler, exc)
-        if not self.connections:
-            self._registry.discard(self)
 
 
 def _streams(transport: asyncio.Transport, rest: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

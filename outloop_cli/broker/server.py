@@ -1,12 +1,11 @@
 """The broker's HTTP routes: authenticate the caller, decide, audit, forward, and answer.
 
-One handler on aiohttp's low-level server: the router would decode the path before we could judge it raw.
+One handler per listener on the broker's own HTTP/1.1 server (`wire.py`), which hands it the target raw.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import os
@@ -20,8 +19,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -58,28 +55,39 @@ from outloop_cli.broker.guard import (
     body_texts,
     held_body,
 )
-from outloop_cli.broker.http_server import BrokerHTTPServer
 from outloop_cli.broker.intercept import ToBroker, route_absolute, route_intercepted
 from outloop_cli.broker.limits import Limits
-from outloop_cli.broker.listeners import HandOverRefused, Listeners, take_over
+from outloop_cli.broker.listeners import BACKLOG, HandOverRefused, Listeners, take_over
 from outloop_cli.broker.peer import is_in_run_tree, peer_pid
 from outloop_cli.broker.proxy import EgressProxy
 from outloop_cli.broker.redact import StreamRedactor, basic_auth_variant, redact_text, secret_variants
 from outloop_cli.broker.upstream_pool import Timeouts, UpstreamError, UpstreamPool, UpstreamResponse
+from outloop_cli.broker.wire import (
+    Connection,
+    Handler,
+    HttpServer,
+    MalformedRequest,
+    Request,
+    Response,
+    StreamResponse,
+    json_response,
+)
 from outloop_cli.errors import AuditError
 from outloop_cli.guard import Guard, Identifier
 from outloop_cli.profiles import Credential, Profile
 from outloop_cli.secret_admin import write_back_document
 from outloop_cli.secrets import Secret
 
-if TYPE_CHECKING:  # cryptography loads only with a run that intercepts (runner makes the CA)
+if TYPE_CHECKING:  # cryptography loads only with a run that intercepts (runner makes the CA), aiohttp only for
+    # the token endpoints of `auth` credentials
+    import aiohttp
+
     from outloop_cli.broker.ca import RunCA
 
 MAX_REQUEST_BODY = 256 * 1024 * 1024
-STREAM_CHUNK = 64 * 1024
 SMALL_BODY = 64 * 1024  # responses up to this size (with a Content-Length) are answered in one write
 # close() runs once the child's tree is gone, so no one waits for an answer any more: a handler still waiting on
-# a slow upstream must not hold the run's exit (aiohttp's default is 60 s, which `--timeout` would not cover).
+# a slow upstream must not hold the run's exit (`--timeout` would not cover it).
 SHUTDOWN_GRACE = 1.0
 
 
@@ -136,10 +144,10 @@ class Broker:
         self.egress = EgressPolicy(credential_hosts(base_urls), profile.run.egress)
         self._own_authority = _authority_of(own_url) if own_url else None
         self._proxy: EgressProxy | None = None
-        self._peer_cache: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+        self._peer_cache: weakref.WeakKeyDictionary[Connection, bool] = weakref.WeakKeyDictionary()
         self._pool = UpstreamPool()
         self._session: aiohttp.ClientSession | None = None  # token endpoints of `auth` credentials only
-        self._runners: list[web.BaseRunner] = []
+        self._servers: list[HttpServer] = []
         self._hand_overs: list[asyncio.Future[None]] = []
         self._in_flight: set[asyncio.Task[Any]] = set()  # forwards under way, so close() can end and audit them
         self._deciding = 0  # requests whose decision is being committed
@@ -180,7 +188,7 @@ class Broker:
         if listeners.proxy is not None and listeners.proxy_port is not None:
             self._proxy = EgressProxy(
                 policy=self.egress, ca=self.ca, audit=self.audit, intercepted=self._intercepted_handler,
-                plain=BrokerHTTPServer(self.handle_proxied, self._protocol_error), on_error=self._protocol_error,
+                plain=HttpServer(self.handle_proxied, self._protocol_error), on_error=self._protocol_error,
                 error_body=lambda status, code, reason, message: _error_response(status, code, message, None, None,
                                                                                  reason=reason))
             self._take_over(listeners.proxy, listeners.proxy_port, self._proxy.serve)
@@ -197,15 +205,14 @@ class Broker:
 
         self._hand_overs.append(asyncio.ensure_future(take_over_and_serve()))
 
-    async def _serve(self, sock: socket.socket, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-                     ) -> None:
-        runner = web.ServerRunner(BrokerHTTPServer(handler, self._protocol_error), handle_signals=False,
-                                  shutdown_timeout=SHUTDOWN_GRACE)
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
-        self._runners.append(runner)
+    async def _serve(self, sock: socket.socket, handler: Handler) -> None:
+        server = HttpServer(handler, self._protocol_error)
+        await server.listen(sock, BACKLOG)
+        self._servers.append(server)
 
     def _new_session(self) -> aiohttp.ClientSession:
+        import aiohttp
+
         connector = aiohttp.TCPConnector(limit=256, ttl_dns_cache=300, keepalive_timeout=30,
                                          enable_cleanup_closed=True)
         return aiohttp.ClientSession(
@@ -217,12 +224,12 @@ class Broker:
         for hand_over in self._hand_overs:
             hand_over.cancel()
         await asyncio.gather(*self._hand_overs, return_exceptions=True)
-        for runner in self._runners:
-            await runner.cleanup()
+        for server in self._servers:
+            await server.shutdown(SHUTDOWN_GRACE)
         if self._proxy is not None:
             await self._proxy.close(SHUTDOWN_GRACE)
-        # aiohttp stops waiting for a handler after SHUTDOWN_GRACE but leaves it running; a forward still waiting
-        # on its upstream is cancelled here, so its outcome is audited before the run's log is closed.
+        # A forward still waiting on its upstream after SHUTDOWN_GRACE is cancelled here, so its outcome is
+        # audited before the run's log is closed.
         pending = [task for task in self._in_flight if not task.done()]
         for task in pending:
             task.cancel()
@@ -239,37 +246,34 @@ class Broker:
 
     # ----- entry points ----------------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response | StreamResponse:
         if not self._peer_allowed(request):
             return await self._deny(request, None, 401, "unauthenticated", "peer_not_in_run",
                                     "only the run's command and its descendants may use this broker")
         return await self._route(request)
 
-    async def handle_loopback(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle_loopback(self, request: Request) -> Response | StreamResponse:
         if not self._token_presented(request):
             return await self._deny(request, None, 401, "unauthenticated", "bad_token",
                                     "present the run token (OUTLOOP_TOKEN) in a header")
         return await self._route(request)
 
-    def _peer_allowed(self, request: web.BaseRequest) -> bool:
-        transport = request.transport
+    def _peer_allowed(self, request: Request) -> bool:
+        """SO_PEERCRED names who connected, so one check per connection covers every request on it."""
+        transport, connection = request.transport, request.connection
         if transport is None or self.child_pid is None:
             return False
-        try:
-            return self._peer_cache[transport]
-        except (KeyError, TypeError):
-            pass
-        sock = transport.get_extra_info("socket")  # asyncio's TransportSocket: it has getsockopt
-        pid = peer_pid(sock) if sock is not None else None
-        allowed = pid is not None and self._in_run(pid)
-        with contextlib.suppress(TypeError):  # a transport without weakrefs is checked on every request
-            self._peer_cache[transport] = allowed
+        allowed = self._peer_cache.get(connection)
+        if allowed is None:
+            sock = transport.get_extra_info("socket")  # asyncio's TransportSocket: it has getsockopt
+            pid = peer_pid(sock) if sock is not None else None
+            allowed = self._peer_cache[connection] = pid is not None and self._in_run(pid)
         return allowed
 
     def _in_run(self, pid: int) -> bool:
         return self.child_pid is not None and is_in_run_tree(pid, self.child_pid, self.supervisor_pid)
 
-    def _token_presented(self, request: web.BaseRequest) -> bool:
+    def _token_presented(self, request: Request) -> bool:
         token = self.run_token
         if not token:
             return False
@@ -279,7 +283,7 @@ class Broker:
                                                  request.raw_path.partition("?")[2].split("&"))]
         return any(hmac.compare_digest(candidate, token) for candidate in candidates)
 
-    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _route(self, request: Request) -> Response | StreamResponse:
         admitted = admit(request.method, request.raw_path, self.profile, self.guard)
         if isinstance(admitted, Denial):
             return await self._refuse(request, admitted)
@@ -293,7 +297,7 @@ class Broker:
             await self._audit_request(request, None, RUN_INFO, "allow", "run_info", None, 200)
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written", None, None)
-        return web.json_response(self.run_info())
+        return json_response(self.run_info())
 
     # ----- /v1/run ---------------------------------------------------------------------------------------
 
@@ -320,20 +324,20 @@ class Broker:
 
     # ----- /v1/secret/<credential> -----------------------------------------------------------------------
 
-    async def _reveal(self, request: web.BaseRequest, credential: Credential) -> web.StreamResponse:
+    async def _reveal(self, request: Request, credential: Credential) -> Response | StreamResponse:
         name = credential.name
         try:
             await self._audit_request(request, credential, f"/v1/secret/{name}", "allow", "revealed", None, 200)
         except AuditError:
             return _error_response(503, "audit_unavailable", "the audit log cannot be written; refusing to "
                                    "reveal (fail closed)", name, None)
-        return web.Response(text=self._secrets[name].reveal(), content_type="text/plain",
+        return Response(body=self._secrets[name].reveal().encode(), content_type="text/plain; charset=utf-8",
                             headers={"Cache-Control": "no-store"})
 
     # ----- /v1/http/<credential>/<path> ------------------------------------------------------------------
 
-    async def _http(self, request: web.BaseRequest, admitted: Admitted, location_prefix: str
-                    ) -> web.StreamResponse:
+    async def _http(self, request: Request, admitted: Admitted, location_prefix: str
+                    ) -> Response | StreamResponse:
         """Admitted by policy; what remains needs the live request: body size, the body's guard scan, limits.
 
         Every route to a credential's upstream ends here. `location_prefix` is where the child addressed the
@@ -369,7 +373,7 @@ class Broker:
                                    "to forward (fail closed)", name, decision.rule)
         return await self._forward(request, credential, upstream_path, query, seq, held, location_prefix)
 
-    async def _scan_body(self, request: web.BaseRequest, credential: Credential, path: str) -> bytes | Denial:
+    async def _scan_body(self, request: Request, credential: Credential, path: str) -> bytes | Denial:
         """Hold the body back and scan it before anything goes upstream; too large or unreadable is refused."""
         assert self.guard is not None
         limit = self.guard.settings.max_body
@@ -383,7 +387,7 @@ class Broker:
                           path=path)
         if request.content_length is not None and request.content_length > limit:
             return too_large
-        body = await held_body(request.content.iter_chunked(STREAM_CHUNK), limit)
+        body = await held_body(request.body.chunks(), limit)
         if body is None:
             return too_large
         found = self.guard.search(body_texts(body))
@@ -392,29 +396,29 @@ class Broker:
     # ----- the egress proxy's requests -------------------------------------------------------------------
 
     def _intercepted_handler(self, intercept: Intercept, target: Authority
-                             ) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+                             ) -> Handler:
         return partial(self.handle_intercepted, intercept=intercept, target=target)
 
-    async def handle_intercepted(self, request: web.BaseRequest, *, intercept: Intercept, target: Authority
-                                 ) -> web.StreamResponse:
+    async def handle_intercepted(self, request: Request, *, intercept: Intercept, target: Authority
+                                 ) -> Response | StreamResponse:
         """A request inside TLS the proxy terminated for `target`."""
         routed = route_intercepted(request.raw_path, request.headers.getall("Host", []), intercept, target)
         if isinstance(routed, Denial):
             return await self._refuse(request, routed)
         return await self._admit_routed(request, routed.credential, routed.path, routed.query)
 
-    async def handle_proxied(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle_proxied(self, request: Request) -> Response | StreamResponse:
         """An absolute-form request to the proxy (`GET http://host/path`); only the child's network namespace
         reaches the proxy's listener."""
         routed = route_absolute(request.raw_path, self.egress, self._own_authority)
         if isinstance(routed, Denial):
             return await self._refuse(request, routed)
         if isinstance(routed, ToBroker):
-            return await self.handle_loopback(request.clone(rel_url=URL(routed.target, encoded=True)))
+            return await self.handle_loopback(request.with_target(routed.target))
         return await self._admit_routed(request, routed.credential, routed.path, routed.query)
 
-    async def _admit_routed(self, request: web.BaseRequest, name: str, path: str, raw_query: str
-                            ) -> web.StreamResponse:
+    async def _admit_routed(self, request: Request, name: str, path: str, raw_query: str
+                            ) -> Response | StreamResponse:
         """The proxy's request, judged by the same chain as /v1/http/<credential>/; on-host redirects point at
         the upstream itself, which the child reaches through the proxy again."""
         admitted = admit_credential(request.method, name, path, raw_query, self.profile, self.guard)
@@ -422,8 +426,8 @@ class Broker:
             return await self._refuse(request, admitted)
         return await self._http(request, admitted, self.profile.credentials[name].base_url)
 
-    async def _forward(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                       seq: int, held: bytes | None, location_prefix: str) -> web.StreamResponse:
+    async def _forward(self, request: Request, credential: Credential, path: str, query: str,
+                       seq: int, held: bytes | None, location_prefix: str) -> Response | StreamResponse:
         """Stream the request up and the answer back; the outcome is audited whatever happens.
 
         `held` is the body when the guard already read it; otherwise the body streams."""
@@ -440,16 +444,16 @@ class Broker:
         except TimeoutError:
             return outcome.fail(504, "upstream_timeout", f"{credential.host} did not answer in time", credential,
                                 request)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionResetError:  # the child's connection, while its body streamed up or its answer down
             return outcome.fail(499, "client_disconnected", "the client went away", credential, request)
         except asyncio.CancelledError:
             outcome.error = "run_ended"  # close() cancelled it: the child's tree is gone
             raise
         except UpstreamError as exc:
             return outcome.fail(502, "upstream_error", f"{credential.host}: {exc}", credential, request)
-        except aiohttp.ClientError as exc:  # reading the child's body failed while it streamed upstream
-            return outcome.fail(502, "upstream_error", f"cannot forward to {credential.host}: {type(exc).__name__}",
-                                credential, request)
+        except MalformedRequest:  # the body turned out unparseable while it streamed up: the upstream got no end
+            return outcome.fail(400, "bad_request", "malformed HTTP request body", credential, request,
+                                reason="malformed_http")
         finally:
             if task is not None:
                 self._in_flight.discard(task)
@@ -459,8 +463,8 @@ class Broker:
                 bytes_in=outcome.received[0], bytes_out=outcome.sent, error=outcome.error,
                 reason=FLAG_REASON if outcome.flagged is not None else None, rule=outcome.rule))
 
-    async def _exchange(self, request: web.BaseRequest, credential: Credential, path: str, query: str,
-                        outcome: _Outcome, held: bytes | None, location_prefix: str) -> web.StreamResponse:
+    async def _exchange(self, request: Request, credential: Credential, path: str, query: str,
+                        outcome: _Outcome, held: bytes | None, location_prefix: str) -> Response | StreamResponse:
         name = credential.name
         url = URL(credential.base_url + path + (f"?{query}" if query else ""), encoded=True)
         headers = upstream_headers(request.raw_headers, self._injectors[name], self.run_token)
@@ -469,7 +473,7 @@ class Broker:
             body, outcome.received[0] = held, len(held)
             headers["Content-Length"] = str(len(held))
         elif request.body_exists:
-            body = counted(request.content.iter_chunked(STREAM_CHUNK), outcome.received, MAX_REQUEST_BODY)
+            body = counted(request.body.chunks(), outcome.received, MAX_REQUEST_BODY)
             if request.content_length is not None:
                 headers["Content-Length"] = str(request.content_length)
         async with await self._send(request, credential, url, headers, body) as upstream:
@@ -514,7 +518,7 @@ class Broker:
                 if guarding and self.guard is not None:
                     outcome.flag(self.guard.search(body_texts(data)))
                 return self._answer(upstream.status, reason, child_headers, data, outcome)
-            response = web.StreamResponse(status=upstream.status, reason=reason, headers=child_headers)
+            response = StreamResponse(status=upstream.status, reason=reason, headers=child_headers)
             if encoding in ("", "identity") and upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)
@@ -537,14 +541,14 @@ class Broker:
             return response
 
     def _answer(self, status: int, reason: str | None, headers: CIMultiDict[str], data: bytes,
-                outcome: _Outcome) -> web.Response:
+                outcome: _Outcome) -> Response:
         """A whole body, masked once and answered in one write."""
         redactor = StreamRedactor(self._variants)
         masked = redactor.feed(data) + redactor.flush()
         outcome.sent = len(masked)
-        return web.Response(status=status, reason=reason, headers=headers, body=masked)
+        return Response(status=status, reason=reason, headers=headers, body=masked)
 
-    async def _send(self, request: web.BaseRequest, credential: Credential, url: URL, headers: CIMultiDict[str],
+    async def _send(self, request: Request, credential: Credential, url: URL, headers: CIMultiDict[str],
                     body: AsyncIterator[bytes] | bytes | None) -> UpstreamResponse:
         """Send upstream; an `auth` credential authorizes the request first and, after a 401 to a replayable
         idempotent request, gets one chance to refresh and retry."""
@@ -567,15 +571,15 @@ class Broker:
                                         timeout=self._timeouts[credential.name],
                                         ssl=self._upstream_tls[credential.name])
 
-    def _protocol_error(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
-        """A request aiohttp could not parse (or a broker bug): answer in the broker's format, audit it."""
+    def _protocol_error(self, method: str, target: str, status: int, exc: BaseException | None) -> Response:
+        """A request the parser refused (or a broker bug): answer in the broker's format, audit it."""
         if status >= 500:
             code, reason, message = "upstream_error", "broker_error", "the broker failed on this request"
         else:
             code, reason = "bad_request", "malformed_http"
             message = f"malformed HTTP request ({type(exc).__name__ if exc else 'unparseable'})"
-        record = RequestRecord(credential=None, method=short(_method_of(request), 32), host=None,
-                               path=short(_path_of(request), MAX_AUDITED_PATH), decision="deny", reason=reason,
+        record = RequestRecord(credential=None, method=short(method, 32), host=None,
+                               path=short(target.partition("?")[0], MAX_AUDITED_PATH), decision="deny", reason=reason,
                                rule=None, status=status)
         try:
             self.audit.record_request(record)  # blocking but rare; the answer must not precede the audit row
@@ -585,15 +589,15 @@ class Broker:
 
     # ----- denials ---------------------------------------------------------------------------------------
 
-    async def _refuse(self, request: web.BaseRequest, denial: Denial) -> web.Response:
+    async def _refuse(self, request: Request, denial: Denial) -> Response:
         return await self._deny(request, denial.credential, denial.status, denial.code, denial.reason,
                                 denial.message, rule=denial.rule, asked_for=denial.asked_for,
                                 headers=denial.headers, path=denial.path, rule_to_child=denial.identifier is None)
 
-    async def _deny(self, request: web.BaseRequest, credential: Credential | None, status: int, code: str,
+    async def _deny(self, request: Request, credential: Credential | None, status: int, code: str,
                     reason: str, message: str, *, rule: str | None = None, asked_for: str | None = None,
                     headers: Mapping[str, str] | None = None, path: str | None = None,
-                    rule_to_child: bool = True) -> web.Response:
+                    rule_to_child: bool = True) -> Response:
         """Audit the refusal (committed first), count it, answer it. `path` is the upstream path when known, so
         a request is recorded under the same spelling whether it was allowed or denied. `rule_to_child` is False
         where the rule names another client (the guard's identifier rules)."""
@@ -607,7 +611,7 @@ class Broker:
                                    rule if rule_to_child else None)
         return _error_response(status, code, message, name, rule if rule_to_child else None, headers, reason=reason)
 
-    async def _audit_request(self, request: web.BaseRequest, credential: Credential | None, path: str,
+    async def _audit_request(self, request: Request, credential: Credential | None, path: str,
                              decision: str, reason: str, rule: str | None, status: int | None,
                              credential_name: str | None = None) -> int:
         record = RequestRecord(
@@ -634,7 +638,7 @@ class _Outcome:
     error: str | None = None
     rule: str | None = None  # the guard's identifier rule, when it withheld or flagged the response
     flagged: Identifier | None = None
-    prepared: web.StreamResponse | None = None
+    prepared: StreamResponse | None = None
     received: list[int] = field(default_factory=lambda: [0])
 
     def flag(self, found: Identifier | None) -> None:
@@ -642,7 +646,7 @@ class _Outcome:
             self.flagged, self.rule = found, found.rule
 
     def fail(self, status: int, code: str, message: str, credential: Credential,
-             request: web.BaseRequest | None = None, reason: str | None = None) -> web.StreamResponse:
+             request: Request | None = None, reason: str | None = None) -> Response | StreamResponse:
         """The error response, or, when the child already has headers, a cut connection."""
         self.error = reason or code
         if self.prepared is not None:
@@ -652,20 +656,6 @@ class _Outcome:
             return self.prepared
         self.status = status
         return _error_response(status, code, message, credential.name, None, reason=self.error)
-
-
-def _method_of(request: web.BaseRequest) -> str:
-    try:
-        return request.method
-    except Exception:  # the ERROR placeholder message of an unparseable request has no usable fields
-        return "?"
-
-
-def _path_of(request: web.BaseRequest) -> str:
-    try:
-        return request.raw_path.partition("?")[0]
-    except Exception:
-        return "?"
 
 
 def _upstream_tls(credential: Credential) -> ssl.SSLContext | bool:
@@ -683,11 +673,11 @@ def _authority_of(url: str) -> tuple[str, int]:
 
 
 def _error_response(status: int, code: str, message: str, credential: str | None, rule: str | None,
-                    headers: Mapping[str, str] | None = None, *, reason: str | None = None) -> web.Response:
+                    headers: Mapping[str, str] | None = None, *, reason: str | None = None) -> Response:
     """The nested `{"error": {...}}` shape is the one OpenAI- and Anthropic-style SDKs read `message` from, so an
     agent behind an unmodified SDK learns why it was refused, not just the status. `reason` defaults to `code`."""
     reason = reason or code
     body = {"error": {"type": code, "reason": reason, "message": message, "credential": credential, "rule": rule}}
-    return web.Response(
+    return Response(
         status=status, body=json.dumps(body).encode(), content_type="application/json",
         headers={"Outloop-Decision": "deny", "Outloop-Reason": reason, **(headers or {})})

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from outloop_cli.broker.admission import HTTP_PREFIX, Admitted, admit
-from outloop_cli.broker.http_server import parse_request_line
+from outloop_cli.broker.wire import parse_request_line
 from outloop_cli.errors import UsageError
 from outloop_cli.guard import Guard
 from outloop_cli.policy import REJECTION_REASONS

@@ -115,9 +115,10 @@ def test_floods_stop_exactly_at_rate_and_budgets_and_denials_spend_nothing(world
 # (load average 25 on 2 cores) needs several seconds just to start Python and load the broker stack.
 ANSWER_WAIT = 60  # seconds one connection may wait for its answer
 RUN_WAIT = 240  # seconds the whole run may take
-# The run ends "at once" after its child exits with a connection stuck mid-head. Waiting for that connection would
-# take aiohttp's default shutdown wait (60 s) or its keep-alive timer (an hour); exiting takes a few seconds of
-# teardown even on a loaded machine. Half the shortest of those waits tells the two apart at any load.
+# The run ends "at once" after its child exits with a connection stuck mid-head. A server that waited for that
+# connection would wait for as long as the client keeps it open (the broker's server has no keep-alive timer; a
+# framework's would be a minute or an hour); exiting takes a few seconds of teardown even on a loaded machine.
+# 30 s tells the two apart at any load.
 EXIT_LAG = 30
 
 CONNECTION_FLOOD_LOOP = """
