@@ -172,7 +172,7 @@ EXPERIMENTS: list[Config] = [
     ("x-floor-proxy", "reference: the broker's server + upstream pool, no outloop logic", "noop", "asyncio", False,
      ("floor-proxy",)),
     ("noaudit", "outloop (audit OFF, asyncio)", "noop", "asyncio", False, ()),
-    ("x-fewidx", "what-if: 4 fewer event indexes", "real", "asyncio", False, ("fewer-indexes",)),
+    ("x-fewidx", "what-if: fewer event indexes", "real", "asyncio", False, ("fewer-indexes",)),
     ("x-switch", "what-if: GIL switch interval 0.5 ms", "real", "asyncio", False, ("switch-interval",)),
     ("x-all", "what-if: both", "real", "asyncio", False, ALL_TWEAKS),
     ("x-all-uvloop", "what-if: both + uvloop", "real", "uvloop", False, ALL_TWEAKS),

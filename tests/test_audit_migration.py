@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import World
 
-from outloop_cli.audit.schema import SCHEMA_VERSION
+from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, MIGRATIONS, SCHEMA_VERSION, open_rw
 
 FIXTURE = Path(__file__).parent / "data" / "audit-schema1.db"
 RUN_A, RUN_B, RUN_C = "01J0000000000000000000000A", "01J0000000000000000000000B", "01J0000000000000000000000C"
@@ -68,3 +68,55 @@ def test_new_runs_append_to_an_upgraded_database(world: World) -> None:
     assert verified.code == 0 and verified.out.splitlines()[-1] == "4 runs: 3 ok, 1 incomplete, 0 pruned, 0 broken"
     newest = json.loads(world.outloop("audit", "show", "last", "--json").out)
     assert (newest["allowed"], newest["errors"]) == (1, 0)
+
+
+def indexes(db: Path) -> dict[str, str]:
+    with sqlite3.connect(db) as conn:
+        return {str(name): str(sql) for name, sql in conn.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")}
+
+
+def as_released_at(db: Path, version: int) -> None:
+    """Bring the schema-1 fixture to ``version`` with the migrations as that release applied them."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        for migration in MIGRATIONS[user_version(db):version]:
+            migration(conn)
+        conn.execute(f"PRAGMA user_version = {version}")
+    finally:
+        conn.close()
+
+
+def test_a_schema_4_database_gets_the_lean_indexes_and_its_filters_answer_as_before(world: World) -> None:
+    """Schema 5 replaced the decision, credential and status indexes with partial ones; the filters they served must
+    find the same events in an upgraded file, and the file must end up shaped like a new one."""
+    shutil.copyfile(FIXTURE, world.audit_db)
+    as_released_at(world.audit_db, 4)
+    assert {"events_by_decision", "events_by_workspace_decision", "events_by_credential"} <= set(
+        indexes(world.audit_db))
+    before = stored_events(world.audit_db)
+
+    def requests(*flags: str) -> list[tuple[object, ...]]:
+        found = json.loads(world.outloop("audit", "events", "--json", *flags).out)
+        return sorted((e["run_id"][-1], e["seq"]) for e in found)
+
+    assert requests("--decision", "deny") == [("A", 5)]
+    assert user_version(world.audit_db) == SCHEMA_VERSION
+    assert stored_events(world.audit_db) == before
+    fresh = world.home / "fresh.db"
+    open_rw(fresh, DEFAULT_BUSY_TIMEOUT).close()
+    assert indexes(world.audit_db) == indexes(fresh)
+
+    assert requests("--decision", "allow") == [("A", 1), ("A", 3), ("B", 1), ("C", 1)]
+    assert requests("--workspace", "acme", "--decision", "deny") == [("A", 5)]
+    assert requests("--workspace", "globex", "--decision", "deny") == []
+    assert requests("--credential", "billing") == [("B", 1)]
+    assert requests("--credential", "crm", "--decision", "allow") == [("A", 1), ("A", 3), ("C", 1)]
+    assert requests("--status", "4xx") == [("A", 3), ("A", 5)]
+    assert requests("--status", "401,502") == [("A", 3), ("B", 1)]
+    assert requests("--status", "200") == [("A", 1)]
+    assert requests("--failed", "--workspace", "acme") == [("A", 3)]
+    runs = {
+        flag: [run["run_id"][-1] for run in json.loads(world.outloop("audit", "--json", "--status", flag).out)]
+        for flag in ("200", "2xx", "403", "5xx", "301")}
+    assert runs == {"200": ["A"], "2xx": ["A"], "403": ["A"], "5xx": ["B"], "301": []}

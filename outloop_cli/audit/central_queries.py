@@ -103,7 +103,7 @@ def _run_failed(item: RunView) -> bool:
 
 
 def _placeholders(clause: str, params: list[object]) -> tuple[str, list[object]]:
-    """A local (SQLite) condition for psycopg: the conditions hold column names and placeholders only."""
+    """A local (SQLite) condition for psycopg: the conditions hold column names, placeholders and fixed words only."""
     return clause.replace("?", "%s"), params
 
 
@@ -152,7 +152,7 @@ def query_exchanges(
     ``failed``: allowed requests whose outcome failed; ``statuses``: requests answered with one of those
     statuses, by the upstream (the response event) or by the broker (the request event of a denial).
     """
-    clause, params = _placeholders(*_event_filter(workspace, credential, decision, since, until, ("request",),
+    clause, params = _placeholders(*_event_filter(workspace, credential, decision, since, until, requests_only=True,
                                                   table="q."))
     clauses = [clause]
     if failed:

@@ -13,8 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeAlias
 
-from outloop_cli.audit.chain import EVENT_COLUMNS, error_sql, is_error, now
-from outloop_cli.audit.schema import DEFAULT_BUSY_TIMEOUT, SQLITE_COMPANIONS, describe_error, open_rw
+from outloop_cli.audit.chain import EVENT_COLUMNS, check_decision, error_sql, is_error, now
+from outloop_cli.audit.schema import (
+    DEFAULT_BUSY_TIMEOUT,
+    SQLITE_COMPANIONS,
+    describe_error,
+    open_rw,
+    status_index_sql,
+)
 from outloop_cli.errors import AuditError
 from outloop_cli.private_fs import check_private_file
 
@@ -112,6 +118,23 @@ def _status_clause(column: str, statuses: Sequence[StatusRange]) -> tuple[str, l
     return f"({clause})", [bound for pair in statuses for bound in pair]
 
 
+def _failed_statuses(statuses: Sequence[StatusRange]) -> bool:
+    return bool(statuses) and min(low for low, _ in statuses) >= 400
+
+
+def _indexed(statuses: Sequence[StatusRange]) -> bool:
+    """Whether events_unusual_status holds every event these statuses match: it leaves out 200, the usual answer."""
+    return not any(low <= 200 <= high for low, high in statuses)
+
+
+def _indexed_status_clause(table: str, statuses: Sequence[StatusRange]) -> tuple[str, list[object]]:
+    """_status_clause with the term that lets events_unusual_status serve it, in each range's own branch: the planner
+    takes the index for the branches of an OR only when each carries the term."""
+    term = status_index_sql(table)
+    clause = " OR ".join(f"({term} AND {table}status BETWEEN ? AND ?)" for _ in statuses)
+    return f"({clause})", [bound for pair in statuses for bound in pair]
+
+
 def list_runs(
     conn: sqlite3.Connection,
     *,
@@ -134,8 +157,15 @@ def list_runs(
         clauses.append("(exit_code != 0 OR errors > 0 OR ended_at IS NULL)")
     if statuses:
         # A request row holds the broker's own answer (denials), a response row the upstream's: no join needed.
-        match, bounds = _status_clause("status", statuses)
-        clauses.append(f"run_id IN (SELECT run_id FROM events WHERE {match} AND kind IN ('request', 'response'))")
+        # Any status but 200 comes from its index; 200, which nearly every request gets, is found at once among
+        # each run's own events, newest run first.
+        if _indexed(statuses):
+            match, bounds = _indexed_status_clause("", statuses)
+            clauses.append(f"run_id IN (SELECT run_id FROM events WHERE {match} AND kind IN ('request', 'response'))")
+        else:
+            match, bounds = _status_clause("e.status", statuses)
+            clauses.append(f"EXISTS (SELECT 1 FROM events e WHERE e.run_id = runs.run_id AND {match} "
+                           "AND e.kind IN ('request', 'response'))")
         params.extend(bounds)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = conn.execute(
@@ -223,12 +253,14 @@ class Exchange:
         return "ok" if event.status is not None else "pending"
 
 
+_OUTCOME_JOIN: Final = (
+    "LEFT JOIN events r ON q.kind = 'request' AND r.run_id = q.run_id AND r.request_seq = q.seq AND r.kind = 'response'"
+)
 _EXCHANGE_SELECT: Final = (
     f"SELECT {', '.join(f'q.{name}' for name in (*EVENT_COLUMNS, 'hash'))}, "
-    f"{', '.join(f'r.{name}' for name in (*EVENT_COLUMNS, 'hash'))} "
-    "FROM events q LEFT JOIN events r ON q.kind = 'request' AND r.run_id = q.run_id AND r.request_seq = q.seq "
-    "AND r.kind = 'response'"
+    f"{', '.join(f'r.{name}' for name in (*EVENT_COLUMNS, 'hash'))} FROM events q {_OUTCOME_JOIN}"
 )
+_NEWEST_FIRST: Final = "ORDER BY q.ts DESC, q.rowid DESC"
 _WIDTH: Final = len(EVENT_COLUMNS) + 1
 # The requests (by rowid) whose response event ``a`` matches a condition appended to this.
 _ANSWERED_BY: Final = (
@@ -259,17 +291,18 @@ def query_exchanges(
     ``failed``: allowed requests whose outcome failed (the runs' ``errors``); ``statuses``: requests answered
     with one of those statuses, by the upstream or (denials, broker errors) by the broker.
     """
-    where, params = _event_filter(workspace, credential, decision, since, until, ("request",), table="q.")
-    clauses = [where] if where else []
-    # Failures are the exception: they are found through their own indexes (events_failed, events_by_status),
+    where, params = _event_filter(workspace, credential, decision, since, until, requests_only=True, table="q.")
+    clauses = [where]
+    source = "FROM events q"
+    # Failures are the exception: they are found through their own indexes (events_failed, events_unusual_status),
     # then their requests by primary key, rather than by walking every request newest first until enough match
     # (seconds on a big log when few or none do). Successes are the rule, and the walk finds them at once.
     if failed:
-        clauses.append(f"q.decision = 'allow' AND q.rowid IN ({_ANSWERED_BY} WHERE a.kind = 'response' "
-                       f"AND {error_sql('a.')})")
-    if statuses and min(low for low, _ in statuses) >= 400:
-        match, bounds = _status_clause("status", statuses)
-        answered, more = _status_clause("a.status", statuses)
+        source += " JOIN events f ON f.run_id = q.run_id AND f.request_seq = q.seq"
+        clauses.append(f"q.decision = 'allow' AND f.kind = 'response' AND {error_sql('f.')}")
+    if _failed_statuses(statuses):
+        match, bounds = _indexed_status_clause("", statuses)
+        answered, more = _indexed_status_clause("a.", statuses)
         clauses.append(f"(q.rowid IN (SELECT rowid FROM events WHERE {match} AND kind = 'request') "
                        f"OR q.rowid IN ({_ANSWERED_BY} WHERE {answered}))")
         params.extend([*bounds, *more])
@@ -277,9 +310,15 @@ def query_exchanges(
         match, bounds = _status_clause("COALESCE(r.status, q.status)", statuses)
         clauses.append(match)
         params.extend(bounds)
+        source += f" {_OUTCOME_JOIN}"
+    where = " AND ".join(clauses)
+    if failed or _failed_statuses(statuses):
+        # Found through their index, the matches must be sorted, and there may be thousands: sort bare rowids, then
+        # join and read whole only those shown (sorting thousands of joined rows cost tens of ms).
+        where = f"q.rowid IN (SELECT q.rowid {source} WHERE {where} {_NEWEST_FIRST} LIMIT ?)"
+        params.append(-1 if limit is None else limit)
     rows = conn.execute(
-        f"{_EXCHANGE_SELECT} WHERE {' AND '.join(clauses)} ORDER BY q.ts DESC, q.rowid DESC LIMIT ?",
-        [*params, -1 if limit is None else limit],
+        f"{_EXCHANGE_SELECT} WHERE {where} {_NEWEST_FIRST} LIMIT ?", [*params, -1 if limit is None else limit]
     ).fetchall()
     return [_exchange(row) for row in rows]
 
@@ -304,7 +343,7 @@ def iter_events(
     run_id: str | None = None,
 ) -> Iterator[EventRow]:
     """Every event of every kind, oldest first, streamed from the cursor so an export never sits in memory."""
-    where, params = _event_filter(workspace, None, None, since, until, None)
+    where, params = _event_filter(workspace, None, None, since, until)
     if run_id is not None:
         where = " AND ".join(filter(None, (where, "run_id = ?")))
         params.append(run_id)
@@ -322,28 +361,33 @@ def _event_filter(
     decision: str | None,
     since: float | None,
     until: float | None,
-    kinds: Collection[str] | None,
     *,
+    requests_only: bool = False,
     table: str = "",
 ) -> tuple[str, list[object]]:
-    """The conditions the read helpers share, columns prefixed with ``table``; each filter has an index ending
-    in ts (see _SCHEMA_V1). Returned without the WHERE keyword."""
+    """The conditions the read helpers share, columns prefixed with ``table``; returned without the WHERE keyword.
+
+    Each filter has an index ending in ts (see schema.py). A partial one (denials, requests by credential) serves a
+    query only when the planner can prove its condition from the statement, which it does not reliably do from bound
+    values (not from ``kind IN (?)``, for one), so decision and kind are written as literals.
+    """
     clauses: list[str] = []
     params: list[object] = []
-    for column, value in (("workspace", workspace), ("credential", credential), ("decision", decision)):
+    for column, value in (("workspace", workspace), ("credential", credential)):
         if value is not None:
             clauses.append(f"{table}{column} = ?")
             params.append(value)
+    if decision is not None:
+        check_decision(decision)  # one of two fixed words, so safe as a literal
+        clauses.append(f"{table}decision = '{decision}'")
     if since is not None:
         clauses.append(f"{table}ts >= ?")
         params.append(since)
     if until is not None:
         clauses.append(f"{table}ts < ?")
         params.append(until)
-    if kinds is not None:
-        kind_list = list(kinds)
-        clauses.append(f"{table}kind IN ({', '.join('?' * len(kind_list))})")
-        params.extend(kind_list)
+    if requests_only:
+        clauses.append(f"{table}kind = 'request'")
     return " AND ".join(clauses), params
 
 
