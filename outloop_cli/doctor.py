@@ -33,7 +33,7 @@ from outloop_cli.workspaces import current_choice
 
 Status = Literal["ok", "warn", "problem", "info"]
 PROBE_TIMEOUT = 15.0
-_VERSIONED = ("aiohttp", "keyring", "typer", "rich", "psutil")
+_VERSIONED = ("httptools", "uvloop", "aiohttp", "keyring", "typer", "rich", "psutil")
 # Backends that need a desktop session (D-Bus, an unlocked login keychain), which cron and systemd lack.
 _DESKTOP_BACKENDS = ("SecretService", "libsecret", "kwallet", "macOS", "Windows")
 

@@ -421,7 +421,7 @@ async def _supervise(request: RunRequest, home: Path, profile: Profile, resolved
     broker_stack: BackgroundImport | None = None
     shipper: threading.Timer | None = None
     try:
-        # The broker stack (aiohttp: ~150 ms of CPU) loads on a side thread while the child starts on the other core
+        # The broker stack (~45 ms of CPU with asyncio) loads on a side thread while the child starts on the other core
         # and this thread only waits: not before, where it would hold the interpreter's lock against the run's own
         # start. The broker serves once it is loaded; connections made meanwhile wait in the backlog. A child that
         # exits first cancels the import.

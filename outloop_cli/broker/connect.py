@@ -1,7 +1,7 @@
 """The proxy's first request on a connection: is it a CONNECT, to where, and the bytes of a raw reply.
 
 Pure, so every malformed or hostile head has a fast test. Only CONNECT is parsed here; any other method is an
-absolute-form proxy request, which aiohttp's parser reads like every other broker request.
+absolute-form proxy request, which the broker's HTTP server reads like every other broker request.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where a proxied connection may go: intercepted for a credential's host, tunnelled for an `egress` host, or refused.
 
 Pure: the profile's lists are parsed once into an `EgressPolicy`, and each CONNECT target is judged by `decide`.
-No I/O and no aiohttp: `profiles.py` uses it to validate `[run] egress` too.
+No I/O: `profiles.py` uses it to validate `[run] egress` too.
 """
 
 from __future__ import annotations
