@@ -429,7 +429,8 @@ class Connection(asyncio.Protocol):
         if version == "1.1" and b"host" not in names:
             raise MalformedRequest("an HTTP/1.1 request without Host")
         if (parser.should_upgrade() or parser.get_method() == b"CONNECT") and any(
-                name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self._headers):
+                lowered == b"transfer-encoding" or (lowered == b"content-length" and int(value) > 0)
+                for lowered, value in ((name.lower(), value) for name, value in self._headers)):
             # llhttp hands over the connection right after such a head, so a body would be read as the next request.
             raise MalformedRequest("a body on an Upgrade or CONNECT request")
         self._in_head = False
