@@ -14,6 +14,8 @@ from typing import Any, cast
 
 import httptools
 
+from outloop_cli.broker.flow import WriteFlow
+
 MAX_FIELD = 8190  # one header line, as aiohttp's client allowed
 MAX_HEAD = 256 * 1024  # the whole response head: an upstream cannot make the broker hold more
 HIGH_WATER = 256 * 1024  # buffered body bytes at which reading pauses until the child has taken them
@@ -40,11 +42,12 @@ class Head:
         self.eof_framed = not codings and not any(name.lower() == b"content-length" for name, _ in raw_headers)
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(WriteFlow, asyncio.Protocol):
     """Carries one exchange at a time; `reusable` says whether the pool may hand it out again."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self.start_flow(loop)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.used = False  # has carried an exchange: an early close is then the keep-alive race, not a refusal
@@ -61,8 +64,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
-        self._paused_writing = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self._received_any = False
         self._keep_alive = False
         self._expect_body = True
@@ -108,13 +109,7 @@ class UpstreamConnection(asyncio.Protocol):
     async def drain(self) -> None:
         if self._error is not None:
             raise self._error
-        if not self._paused_writing:
-            return
-        self._drain_waiter = self._loop.create_future()
-        try:
-            await self._drain_waiter
-        finally:
-            self._drain_waiter = None
+        await self.drained()
 
     async def read_head(self, timeout: float | None) -> Head:
         while self._head is None:
@@ -175,9 +170,7 @@ class UpstreamConnection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_exception(error)
+        self.fail_drain(error)
 
     # ----- asyncio.Protocol ------------------------------------------------------------------------------
 
@@ -220,18 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._wake()
         elif not self._complete:
             self._fail(UpstreamError("the upstream closed the connection before the response ended"))
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_exception(UpstreamError("the upstream closed the connection"))
-
-    def pause_writing(self) -> None:
-        self._paused_writing = True
-
-    def resume_writing(self) -> None:
-        self._paused_writing = False
-        drain = self._drain_waiter
-        if drain is not None and not drain.done():
-            drain.set_result(None)
+        self.fail_drain(UpstreamError("the upstream closed the connection"))
 
     # ----- httptools callbacks ---------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from typing import Any, cast
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from outloop_cli.broker.flow import WriteFlow
+
 MAX_TARGET = 16 * 1024  # the request target, as aiohttp's server allowed before
 MAX_FIELD = 16 * 1024  # one header line, name and value
 MAX_HEADERS = 128
@@ -317,13 +319,14 @@ class _Refused:
         self.method, self.target, self.error = method, target, error
 
 
-class Connection(asyncio.Protocol):
+class Connection(WriteFlow, asyncio.Protocol):
     """One child connection: llhttp's callbacks queue requests, one task answers them in order."""
 
     def __init__(self, server: HttpServer, handler: Handler) -> None:
         self._server = server
         self._handler = handler
         self._loop = asyncio.get_running_loop()
+        self.start_flow(self._loop)
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Request | _Refused] = deque()
@@ -337,8 +340,6 @@ class Connection(asyncio.Protocol):
         self._in_head = False
         self._stopped = False  # a refused request was queued: nothing after it is parsed
         self._paused_by: set[object] = set()
-        self._paused_writing = False
-        self._drain_waiter: asyncio.Future[None] | None = None
         self.lost = False
         self.closing = False  # close once the current answer is written
         self.busy = False
@@ -384,18 +385,9 @@ class Connection(asyncio.Protocol):
         gone = ConnectionResetError("the client went away")
         if self._reading is not None:
             self._reading.body.fail(gone)
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(gone)
+        self.fail_drain(gone)
         if not self.busy and self._task is not None:
             self._task.cancel()  # idle: nothing to finish
-
-    def pause_writing(self) -> None:
-        self._paused_writing = True
-
-    def resume_writing(self) -> None:
-        self._paused_writing = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
 
     # ----- llhttp's callbacks ---------------------------------------------------------------------------
 
@@ -478,13 +470,7 @@ class Connection(asyncio.Protocol):
     async def drain(self) -> None:
         if self.lost:
             raise ConnectionResetError("the client went away")
-        if not self._paused_writing:
-            return
-        self._drain_waiter = self._loop.create_future()
-        try:
-            await self._drain_waiter
-        finally:
-            self._drain_waiter = None
+        await self.drained()
 
     # ----- answering ----------------------------------------------------------------------------------------
 
