@@ -30,6 +30,15 @@ CANARY_PREFIX = "cnry-"
 INJECTION_HEADERS = frozenset({"authorization", "x-api-key"})
 INJECTION_PARAMS = frozenset({"hapikey", "key"})
 SECRETS_DIR = "secrets"  # under world.work: files a test fills with a canary on purpose (file: sources)
+# Base-URL mode: the loop reaches the credential at CRM_URL with the run's placeholder token, as an SDK would.
+BASE_URL_PROFILE = """
+    version = 1
+    [credentials.crm]
+    secret = "keyring"
+    base_url = "{UPSTREAM}"
+    allow = ["GET /**"]
+    child_env = { CRM_URL = "{url}", CRM_TOKEN = "{token}" }
+"""
 
 
 def _injection_stripped(raw: bytes) -> bytes:

@@ -17,7 +17,7 @@ from conftest import World
 from operator_support import wait_for
 from sandbox_support import BACKENDS, cpu_seconds, find_process, open_descriptors, use_backend
 
-from adversarial.conftest import json_lines, run_hostile
+from adversarial.conftest import BASE_URL_PROFILE, json_lines, run_hostile
 
 FLOOD_PROFILE = """
     version = 1
@@ -197,15 +197,6 @@ def test_a_slow_client_holds_only_its_own_connection(world: World) -> None:
     assert paths.count("fast") == 1 + len(served)
     assert len(world.events()) == len(paths)  # the unfinished head is no request: no row, nothing upstream
 
-
-BASE_URL_PROFILE = """
-    version = 1
-    [credentials.crm]
-    secret = "keyring"
-    base_url = "{UPSTREAM}"
-    allow = ["GET /**"]
-    child_env = { CRM_URL = "{url}", CRM_TOKEN = "{token}" }
-"""
 
 DESCRIPTOR_FLOOD_LOOP = """
     import json, os, socket, sys, time

@@ -23,7 +23,7 @@ import pytest
 from conftest import World
 from sandbox_support import require_layer, unprivileged_user
 
-from adversarial.conftest import run_hostile
+from adversarial.conftest import BASE_URL_PROFILE, run_hostile
 
 WAITING_LOOP = """
     import json, os, sys, time
@@ -33,15 +33,6 @@ WAITING_LOOP = """
     os.rename(sys.argv[1] + ".tmp", sys.argv[1])
     while not os.path.exists(sys.argv[2]):
         time.sleep(0.02)
-"""
-
-BASE_URL_PROFILE = """
-    version = 1
-    [credentials.crm]
-    secret = "keyring"
-    base_url = "{UPSTREAM}"
-    allow = ["GET /**"]
-    child_env = { CRM_URL = "{url}", CRM_KEY = "{token}" }
 """
 
 
@@ -136,7 +127,7 @@ PLANTING_LOOP = """
             planted[name] = "sent"
         except OSError as exc:
             planted[name] = type(exc).__name__
-    request = urllib.request.Request(os.environ["CRM_URL"] + "/contacts", headers={"X-Key": os.environ["CRM_KEY"]})
+    request = urllib.request.Request(os.environ["CRM_URL"] + "/contacts", headers={"X-Key": os.environ["CRM_TOKEN"]})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=30) as answer:
         status = answer.status
